@@ -1,0 +1,126 @@
+"""A dependency-free WSGI app that serves on the listening socket trimrun hands it (fd 3).
+
+    trimrun -n 4 --bind 127.0.0.1:8000 -- python3 examples/app.py
+
+It follows systemd's socket-passing rules: it uses fd 3 only when LISTEN_FDS is set and
+LISTEN_PID is its own pid. It tells trimrun it is ready with sd_notify READY=1 when
+NOTIFY_SOCKET is set (`--ready notify`), and on SIGTERM it stops accepting, finishes the
+requests in flight and exits 0: the queued connections stay in the shared socket for the
+other workers.
+
+Routes:
+  /            "hello from PID"
+  /pid         this worker's pid, slot and generation as JSON
+  /env         the socket-passing environment as JSON (LISTEN_PID, LISTEN_FDS, ...)
+  /alloc?mb=N  keep N MiB more (a leak, for cgroup and recycling tests)
+  /sleep?s=X   answer after X seconds (for graceful-stop tests)
+"""
+
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+LEAK = []
+
+
+def app(environ, start_response):
+    path = environ.get("PATH_INFO", "/")
+    query = parse_qs(environ.get("QUERY_STRING", ""))
+    status = "200 OK"
+    if path == "/pid":
+        body = json.dumps(
+            {
+                "pid": os.getpid(),
+                "slot": os.environ.get("TRIMRUN_WORKER_ID"),
+                "generation": os.environ.get("TRIMRUN_WORKER_GENERATION"),
+            }
+        )
+    elif path == "/env":
+        keys = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "TRIMRUN_WORKER_ID",
+                "TRIMRUN_WORKER_GENERATION", "NOTIFY_SOCKET"]
+        env = {k: os.environ.get(k) for k in keys}
+        env["pid"] = os.getpid()
+        try:
+            s = socket.socket(fileno=os.dup(3))
+            env["fd3"] = {"family": int(s.family), "type": int(s.type),
+                          "listening": bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))}
+            s.close()
+        except OSError as e:
+            env["fd3"] = str(e)
+        body = json.dumps(env)
+    elif path == "/alloc":
+        mb = int(query.get("mb", ["1"])[0])
+        for _ in range(mb):
+            LEAK.append(bytearray(os.urandom(16)) * (65536))  # 1 MiB, touched
+        body = json.dumps({"pid": os.getpid(), "leaked_mb": len(LEAK)})
+    elif path == "/sleep":
+        time.sleep(float(query.get("s", ["1"])[0]))
+        body = "slept"
+    else:
+        body = "hello from %d\n" % os.getpid()
+    data = body.encode()
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(data)))])
+    return [data]
+
+
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = False
+    block_on_close = True
+
+
+def inherited_socket():
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        sys.exit("app.py: no socket passed (LISTEN_PID/LISTEN_FDS): run me under trimrun")
+    probe = socket.socket(fileno=3)
+    family, kind = probe.family, probe.type
+    probe.detach()
+    return socket.socket(family, kind, fileno=3)
+
+
+def notify(message):
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(message.encode())
+
+
+def main():
+    sock = inherited_socket()
+    server = Server(("localhost", 0), Quiet, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_address = sock.getsockname()
+    if isinstance(server.server_address, tuple):
+        server.server_name, server.server_port = "localhost", server.server_address[1]
+    else:
+        server.server_name, server.server_port = "localhost", 0
+    server.set_app(app)
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    notify("READY=1")
+    server.serve_forever(poll_interval=0.5)
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()
