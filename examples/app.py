@@ -110,6 +110,7 @@ def main():
         server.server_name, server.server_port = "localhost", server.server_address[1]
     else:
         server.server_name, server.server_port = "localhost", 0
+    server.setup_environ()
     server.set_app(app)
 
     def stop(signum, frame):

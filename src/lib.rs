@@ -4,12 +4,96 @@
 //! trims them from the outside (`malloc_trim(0)` injected through ptrace) as they approach
 //! their limit, and recycles them one at a time, replacement first, with jitter.
 //!
-//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`] and the parsers;
-//! thin kernel layers in [`spawn`], [`sockets`], [`cgroup`] and [`trim`]; one task that
-//! owns the pool in [`supervisor`].
+//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`] and the
+//! parsers; thin kernel layers in [`spawn`], [`sockets`], [`cgroup`] and [`trim`]; one task
+//! that owns the pool in [`supervisor`].
 
 pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod notify;
 pub mod policy;
 pub mod size;
+pub mod sockets;
+pub mod spawn;
 pub mod status;
+pub mod supervisor;
 pub mod trim;
+
+use std::str::FromStr;
+
+use tracing::{error, info};
+
+/// Exit codes (the table is in `cli::EXIT_CODES` and the README).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const BAD_INPUT: i32 = 2;
+    pub const ESCALATED: i32 = 130;
+}
+
+/// Start-up errors: a message for the operator and an exit code.
+#[derive(Debug)]
+pub struct Fatal {
+    pub code: i32,
+    pub message: String,
+}
+
+fn bad_input(message: impl std::fmt::Display) -> Fatal {
+    Fatal {
+        code: exit::BAD_INPUT,
+        message: message.to_string(),
+    }
+}
+
+/// Run the pool described by the command line. Blocks until it stops.
+pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
+    let cfg = config::Config::from_args(args).map_err(bad_input)?;
+    let program = spawn::Program::resolve(&cfg.cmd).map_err(bad_input)?;
+    let mut listeners = sockets::from_systemd().map_err(bad_input)?;
+    listeners.extend(sockets::open(&cfg.binds, cfg.bind_mode).map_err(bad_input)?);
+    if listeners.is_empty() {
+        info!("no --bind and no sockets from systemd: workers get no listening socket");
+    }
+    let choice = cgroup::Choice::from_str(&cfg.cgroup).map_err(bad_input)?;
+    let cgroups = cgroup::Manager::setup(choice).map_err(bad_input)?;
+    let limit = supervisor::resolve_limit(cfg.limit, cfg.workers, &cgroups).map_err(|e| {
+        cgroups.teardown();
+        bad_input(e)
+    })?;
+    // A current-thread runtime: the supervisor, and so every fork, stays on the main
+    // thread, which lives as long as trimrun (PR_SET_PDEATHSIG follows the forking thread).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+        .map_err(|e| Fatal {
+            code: exit::FAILURE,
+            message: format!("cannot start the runtime: {e}"),
+        })?;
+    let outcome = rt.block_on(async move {
+        let setup = supervisor::Setup {
+            config: cfg,
+            program,
+            listeners,
+            cgroups,
+            limit,
+            metrics: None,
+            control_rx: None,
+        };
+        let sup = supervisor::Supervisor::new(setup).map_err(|m| Fatal {
+            code: exit::FAILURE,
+            message: m,
+        })?;
+        Ok::<_, Fatal>(sup.run().await)
+    });
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    match outcome {
+        Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),
+        Ok(supervisor::Outcome::Escalated) => Ok(exit::ESCALATED),
+        Err(f) => {
+            error!("{}", f.message);
+            Err(f)
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Validated settings: [`Config::from_args`] turns raw flags into plain data, or one clear
+//! message (exit code 2). Nothing here touches the kernel.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::cli::{LogFormat, OnOff, RunArgs};
+use crate::size::{parse_duration, parse_size};
+use crate::sockets::{BindAddr, parse_bind};
+
+/// When a starting worker counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// `READY=1` on the worker's own `NOTIFY_SOCKET`.
+    Notify,
+    /// After this long, if it is still alive.
+    Delay(Duration),
+}
+
+impl FromStr for Ready {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let expected = "expected `notify` or `delay:DURATION` (e.g. delay:2s)";
+        match s.trim() {
+            "notify" => Ok(Ready::Notify),
+            other => match other.strip_prefix("delay:") {
+                Some(d) => parse_duration(d)
+                    .map(Ready::Delay)
+                    .map_err(|e| format!("invalid --ready '{s}': {e}")),
+                None => Err(format!("invalid --ready '{s}': {expected}")),
+            },
+        }
+    }
+}
+
+/// `--limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    None,
+    Bytes(u64),
+    /// trimrun's own allowance divided among the workers.
+    Auto,
+}
+
+impl FromStr for Limit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Limit::Auto),
+            "none" | "off" | "max" => Ok(Limit::None),
+            other => parse_size(other)
+                .map(Limit::Bytes)
+                .map_err(|e| format!("invalid --limit: {e}, or `auto`")),
+        }
+    }
+}
+
+/// Parse `TERM`, `SIGTERM` or `15`.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let t = s.trim().to_ascii_uppercase();
+    if let Ok(n) = t.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("invalid signal number '{s}'"));
+    }
+    let name = if t.starts_with("SIG") {
+        t
+    } else {
+        format!("SIG{t}")
+    };
+    Signal::from_str(&name).map_err(|_| {
+        format!("invalid signal '{s}': expected a name such as TERM, INT, QUIT or a number")
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cmd: Vec<String>,
+    pub workers: usize,
+    pub binds: Vec<BindAddr>,
+    pub bind_mode: Option<u32>,
+    pub graceful_timeout: Duration,
+    pub stop_signal: Signal,
+    pub ready: Ready,
+    pub ready_timeout: Duration,
+    pub limit: Limit,
+    pub cgroup: String,
+    pub trim: bool,
+    pub trim_at: f64,
+    pub trim_interval: Duration,
+    pub recycle_at: f64,
+    pub recycle_jitter: f64,
+    pub max_lifetime: Option<Duration>,
+    pub lifetime_jitter: Duration,
+    pub max_recycling: usize,
+    pub recycle_spacing: Option<Duration>,
+    pub control: Option<PathBuf>,
+    pub metrics: Option<String>,
+    pub log_format: LogFormat,
+}
+
+/// Upper bound on `--workers`: far beyond any host, low enough to catch a typo.
+pub const MAX_WORKERS: usize = 4096;
+
+impl Config {
+    pub fn from_args(a: &RunArgs) -> Result<Config, String> {
+        let workers = match &a.workers {
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            Some(w) => {
+                let n: usize = w.trim().parse().map_err(|_| {
+                    format!("invalid --workers '{w}': expected a whole number such as 4")
+                })?;
+                if n == 0 {
+                    return Err("invalid --workers 0: at least 1 worker is needed".into());
+                }
+                if n > MAX_WORKERS {
+                    return Err(format!("invalid --workers {n}: at most {MAX_WORKERS}"));
+                }
+                n
+            }
+        };
+        let binds = a
+            .bind
+            .iter()
+            .filter(|b| !b.trim().is_empty())
+            .map(|b| parse_bind(b))
+            .collect::<Result<Vec<_>, _>>()?;
+        let bind_mode = a
+            .bind_mode
+            .as_deref()
+            .map(|m| {
+                u32::from_str_radix(m.trim().trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|v| *v <= 0o777)
+                    .ok_or_else(|| {
+                        format!("invalid --bind-mode '{m}': expected octal permissions such as 660")
+                    })
+            })
+            .transpose()?;
+        let limit = a
+            .limit
+            .as_deref()
+            .map(Limit::from_str)
+            .transpose()?
+            .unwrap_or(Limit::None);
+        let cgroup = a.cgroup.trim().to_ascii_lowercase();
+        if !["auto", "v2", "v1", "none"].contains(&cgroup.as_str()) {
+            return Err(format!(
+                "invalid --cgroup '{}': expected auto, v2, v1 or none",
+                a.cgroup
+            ));
+        }
+        if a.recycle_at <= a.trim_at && a.trim == OnOff::On {
+            return Err(format!(
+                "--recycle-at ({:.0}%) must be above --trim-at ({:.0}%): trimming comes first",
+                a.recycle_at * 100.0,
+                a.trim_at * 100.0
+            ));
+        }
+        if a.max_recycling == 0 {
+            return Err("invalid --max-recycling 0: at least 1".into());
+        }
+        if a.graceful_timeout.is_zero() {
+            return Err("invalid --graceful-timeout 0: give workers some time, e.g. 5s".into());
+        }
+        Ok(Config {
+            cmd: a.cmd.clone(),
+            workers,
+            binds,
+            bind_mode,
+            graceful_timeout: a.graceful_timeout,
+            stop_signal: parse_signal(&a.stop_signal)?,
+            ready: a.ready.parse()?,
+            ready_timeout: a.ready_timeout,
+            limit,
+            cgroup,
+            trim: a.trim == OnOff::On,
+            trim_at: a.trim_at,
+            trim_interval: a.trim_interval,
+            recycle_at: a.recycle_at,
+            recycle_jitter: a.recycle_jitter,
+            max_lifetime: a.max_lifetime,
+            lifetime_jitter: a
+                .lifetime_jitter
+                .unwrap_or_else(|| a.max_lifetime.map(|l| l / 10).unwrap_or_default()),
+            max_recycling: a.max_recycling,
+            recycle_spacing: a.recycle_spacing,
+            control: a.control.clone(),
+            metrics: a.metrics.clone(),
+            log_format: a.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.to_string())?;
+        Config::from_args(&cli.run)
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let c = parse(&["trimrun", "--", "python3", "app.py"]).unwrap();
+        assert!(c.workers >= 1);
+        assert_eq!(c.graceful_timeout, Duration::from_secs(30));
+        assert_eq!(c.stop_signal, Signal::SIGTERM);
+        assert_eq!(c.ready, Ready::Delay(Duration::from_secs(1)));
+        assert_eq!(c.cmd, vec!["python3", "app.py"]);
+        assert!(c.trim);
+        assert_eq!(c.trim_at, 0.75);
+        assert_eq!(c.recycle_at, 0.9);
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let c = parse(&[
+            "trimrun",
+            "-n",
+            "8",
+            "--limit",
+            "512M",
+            "--bind",
+            "0.0.0.0:8000",
+            "--bind",
+            "unix:/tmp/a.sock",
+            "--bind-mode",
+            "660",
+            "--graceful-timeout",
+            "2m",
+            "--stop-signal",
+            "INT",
+            "--ready",
+            "notify",
+            "--trim",
+            "off",
+            "--max-lifetime",
+            "1h",
+            "--",
+            "python3",
+            "app.py",
+        ])
+        .unwrap();
+        assert_eq!(c.workers, 8);
+        assert_eq!(c.limit, Limit::Bytes(512 << 20));
+        assert_eq!(c.binds.len(), 2);
+        assert_eq!(c.bind_mode, Some(0o660));
+        assert_eq!(c.graceful_timeout, Duration::from_secs(120));
+        assert_eq!(c.stop_signal, Signal::SIGINT);
+        assert_eq!(c.ready, Ready::Notify);
+        assert!(!c.trim);
+        assert_eq!(c.lifetime_jitter, Duration::from_secs(360));
+    }
+
+    #[test]
+    fn bad_input_is_one_clear_message() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["trimrun", "-n", "0", "--", "x"], "at least 1 worker"),
+            (&["trimrun", "-n", "many", "--", "x"], "whole number"),
+            (&["trimrun", "--limit", "12Q", "--", "x"], "512M"),
+            (&["trimrun", "--bind", "nowhere", "--", "x"], "HOST:PORT"),
+            (&["trimrun", "--ready", "soon", "--", "x"], "delay:DURATION"),
+            (
+                &["trimrun", "--stop-signal", "NOPE", "--", "x"],
+                "invalid signal",
+            ),
+            (&["trimrun", "--graceful-timeout", "ten", "--", "x"], "30s"),
+            (
+                &["trimrun", "--cgroup", "v3", "--", "x"],
+                "auto, v2, v1 or none",
+            ),
+            (&["trimrun", "--trim-at", "95%", "--", "x"], "must be above"),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("term").unwrap(), Signal::SIGTERM);
+        assert_eq!(parse_signal("SIGQUIT").unwrap(), Signal::SIGQUIT);
+        assert_eq!(parse_signal("2").unwrap(), Signal::SIGINT);
+    }
+}

@@ -1,0 +1,446 @@
+//! fork+exec of one worker, safe in a multi-threaded parent.
+//!
+//! Everything that allocates is prepared before `fork`: the resolved program path, argv,
+//! envp (with a fixed-width `LISTEN_PID=` slot), and the worker's open `cgroup.procs`. The
+//! child then makes only async-signal-safe calls before `execve`:
+//!
+//! 1. write `0` to `cgroup.procs` (moves itself: the worker is in its cgroup before it runs
+//!    one instruction of the app),
+//! 2. move the listening sockets to fds 3.. (through temporary fds above them, so no
+//!    `dup2` can clobber a source),
+//! 3. unblock every signal and reset every disposition (Rust ignores SIGPIPE; apps expect
+//!    the default),
+//! 4. `setpgid(0, 0)`: its own process group, so stopping a worker stops its whole tree,
+//! 5. `PR_SET_PDEATHSIG(SIGKILL)`, then check that trimrun did not die meanwhile,
+//! 6. write its own pid into `LISTEN_PID` (systemd's rule: the pid of the process that is
+//!    meant to use the fds) and `execve`.
+//!
+//! A failure at any step is reported through a close-on-exec pipe, so the parent learns
+//! "exec failed: not found" rather than seeing a mysterious exit 127.
+//!
+//! PDEATHSIG fires when the *thread* that forked exits, so workers must be spawned from a
+//! thread that lives as long as trimrun: the supervisor runs on the main thread
+//! (a current-thread tokio runtime) for this reason.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+/// Width of the `LISTEN_PID` value slot; pids are at most 7 digits on Linux (4194304).
+const PID_SLOT: usize = 10;
+
+/// Environment variables trimrun sets for each worker; copies inherited from trimrun's own
+/// environment are dropped.
+const OWN_VARS: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "TRIMRUN_WORKER_ID",
+    "TRIMRUN_WORKER_GENERATION",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("command not found: '{0}' (check the spelling, or give its full path)")]
+    NotFound(String),
+    #[error("command '{0}' is not executable (check its permissions: chmod +x)")]
+    NotExecutable(String),
+    #[error("invalid command: {0}")]
+    Invalid(String),
+    #[error("cannot start worker {slot}: {op}: {source}")]
+    Sys {
+        slot: usize,
+        op: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// The worker command, resolved and checked once at start-up.
+#[derive(Debug, Clone)]
+pub struct Program {
+    pub path: PathBuf,
+    pub argv: Vec<String>,
+}
+
+impl Program {
+    /// Resolve `argv[0]` on `PATH` (no shell) and check that it is an executable file, so a
+    /// typo is reported before any worker starts.
+    pub fn resolve(argv: &[String]) -> Result<Program, SpawnError> {
+        let first = argv
+            .first()
+            .ok_or_else(|| SpawnError::Invalid("no command given after --".into()))?;
+        if first.is_empty() {
+            return Err(SpawnError::Invalid("the command is an empty string".into()));
+        }
+        if argv.iter().any(|a| a.contains('\0')) {
+            return Err(SpawnError::Invalid(
+                "an argument contains a NUL byte".into(),
+            ));
+        }
+        let path_var = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+        let path = find_executable(first, &path_var)?;
+        Ok(Program {
+            path,
+            argv: argv.to_vec(),
+        })
+    }
+}
+
+/// Pure lookup of a command on a `PATH` string, as execvp does it.
+pub fn find_executable(cmd: &str, path_var: &OsStr) -> Result<PathBuf, SpawnError> {
+    let check = |p: &Path| -> Option<Result<PathBuf, SpawnError>> {
+        let meta = std::fs::metadata(p).ok()?;
+        if !meta.is_file() {
+            return None;
+        }
+        if nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_err() {
+            return Some(Err(SpawnError::NotExecutable(p.display().to_string())));
+        }
+        Some(Ok(p.to_path_buf()))
+    };
+    if cmd.contains('/') {
+        return check(Path::new(cmd)).unwrap_or_else(|| Err(SpawnError::NotFound(cmd.into())));
+    }
+    let mut not_exec = None;
+    for dir in std::env::split_paths(path_var) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        match check(&dir.join(cmd)) {
+            Some(Ok(p)) => return Ok(p),
+            Some(Err(e)) => not_exec = not_exec.or(Some(e)),
+            None => {}
+        }
+    }
+    Err(not_exec.unwrap_or_else(|| SpawnError::NotFound(cmd.into())))
+}
+
+/// What one worker gets besides the program.
+pub struct WorkerSpec<'a> {
+    pub slot: usize,
+    pub generation: u64,
+    /// Listening sockets, placed at fds 3, 4, ... in this order.
+    pub listeners: &'a [RawFd],
+    /// `LISTEN_FDNAMES`, colon-joined by the caller's order.
+    pub fd_names: &'a [String],
+    /// The worker cgroup's `cgroup.procs`, opened for writing.
+    pub cgroup_procs: Option<&'a OwnedFd>,
+    /// The worker's own sd_notify socket path, if readiness is by notification.
+    pub notify_socket: Option<&'a Path>,
+}
+
+/// Build the worker's environment. Returns the envp strings and the index of the
+/// `LISTEN_PID` entry, whose value slot the child fills in.
+fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Option<usize>) {
+    let mut env: Vec<CString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !OWN_VARS.contains(&k.as_ref()) && !k.starts_with("TRIMRUN_")
+        })
+        .filter_map(|(k, v)| {
+            let mut kv: OsString = k;
+            kv.push("=");
+            kv.push(v);
+            CString::new(kv.into_vec()).ok()
+        })
+        .collect();
+    fn push(env: &mut Vec<CString>, k: &str, v: &str) {
+        if let Ok(c) = CString::new(format!("{k}={v}")) {
+            env.push(c);
+        }
+    }
+    push(&mut env, "TRIMRUN_WORKER_ID", &spec.slot.to_string());
+    push(
+        &mut env,
+        "TRIMRUN_WORKER_GENERATION",
+        &spec.generation.to_string(),
+    );
+    if let Some(p) = spec.notify_socket {
+        push(&mut env, "NOTIFY_SOCKET", &p.to_string_lossy());
+    }
+    let mut pid_index = None;
+    if !spec.listeners.is_empty() {
+        push(&mut env, "LISTEN_FDS", &spec.listeners.len().to_string());
+        push(&mut env, "LISTEN_FDNAMES", &spec.fd_names.join(":"));
+        pid_index = Some(env.len());
+        push(&mut env, "LISTEN_PID", &"0".repeat(PID_SLOT));
+    }
+    (env, pid_index)
+}
+
+/// Stage codes the child reports through the error pipe.
+const STAGES: &[&str] = &[
+    "join its cgroup (write cgroup.procs)",
+    "set up its listening sockets",
+    "reset its signals",
+    "create its process group",
+    "set its parent-death signal",
+    "exec",
+];
+
+/// Fork and exec one worker. Returns its pid (also its process group id).
+pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError> {
+    let sys = |op: &'static str, e: std::io::Error| SpawnError::Sys {
+        slot: spec.slot,
+        op,
+        source: e,
+    };
+    let path = CString::new(program.path.as_os_str().as_bytes())
+        .map_err(|_| SpawnError::Invalid("NUL in path".into()))?;
+    let argv: Vec<CString> = program
+        .argv
+        .iter()
+        .map(|a| {
+            CString::new(a.as_bytes()).map_err(|_| SpawnError::Invalid("NUL in argument".into()))
+        })
+        .collect::<Result<_, _>>()?;
+    let (env, pid_index) = build_env(spec);
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(std::ptr::null());
+    // Where the child writes its pid: just after "LISTEN_PID=".
+    let pid_slot: *mut u8 = match pid_index {
+        Some(i) => env[i]
+            .as_ptr()
+            .cast_mut()
+            .cast::<u8>()
+            .wrapping_add("LISTEN_PID=".len()),
+        None => std::ptr::null_mut(),
+    };
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| sys("create pipe", e.into()))?;
+    let listeners: Vec<RawFd> = spec.listeners.to_vec();
+    let procs_fd: RawFd = spec.cgroup_procs.map(|f| f.as_raw_fd()).unwrap_or(-1);
+    let err_w_fd = err_w.as_raw_fd();
+    let parent = std::process::id() as libc::pid_t;
+    let sig_max = libc::SIGRTMAX() + 1;
+
+    // SAFETY: fork() in a multi-threaded process: the child only calls async-signal-safe
+    // functions (write, fcntl, dup2, sigprocmask, signal, setpgid, prctl, getppid,
+    // getpid, execve, _exit) on memory prepared above, and never returns into Rust code.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(sys("fork", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: we are the child of fork(); see child_after_fork's contract.
+        unsafe {
+            child_after_fork(ChildArgs {
+                path: path.as_ptr(),
+                argv: argv_ptrs.as_ptr(),
+                envp: env_ptrs.as_ptr(),
+                pid_slot,
+                listeners: &listeners,
+                procs_fd,
+                err_fd: err_w_fd,
+                parent,
+                sig_max,
+            })
+        }
+    }
+    drop(err_w);
+    // Block until the child execs (EOF) or reports a failure (8 bytes).
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(&err_r, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(sys("read exec status", e.into())),
+        }
+    }
+    if got == 0 {
+        return Ok(pid);
+    }
+    let stage = u32::from_ne_bytes(buf[..4].try_into().unwrap()) as usize;
+    let errno = i32::from_ne_bytes(buf[4..].try_into().unwrap());
+    // The child has _exit()ed; collect it here so it never shows up as a worker exit.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    let op = STAGES.get(stage).copied().unwrap_or("start");
+    Err(sys(op, std::io::Error::from_raw_os_error(errno)))
+}
+
+struct ChildArgs<'a> {
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    pid_slot: *mut u8,
+    listeners: &'a [RawFd],
+    procs_fd: RawFd,
+    err_fd: RawFd,
+    parent: libc::pid_t,
+    sig_max: libc::c_int,
+}
+
+/// The child side of fork: async-signal-safe calls only, never returns.
+///
+/// # Safety
+/// Must only be called in the child of `fork()`, with pointers to memory prepared before
+/// the fork (NUL-terminated strings and NULL-terminated pointer arrays).
+unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
+    // SAFETY (whole body): each call below is async-signal-safe and operates on fds and
+    // memory that the parent prepared before fork; on any failure we report and _exit.
+    unsafe {
+        let fail = |stage: u32, err_fd: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&stage.to_ne_bytes());
+            msg[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(err_fd, msg.as_ptr().cast(), msg.len());
+            libc::_exit(127)
+        };
+        let n = a.listeners.len() as RawFd;
+        let low = 3 + n;
+        // 1. Join the cgroup first, before anything else runs.
+        if a.procs_fd >= 0 && libc::write(a.procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+            fail(0, a.err_fd);
+        }
+        // 2. Keep the error pipe above the fds we are about to fill.
+        let err_fd = libc::fcntl(a.err_fd, libc::F_DUPFD_CLOEXEC, low);
+        if err_fd < 0 {
+            fail(1, a.err_fd);
+        }
+        let mut tmp = [-1 as RawFd; 64];
+        if a.listeners.len() > tmp.len() {
+            *libc::__errno_location() = libc::EMFILE;
+            fail(1, err_fd);
+        }
+        for (i, &fd) in a.listeners.iter().enumerate() {
+            tmp[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, low);
+            if tmp[i] < 0 {
+                fail(1, err_fd);
+            }
+        }
+        for i in 0..a.listeners.len() {
+            // dup2 leaves the new fd without FD_CLOEXEC: it survives exec.
+            if libc::dup2(tmp[i], 3 + i as RawFd) < 0 {
+                fail(1, err_fd);
+            }
+        }
+        // 3. Signals as a freshly started program expects them.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        if libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) != 0 {
+            fail(2, err_fd);
+        }
+        for sig in 1..a.sig_max {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        // 4. Own process group.
+        if libc::setpgid(0, 0) != 0 {
+            fail(3, err_fd);
+        }
+        // 5. Die with trimrun; and if trimrun already died, do not start at all.
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            fail(4, err_fd);
+        }
+        if libc::getppid() != a.parent {
+            libc::_exit(1);
+        }
+        // 6. LISTEN_PID = our own pid, written into the fixed-width slot.
+        if !a.pid_slot.is_null() {
+            let mut pid = libc::getpid() as u32;
+            let mut digits = [0u8; PID_SLOT];
+            let mut len = 0;
+            loop {
+                digits[len] = b'0' + (pid % 10) as u8;
+                len += 1;
+                pid /= 10;
+                if pid == 0 || len == PID_SLOT {
+                    break;
+                }
+            }
+            for i in 0..len {
+                *a.pid_slot.add(i) = digits[len - 1 - i];
+            }
+            *a.pid_slot.add(len) = 0;
+        }
+        libc::execve(a.path, a.argv, a.envp);
+        fail(5, err_fd)
+    }
+}
+
+/// Take ownership of an fd inherited from our parent (`fd://N`, systemd's `LISTEN_FDS`).
+/// Returns None when the fd is not open.
+pub fn adopt_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: F_GETFD only queries the descriptor table; it fails with EBADF for a closed fd.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the fd is open and was handed to trimrun by its parent; nothing else in this
+    // process owns it (callers adopt each inherited fd once, at start-up).
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Send `sig` to a worker's whole process group.
+pub fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) -> nix::Result<()> {
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_commands_on_path_like_execvp() {
+        let path = OsStr::new("/nonexistent:/usr/bin:/bin");
+        assert!(find_executable("sh", path).unwrap().ends_with("sh"));
+        assert!(matches!(
+            find_executable("no-such-command-xyz", path),
+            Err(SpawnError::NotFound(_))
+        ));
+        assert!(matches!(
+            find_executable("/etc/hostname", path),
+            Err(SpawnError::NotExecutable(_))
+        ));
+        assert!(matches!(
+            find_executable("/no/such", path),
+            Err(SpawnError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn worker_env_replaces_inherited_socket_variables() {
+        let spec = WorkerSpec {
+            slot: 3,
+            generation: 7,
+            listeners: &[10, 11],
+            fd_names: &["http".into(), "admin".into()],
+            cgroup_procs: None,
+            notify_socket: Some(Path::new("/run/n.sock")),
+        };
+        let (env, idx) = build_env(&spec);
+        let env: Vec<String> = env
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert!(env.contains(&"LISTEN_FDS=2".to_string()));
+        assert!(env.contains(&"LISTEN_FDNAMES=http:admin".to_string()));
+        assert!(env.contains(&"TRIMRUN_WORKER_ID=3".to_string()));
+        assert!(env.contains(&"TRIMRUN_WORKER_GENERATION=7".to_string()));
+        assert!(env.contains(&"NOTIFY_SOCKET=/run/n.sock".to_string()));
+        assert_eq!(
+            env[idx.unwrap()],
+            format!("LISTEN_PID={}", "0".repeat(PID_SLOT))
+        );
+        assert_eq!(
+            env.iter().filter(|e| e.starts_with("LISTEN_PID=")).count(),
+            1
+        );
+    }
+}
