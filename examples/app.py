@@ -71,6 +71,12 @@ def app(environ, start_response):
 
 
 class Quiet(WSGIRequestHandler):
+    def setup(self):
+        # Peers on a unix socket have no (host, port) address; wsgiref expects one.
+        if not isinstance(self.client_address, tuple):
+            self.client_address = ("unix", 0)
+        super().setup()
+
     def log_message(self, *args):
         pass
 

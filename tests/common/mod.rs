@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 /// True when the suite runs under CI (`CI=true`): missing capabilities are failures there.
 pub fn under_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Call when a test cannot run here (no root, no cgroup, no ptrace, no VM). Returns true

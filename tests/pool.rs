@@ -1,0 +1,714 @@
+//! The pool launcher end to end: the real binary, real Python workers, real sockets and
+//! signals (issue 2).
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{example, wait_for};
+
+const BIN: &str = env!("CARGO_BIN_EXE_trimrun");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running trimrun with its log in a temp dir.
+struct Pool {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Pool {
+    fn start(extra: &[&str], cmd: &[&str]) -> Pool {
+        Self::start_env(extra, cmd, &[])
+    }
+
+    fn start_env(extra: &[&str], cmd: &[&str], env: &[(&str, &str)]) -> Pool {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("log")).unwrap();
+        let mut c = Command::new(BIN);
+        c.arg("--bind")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .arg("--")
+            .args(cmd);
+        c.env("TRIMRUN_CGROUP", "none").env("NO_COLOR", "1");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c.stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        Pool { child, port, dir }
+    }
+
+    fn app(n: usize, extra: &[&str]) -> Pool {
+        let n = n.to_string();
+        let mut args = vec!["-n", &n];
+        args.extend_from_slice(extra);
+        let app = example("app.py");
+        let p = Pool::start(&args, &["python3", &app]);
+        p.wait_log("all workers ready", Duration::from_secs(20));
+        p
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str, timeout: Duration) {
+        if wait_for(timeout, || self.log().contains(needle).then_some(())).is_none() {
+            panic!(
+                "'{needle}' not in the log after {timeout:?}:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    fn count_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// The worker processes: trimrun's direct children.
+    fn workers(&self) -> Vec<i32> {
+        children(self.pid())
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait for trimrun to exit; its exit code.
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let code = wait_for(timeout, || self.child.try_wait().unwrap());
+        code.map(|s| s.code().unwrap_or(-1))
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let workers = self.workers();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for w in workers {
+            // SAFETY: kill(2) of a leftover process group from this test.
+            unsafe { libc::kill(-w, libc::SIGKILL) };
+        }
+    }
+}
+
+/// SIGKILL a process (and its workers' groups) when a test ends early.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for w in children(self.0) {
+            // SAFETY: kill(2) of a process group this test started.
+            unsafe { libc::kill(-w, libc::SIGKILL) };
+        }
+        // SAFETY: kill(2) of a process this test started (a no-op once reaped).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = vec![];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// One HTTP/1.0 GET; the body on a 200.
+fn get(port: u16, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)
+        .map_err(|e| format!("read: {e}"))?;
+    if !buf.starts_with("HTTP/1.0 200") && !buf.starts_with("HTTP/1.1 200") {
+        return Err(format!("bad response: {buf:?}"));
+    }
+    Ok(buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+fn served_pid(port: u16) -> i32 {
+    let body = get(port, "/pid").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["pid"].as_i64().unwrap() as i32
+}
+
+#[test]
+fn every_worker_answers_on_one_port() {
+    let pool = Pool::app(3, &[]);
+    let workers: HashSet<i32> = pool.workers().into_iter().collect();
+    assert_eq!(workers.len(), 3, "{}", pool.log());
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < 3 && Instant::now() < deadline {
+        seen.insert(served_pid(pool.port));
+    }
+    assert_eq!(
+        seen, workers,
+        "every worker answers, and only workers answer"
+    );
+}
+
+#[test]
+fn worker_sees_its_own_pid_in_listen_pid_and_a_listening_fd3() {
+    let pool = Pool::app(2, &[]);
+    let v: serde_json::Value = serde_json::from_str(&get(pool.port, "/env").unwrap()).unwrap();
+    assert_eq!(v["LISTEN_PID"].as_str().unwrap(), v["pid"].to_string());
+    assert_eq!(v["LISTEN_FDS"], "1");
+    assert_eq!(v["LISTEN_FDNAMES"], "http");
+    assert_eq!(v["fd3"]["listening"], true);
+    assert_eq!(v["fd3"]["family"], libc::AF_INET);
+    let slot: usize = v["TRIMRUN_WORKER_ID"].as_str().unwrap().parse().unwrap();
+    assert!(slot < 2);
+    assert_eq!(v["TRIMRUN_WORKER_GENERATION"], "0");
+}
+
+#[test]
+fn hup_rolls_every_worker_without_a_failed_request() {
+    let pool = Pool::app(3, &["--ready", "delay:500ms", "--graceful-timeout", "10s"]);
+    let before: HashSet<i32> = pool.workers().into_iter().collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, ok, failures, port) =
+                (stop.clone(), ok.clone(), failures.clone(), pool.port);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match get(port, "/") {
+                        Ok(_) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), || {
+        (ok.load(Ordering::Relaxed) > 300).then_some(())
+    });
+    pool.signal(libc::SIGHUP);
+    pool.wait_log("rolling restart complete", Duration::from_secs(60));
+    // Keep the load on until at least 2,000 requests went through in all.
+    wait_for(Duration::from_secs(60), || {
+        (ok.load(Ordering::Relaxed) >= 2000).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed requests, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) >= 2000);
+    let after: HashSet<i32> = pool.workers().into_iter().collect();
+    assert_eq!(after.len(), 3, "{}", pool.log());
+    assert!(
+        before.is_disjoint(&after),
+        "every worker pid is new: before {before:?} after {after:?}"
+    );
+}
+
+#[test]
+fn killed_worker_is_replaced_within_a_second() {
+    let pool = Pool::app(2, &["--ready", "delay:200ms"]);
+    let before = pool.workers();
+    let victim = before[0];
+    // SAFETY: SIGKILL to a worker of this test's pool.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    let t0 = Instant::now();
+    let replaced = wait_for(Duration::from_secs(5), || {
+        let now = pool.workers();
+        (now.len() == 2 && !now.contains(&victim)).then_some(t0.elapsed())
+    })
+    .expect("worker replaced");
+    assert!(
+        replaced < Duration::from_secs(1),
+        "replaced after {replaced:?}"
+    );
+    pool.wait_log("killed by SIGKILL", Duration::from_secs(2));
+}
+
+#[test]
+fn crash_loop_backs_off_and_term_stays_prompt() {
+    let mut pool = Pool::start(&["-n", "2"], &["sh", "-c", "exit 3"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let starts = pool.count_log("worker started");
+    // Without backoff two workers would restart thousands of times in 3 s.
+    assert!(
+        (4..=30).contains(&starts),
+        "{starts} starts in 3 s:\n{}",
+        pool.log()
+    );
+    assert!(
+        pool.log().contains("exit code 3"),
+        "the log says why a worker ended"
+    );
+    assert!(pool.log().contains("backing off"));
+    pool.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn term_exits_zero_and_leaves_no_process() {
+    let mut pool = Pool::app(3, &[]);
+    let workers = pool.workers();
+    assert_eq!(workers.len(), 3);
+    pool.signal(libc::SIGTERM);
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
+    for w in workers {
+        assert!(!alive(w), "worker {w} still alive after trimrun exited");
+    }
+}
+
+#[test]
+fn worker_ignoring_term_is_killed_after_the_graceful_timeout() {
+    let script =
+        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)";
+    let mut pool = Pool::start(
+        &[
+            "-n",
+            "2",
+            "--graceful-timeout",
+            "1s",
+            "--ready",
+            "delay:300ms",
+        ],
+        &["python3", "-c", script],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(10));
+    let workers = pool.workers();
+    pool.signal(libc::SIGTERM);
+    let t0 = Instant::now();
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "killed before the graceful timeout: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(pool.log().contains("SIGKILL"));
+    for w in workers {
+        assert!(!alive(w));
+    }
+}
+
+#[test]
+fn second_term_kills_at_once() {
+    let script =
+        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)";
+    let mut pool = Pool::start(
+        &[
+            "-n",
+            "1",
+            "--graceful-timeout",
+            "60s",
+            "--ready",
+            "delay:300ms",
+        ],
+        &["python3", "-c", script],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(10));
+    let workers = pool.workers();
+    pool.signal(libc::SIGTERM);
+    pool.wait_log("graceful shutdown", Duration::from_secs(5));
+    pool.signal(libc::SIGINT);
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(5)),
+        Some(130),
+        "{}",
+        pool.log()
+    );
+    for w in workers {
+        assert!(!alive(w));
+    }
+}
+
+#[test]
+fn quit_is_a_fast_shutdown() {
+    let script =
+        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)";
+    let mut pool = Pool::start(
+        &[
+            "-n",
+            "2",
+            "--graceful-timeout",
+            "60s",
+            "--ready",
+            "delay:300ms",
+        ],
+        &["python3", "-c", script],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(10));
+    pool.signal(libc::SIGQUIT);
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
+}
+
+#[test]
+fn ttin_and_ttou_scale_by_one_never_below_one() {
+    let pool = Pool::app(1, &["--ready", "delay:200ms"]);
+    pool.signal(libc::SIGTTIN);
+    wait_for(Duration::from_secs(5), || {
+        (pool.workers().len() == 2).then_some(())
+    })
+    .expect("scaled up to 2");
+    pool.signal(libc::SIGTTOU);
+    wait_for(Duration::from_secs(10), || {
+        (pool.workers().len() == 1).then_some(())
+    })
+    .expect("scaled down to 1");
+    pool.signal(libc::SIGTTOU);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(pool.workers().len(), 1, "never below one worker");
+    get(pool.port, "/").unwrap();
+}
+
+#[test]
+fn usr1_is_forwarded_to_every_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("usr1");
+    let script = format!(
+        "import os,signal,time\n\
+         def h(s,f): open('{}-%d' % os.getpid(), 'w').close()\n\
+         signal.signal(signal.SIGUSR1, h)\n\
+         time.sleep(1000)",
+        marker.display()
+    );
+    let pool = Pool::start(
+        &["-n", "2", "--ready", "delay:500ms"],
+        &["python3", "-c", &script],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(10));
+    let workers = pool.workers();
+    pool.signal(libc::SIGUSR1);
+    for w in workers {
+        let p = PathBuf::from(format!("{}-{w}", marker.display()));
+        wait_for(Duration::from_secs(5), || p.exists().then_some(()))
+            .unwrap_or_else(|| panic!("worker {w} got no USR1"));
+    }
+}
+
+#[test]
+fn ready_notify_waits_for_ready_1_from_the_worker() {
+    // The example app sends READY=1; a worker that never does is not ready, and is
+    // stopped after --ready-timeout.
+    let pool = Pool::app(2, &["--ready", "notify"]);
+    assert!(pool.log().contains("worker ready"));
+    let silent = Pool::start(
+        &["-n", "1", "--ready", "notify", "--ready-timeout", "1s"],
+        &["sleep", "100"],
+    );
+    silent.wait_log("not ready in time", Duration::from_secs(10));
+    assert!(!silent.log().contains("all workers ready"));
+}
+
+#[test]
+fn trimrun_speaks_sd_notify_to_its_own_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        &["-n", "2", "--ready", "delay:200ms"],
+        &["python3", &app],
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    );
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let first = recv();
+    assert!(
+        first.contains("READY=1") && first.contains("STATUS=2/2 workers ready"),
+        "{first}"
+    );
+    pool.signal(libc::SIGHUP);
+    let reloading = recv();
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let again = recv();
+    assert!(
+        again.contains("READY=1"),
+        "READY=1 again once the roll is done: {again}"
+    );
+    pool.signal(libc::SIGTERM);
+    assert!(recv().contains("STOPPING=1"));
+    assert_eq!(pool.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+/// One clear line, exit code 2, and no worker started.
+fn assert_bad_input(args: &[&str], want: &str) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("TRIMRUN_CGROUP", "none")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&want.to_lowercase()),
+        "{args:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("worker started"),
+        "{args:?} started a worker: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_exit_2() {
+    let app = example("app.py");
+    assert_bad_input(&["-n", "0", "--", "python3", &app], "at least 1 worker");
+    assert_bad_input(
+        &["--no-such-flag", "--", "python3", &app],
+        "unexpected argument",
+    );
+    assert_bad_input(&["-n", "2"], "CMD");
+    assert_bad_input(&["--", "no-such-command-xyz"], "command not found");
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("not-a-program");
+    std::fs::write(&plain, "data").unwrap();
+    assert_bad_input(&["--", plain.to_str().unwrap()], "not executable");
+    assert_bad_input(
+        &["--bind", "localhost:http", "--", "python3", &app],
+        "HOST:PORT",
+    );
+    assert_bad_input(&["--limit", "12Q", "--", "python3", &app], "512M");
+    assert_bad_input(
+        &["--graceful-timeout", "soon", "--", "python3", &app],
+        "30s",
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_bad_input(
+        &["--bind", &addr, "--", "python3", &app],
+        "another process listens there",
+    );
+}
+
+#[test]
+fn unix_socket_bind_serves_and_is_removed_on_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.sock");
+    let app = example("app.py");
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-n", "1", "--ready", "delay:200ms", "--bind-mode", "600"])
+        .arg("--bind")
+        .arg(format!("unix:{}", path.display()))
+        .args(["--", "python3", &app])
+        .env("TRIMRUN_CGROUP", "none")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let body = wait_for(Duration::from_secs(20), || {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut b = String::new();
+        s.read_to_string(&mut b).ok()?;
+        b.contains("hello from").then_some(b)
+    });
+    assert!(
+        body.is_some(),
+        "{}",
+        std::fs::read_to_string(dir.path().join("log")).unwrap()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // SAFETY: SIGTERM to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert!(!path.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn systemd_socket_activation_passes_the_inherited_socket_on() {
+    if Command::new("systemd-socket-activate")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        common::cannot_run("systemd-socket-activate (apt-get install systemd)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = example("app.py");
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--fdname=web")
+        .args([
+            BIN,
+            "-n",
+            "2",
+            "--ready",
+            "delay:200ms",
+            "--",
+            "python3",
+            &app,
+        ])
+        .env("TRIMRUN_CGROUP", "none")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    // systemd-socket-activate execs trimrun on the first connection.
+    let body = wait_for(Duration::from_secs(20), || get(port, "/env").ok());
+    let log = || std::fs::read_to_string(dir.path().join("log")).unwrap();
+    let body = body.unwrap_or_else(|| panic!("no answer:\n{}", log()));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["LISTEN_PID"].as_str().unwrap(),
+        v["pid"].to_string(),
+        "LISTEN_PID is the worker's own"
+    );
+    assert_eq!(v["LISTEN_FDNAMES"], "web", "the fd name is passed on");
+    assert_eq!(v["fd3"]["listening"], true);
+    assert!(log().contains("(systemd)"), "{}", log());
+    // SAFETY: SIGTERM to our child (trimrun, exec'ed by systemd-socket-activate).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn as_pid_1_in_its_own_namespace_it_serves_reaps_orphans_and_exits_cleanly() {
+    if !common::is_root() {
+        common::cannot_run("root (unshare --pid)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = example("app.py");
+    // Each worker leaves an orphan that exits quickly: PID 1 must reap it.
+    let cmd = format!("(sleep 0.3 &) ; exec python3 {app}");
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            BIN,
+            "-n",
+            "2",
+            "--ready",
+            "delay:300ms",
+        ])
+        .arg("--bind")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--", "sh", "-c", &cmd])
+        .env("TRIMRUN_CGROUP", "none")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let log = || std::fs::read_to_string(dir.path().join("log")).unwrap();
+    wait_for(Duration::from_secs(20), || get(port, "/").ok())
+        .unwrap_or_else(|| panic!("{}", log()));
+    // trimrun is unshare's child (PID 1 inside).
+    let trimrun = wait_for(Duration::from_secs(5), || {
+        children(child.id() as i32).first().copied()
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let zombies: Vec<i32> = children(trimrun)
+        .into_iter()
+        .filter(|p| !alive(*p) && std::path::Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    assert!(
+        zombies.is_empty(),
+        "unreaped zombies under PID 1: {zombies:?}"
+    );
+    // SAFETY: SIGTERM to trimrun (PID 1 of its namespace) from the parent namespace.
+    unsafe { libc::kill(trimrun, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", log());
+    assert!(log().contains("trimrun stopped"));
+}
