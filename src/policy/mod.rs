@@ -1,1 +1,43 @@
-//! placeholder: see lib.rs
+//! Pure decisions of the pool: when to trim a worker, when it should be recycled, who may
+//! recycle now, how long to wait before a restart.
+//!
+//! Nothing here touches the kernel or a clock. Time is a [`Duration`](std::time::Duration)
+//! since the pool started ("now"), randomness is a `&mut impl rand::Rng`, memory is a
+//! number of bytes read by the supervisor from the worker's cgroup. That is what lets
+//! `tests/policy_sim.rs` run 64 workers for a simulated day in a second.
+//!
+//! How the supervisor uses it, per worker and per memory tick:
+//!
+//! 1. At spawn, [`WorkerPolicy::new`] draws the worker's recycle threshold
+//!    (`recycle_at ± recycle_jitter`) and lifetime (`max_lifetime ± lifetime_jitter`).
+//! 2. Every reading goes to [`WorkerPolicy::observe`]; if [`WorkerPolicy::should_trim`],
+//!    the supervisor trims it and reports [`WorkerPolicy::trimmed`] (with the working set
+//!    after), [`WorkerPolicy::trim_deferred`] or [`WorkerPolicy::trim_unavailable`].
+//! 3. Workers with a [`WorkerPolicy::recycle_reason`] become [`Candidate`]s;
+//!    [`RecycleGate::admit`] says which may start now (at most `max_recycling` in
+//!    progress, starts at least [`Settings::spacing`] apart, most urgent first by
+//!    [`WorkerPolicy::time_to_limit`]). [`RecycleGate::next_opening`] arms the timer.
+//! 4. While a worker waits, [`memory_high_for`] says whether to slow it with
+//!    `memory.high` (cgroup v2) instead of letting it reach its limit.
+//! 5. A worker that died is restarted after [`Backoff::failure`] (crash) or
+//!    [`oom_restart_delay`] (OOM kill).
+//!
+//! Why jitter everywhere: 64 workers of one app, started together and leaking at the same
+//! rate, would otherwise reach one threshold in the same second, every time. Per-worker
+//! thresholds spread the first wave; the gate's cap and spacing serialize whatever still
+//! collides; the spread then persists because every replacement draws anew.
+
+mod backoff;
+mod gate;
+mod settings;
+mod throttle;
+mod worker;
+
+pub use backoff::{
+    BACKOFF_BASE, BACKOFF_CAP, BACKOFF_RESET_AFTER, Backoff, OOM_RESTART_MAX, OOM_RESTART_MIN,
+    oom_restart_delay,
+};
+pub use gate::{Candidate, RecycleGate, URGENT_HORIZON, urgency_order};
+pub use settings::{MIN_DERIVED_SPACING, Settings};
+pub use throttle::{WAIT_MARGIN, memory_high_for};
+pub use worker::{GROWTH_WINDOW, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX, WorkerPolicy};
