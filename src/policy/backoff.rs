@@ -84,3 +84,68 @@ pub fn oom_restart_delay(rng: &mut impl Rng) -> Duration {
     let hi = OOM_RESTART_MAX.as_millis() as u64;
     Duration::from_micros(rng.random_range(lo * 1000..=hi * 1000))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn backoff_grows_within_equal_jitter_bounds_and_caps() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let mut b = Backoff::default();
+        for n in 0..20u32 {
+            let e = (BACKOFF_BASE * 2u32.pow(n.min(20))).min(BACKOFF_CAP);
+            let d = b.failure(&mut rng);
+            assert!(
+                d >= e / 2 && d <= e,
+                "failure {n}: {d:?} not in [{:?}, {e:?}]",
+                e / 2
+            );
+        }
+        assert_eq!(b.failures(), 20);
+        assert_eq!(b.ceiling(), BACKOFF_CAP);
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let delays: Vec<Duration> = (0..50)
+            .map(|_| {
+                let mut b = Backoff::default();
+                (0..5).map(|_| b.failure(&mut rng)).last().unwrap()
+            })
+            .collect();
+        let distinct: std::collections::HashSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 45);
+    }
+
+    #[test]
+    fn backoff_resets_after_success() {
+        let mut rng = StdRng::seed_from_u64(13);
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        for _ in 0..10 {
+            b.failure(&mut rng);
+        }
+        b.success();
+        assert_eq!(b.failures(), 0);
+        assert!(b.failure(&mut rng) <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn oom_restart_delays_are_bounded_and_spread() {
+        let mut rng = StdRng::seed_from_u64(14);
+        let mut delays: Vec<Duration> = (0..64).map(|_| oom_restart_delay(&mut rng)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= OOM_RESTART_MIN && *d <= OOM_RESTART_MAX)
+        );
+        delays.sort();
+        // 64 simultaneous OOM kills: no two replacements start within the same millisecond.
+        let min_gap = delays.windows(2).map(|w| w[1] - w[0]).min().unwrap();
+        assert!(min_gap > Duration::ZERO, "{min_gap:?}");
+        assert!(delays[63] - delays[0] > Duration::from_millis(1800));
+    }
+}

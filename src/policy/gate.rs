@@ -144,3 +144,114 @@ impl RecycleGate {
         first + per_start * position as u32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn c(slot: usize, reason: RecycleReason, ttl: Option<u64>, since: u64) -> Candidate {
+        Candidate {
+            slot,
+            reason,
+            time_to_limit: ttl.map(s),
+            waiting_since: s(since),
+        }
+    }
+
+    fn settings(max_recycling: usize, spacing: u64) -> Settings {
+        Settings {
+            max_recycling,
+            recycle_spacing: Some(s(spacing)),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn admits_nothing_without_candidates_and_keeps_the_gate_open() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        assert!(gate.admit(s(0), 0, &[]).is_empty());
+        assert_eq!(gate.last_start(), None);
+        assert_eq!(gate.next_opening(s(3), 0), Some(s(3)));
+    }
+
+    #[test]
+    fn admits_at_most_max_recycling_in_progress() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        let cands = [
+            c(1, RecycleReason::Memory, None, 0),
+            c(2, RecycleReason::Memory, None, 0),
+        ];
+        assert_eq!(gate.admit(s(0), 0, &cands), vec![1]);
+        // Spacing over, but the one slot is still busy.
+        assert!(gate.admit(s(60), 1, &cands[1..]).is_empty());
+        assert_eq!(gate.next_opening(s(60), 1), None);
+        assert_eq!(gate.admit(s(61), 0, &cands[1..]), vec![2]);
+    }
+
+    #[test]
+    fn spaces_consecutive_starts() {
+        let mut gate = RecycleGate::new(&settings(3, 10));
+        let cands = [
+            c(1, RecycleReason::Memory, None, 0),
+            c(2, RecycleReason::Memory, None, 0),
+        ];
+        assert_eq!(gate.admit(s(100), 0, &cands), vec![1]);
+        assert_eq!(gate.next_opening(s(101), 1), Some(s(110)));
+        assert!(gate.admit(s(109), 1, &cands[1..]).is_empty());
+        assert_eq!(gate.admit(s(110), 1, &cands[1..]), vec![2]);
+    }
+
+    #[test]
+    fn zero_spacing_admits_up_to_the_free_slots_at_once() {
+        let mut gate = RecycleGate::new(&settings(2, 0));
+        let cands = [
+            c(1, RecycleReason::Memory, None, 0),
+            c(2, RecycleReason::Memory, None, 0),
+            c(3, RecycleReason::Memory, None, 0),
+        ];
+        assert_eq!(gate.admit(s(0), 0, &cands), vec![1, 2]);
+        assert_eq!(gate.admit(s(0), 1, &cands[2..]), vec![3]);
+    }
+
+    #[test]
+    fn most_urgent_goes_first_not_the_first_to_ask() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        let cands = [
+            c(1, RecycleReason::Memory, Some(900), 0),
+            c(2, RecycleReason::Lifetime, Some(60), 50),
+            c(3, RecycleReason::Memory, Some(120), 40),
+        ];
+        assert_eq!(gate.admit(s(100), 0, &cands), vec![2]);
+        assert_eq!(gate.order(&cands), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn non_urgent_candidates_go_by_reason_then_waiting_time() {
+        let gate = RecycleGate::new(&settings(1, 10));
+        let cands = [
+            c(1, RecycleReason::Lifetime, None, 0),
+            c(2, RecycleReason::Reload, None, 5),
+            c(3, RecycleReason::Memory, None, 30),
+            c(4, RecycleReason::Memory, Some(7200), 20), // beyond the horizon: not urgent
+            c(5, RecycleReason::Reload, None, 1),
+            c(6, RecycleReason::Manual, None, 9),
+            c(7, RecycleReason::Memory, Some(3000), 99),
+        ];
+        assert_eq!(gate.order(&cands), vec![7, 4, 3, 6, 5, 2, 1]);
+    }
+
+    #[test]
+    fn expected_wait_grows_with_the_queue_position() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        gate.admit(s(0), 0, &[c(1, RecycleReason::Memory, None, 0)]);
+        // Slot busy: first opening within one recycle duration (30 s), then one per 30 s.
+        assert_eq!(gate.expected_wait(s(5), 1, 0, s(30)), s(30));
+        assert_eq!(gate.expected_wait(s(5), 1, 2, s(30)), s(90));
+        // Slot free, spacing ends at 10 s.
+        assert_eq!(gate.expected_wait(s(5), 0, 1, s(8)), s(15));
+    }
+}

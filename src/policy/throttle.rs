@@ -45,3 +45,57 @@ pub fn memory_high_for(
     let high = (threshold + gap / 2).max(working_set).min(ceiling);
     Some(high & !4095)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn no_memory_high_unless_waiting_and_short_of_time() {
+        let (l, t) = (Some(GIB), Some(900 * MIB));
+        assert_eq!(
+            memory_high_for(l, t, 950 * MIB, Some(s(10)), None),
+            None,
+            "not waiting"
+        );
+        assert_eq!(
+            memory_high_for(l, t, 950 * MIB, None, Some(s(60))),
+            None,
+            "not growing"
+        );
+        assert_eq!(
+            memory_high_for(l, t, 950 * MIB, Some(s(600)), Some(s(60))),
+            None
+        );
+        assert_eq!(
+            memory_high_for(None, t, 950 * MIB, Some(s(1)), Some(s(60))),
+            None
+        );
+    }
+
+    #[test]
+    fn memory_high_sits_between_threshold_and_limit() {
+        let (l, t) = (Some(GIB), Some(900 * MIB));
+        // Below the midpoint (962 MiB): the midpoint.
+        assert_eq!(
+            memory_high_for(l, t, 910 * MIB, Some(s(30)), Some(s(60))),
+            Some(962 * MIB)
+        );
+        // Above it: the working set, so it stops growing rather than stalls.
+        assert_eq!(
+            memory_high_for(l, t, 990 * MIB, Some(s(30)), Some(s(60))),
+            Some(990 * MIB)
+        );
+        // Never at the limit itself: the kernel must throttle before the OOM killer.
+        let high = memory_high_for(l, t, GIB, Some(s(0)), Some(s(60))).unwrap();
+        assert!(high < GIB && high >= GIB - 16 * MIB, "{high}");
+        assert_eq!(high % 4096, 0);
+    }
+}

@@ -424,3 +424,354 @@ impl WorkerPolicy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const GIB: u64 = 1 << 30;
+    const MIB: u64 = 1 << 20;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn worker(settings: &Settings) -> WorkerPolicy {
+        let mut rng = StdRng::seed_from_u64(7);
+        WorkerPolicy::new(settings, Some(GIB), Duration::ZERO, &mut rng)
+    }
+
+    fn no_jitter() -> Settings {
+        Settings {
+            recycle_jitter: 0.0,
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn recycle_thresholds_are_drawn_within_the_jitter_band_and_spread() {
+        let settings = Settings::default();
+        let mut rng = StdRng::seed_from_u64(1);
+        let fractions: Vec<f64> = (0..1000)
+            .map(|_| {
+                let w = WorkerPolicy::new(&settings, Some(GIB), Duration::ZERO, &mut rng);
+                w.recycle_threshold().unwrap() as f64 / GIB as f64
+            })
+            .collect();
+        let (min, max) = fractions
+            .iter()
+            .fold((1.0f64, 0.0f64), |(lo, hi), &f| (lo.min(f), hi.max(f)));
+        assert!(min >= 0.85 - 1e-9 && max <= 0.95 + 1e-9, "{min} {max}");
+        // Uniform: both ends of the band are used.
+        assert!(min < 0.86 && max > 0.94, "{min} {max}");
+        let mean = fractions.iter().sum::<f64>() / fractions.len() as f64;
+        assert!((mean - 0.90).abs() < 0.005, "{mean}");
+    }
+
+    #[test]
+    fn recycle_threshold_stays_below_the_limit_whatever_the_jitter() {
+        let settings = Settings {
+            recycle_at: 0.97,
+            recycle_jitter: 0.1,
+            ..Settings::default()
+        };
+        let mut rng = StdRng::seed_from_u64(2);
+        for _ in 0..200 {
+            let w = WorkerPolicy::new(&settings, Some(GIB), Duration::ZERO, &mut rng);
+            assert!(w.recycle_threshold().unwrap() <= (GIB as f64 * 0.98) as u64);
+        }
+    }
+
+    #[test]
+    fn lifetimes_are_drawn_within_the_jitter_band() {
+        let settings = Settings {
+            max_lifetime: Some(s(3600)),
+            lifetime_jitter: s(600),
+            ..Settings::default()
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let lifetimes: Vec<Duration> = (0..500)
+            .map(|_| {
+                WorkerPolicy::new(&settings, None, Duration::ZERO, &mut rng)
+                    .lifetime()
+                    .unwrap()
+            })
+            .collect();
+        assert!(lifetimes.iter().all(|l| *l >= s(3000) && *l <= s(4200)));
+        assert!(lifetimes.iter().any(|l| *l < s(3100)) && lifetimes.iter().any(|l| *l > s(4100)));
+        // Jitter larger than the lifetime is capped at half of it.
+        let settings = Settings {
+            max_lifetime: Some(s(60)),
+            lifetime_jitter: s(600),
+            ..Settings::default()
+        };
+        for _ in 0..100 {
+            let l = WorkerPolicy::new(&settings, None, Duration::ZERO, &mut rng)
+                .lifetime()
+                .unwrap();
+            assert!(l >= s(30) && l <= s(90), "{l:?}");
+        }
+        assert_eq!(
+            WorkerPolicy::new(&Settings::default(), None, Duration::ZERO, &mut rng).lifetime(),
+            None
+        );
+    }
+
+    #[test]
+    fn lifetime_reason_fires_after_the_drawn_lifetime() {
+        let settings = Settings {
+            max_lifetime: Some(s(100)),
+            lifetime_jitter: Duration::ZERO,
+            ..Settings::default()
+        };
+        let mut rng = StdRng::seed_from_u64(4);
+        let w = WorkerPolicy::new(&settings, None, s(50), &mut rng);
+        assert_eq!(w.recycle_reason(&settings, s(149)), None);
+        assert_eq!(
+            w.recycle_reason(&settings, s(150)),
+            Some(RecycleReason::Lifetime)
+        );
+        assert_eq!(w.waiting_since(&settings, s(170)), Some(s(150)));
+    }
+
+    #[test]
+    fn unknown_limit_never_trims_or_recycles_for_memory() {
+        let settings = Settings::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut w = WorkerPolicy::new(&settings, None, Duration::ZERO, &mut rng);
+        w.observe(s(1), 100 * GIB);
+        assert!(!w.should_trim(&settings, s(1)));
+        assert_eq!(w.recycle_reason(&settings, s(1000)), None);
+        assert_eq!(w.time_to_limit(s(1)), None);
+        assert_eq!(w.recycle_threshold(), None);
+    }
+
+    #[test]
+    fn trims_when_crossing_trim_at_and_not_below() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 700 * MIB);
+        assert!(!w.should_trim(&settings, s(1)));
+        w.observe(s(2), 770 * MIB);
+        assert!(w.should_trim(&settings, s(2)));
+        let mut off = settings.clone();
+        off.trim = false;
+        assert!(!w.should_trim(&off, s(2)));
+    }
+
+    #[test]
+    fn trim_interval_is_respected_after_an_effective_trim() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 800 * MIB);
+        assert!(w.should_trim(&settings, s(1)));
+        w.trimmed(s(1), 780 * MIB); // released 20 MiB: effective, stays armed
+        w.observe(s(2), 790 * MIB);
+        assert!(!w.should_trim(&settings, s(2)));
+        w.observe(s(10), 790 * MIB);
+        assert!(!w.should_trim(&settings, s(10)));
+        w.observe(s(11), 790 * MIB);
+        assert!(w.should_trim(&settings, s(11)));
+    }
+
+    #[test]
+    fn ineffective_trim_disarms_until_hysteresis_growth() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 800 * MIB);
+        w.trimmed(s(1), 799 * MIB); // released 1 MiB < 1% of 1 GiB: ineffective
+        w.observe(s(20), 810 * MIB);
+        assert!(
+            !w.should_trim(&settings, s(20)),
+            "disarmed: no new garbage yet"
+        );
+        // Grown by the hysteresis (5% of 1 GiB ≈ 51 MiB) since the trim: re-armed.
+        w.observe(s(30), 851 * MIB);
+        assert!(w.should_trim(&settings, s(30)));
+    }
+
+    #[test]
+    fn ineffective_trim_rearms_below_the_hysteresis_band() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 800 * MIB);
+        w.trimmed(s(1), 799 * MIB);
+        // Falls below trim_at - hysteresis (70% ≈ 717 MiB), then comes back over trim_at.
+        w.observe(s(20), 700 * MIB);
+        w.observe(s(30), 780 * MIB);
+        assert!(w.should_trim(&settings, s(30)));
+        // Dipping only below trim_at (75%) is not enough.
+        w.trimmed(s(30), 779 * MIB);
+        w.observe(s(40), 750 * MIB);
+        w.observe(s(50), 780 * MIB);
+        assert!(!w.should_trim(&settings, s(50)));
+    }
+
+    #[test]
+    fn ineffective_trim_rearms_at_the_recycle_threshold() {
+        let settings = no_jitter(); // threshold = 90% ≈ 921.6 MiB
+        let mut w = worker(&settings);
+        w.observe(s(1), 900 * MIB);
+        w.trimmed(s(1), 899 * MIB);
+        w.observe(s(20), 910 * MIB);
+        assert!(!w.should_trim(&settings, s(20)));
+        w.observe(s(21), 925 * MIB);
+        assert!(
+            w.should_trim(&settings, s(21)),
+            "a fresh trim decides the recycle"
+        );
+    }
+
+    #[test]
+    fn deferred_trim_retries_with_backoff() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 800 * MIB);
+        assert!(w.should_trim(&settings, s(1)));
+        let mut at = s(1);
+        for step in [1, 2, 4, 8, 8] {
+            w.trim_deferred(at);
+            assert!(!w.should_trim(&settings, at + s(step) - Duration::from_millis(1)));
+            assert!(
+                w.should_trim(&settings, at + s(step)),
+                "retry after {step}s"
+            );
+            at += s(step);
+        }
+        assert_eq!(w.deferrals(), 5);
+        w.trimmed(at, 700 * MIB);
+        assert_eq!(w.deferrals(), 0);
+    }
+
+    #[test]
+    fn memory_reason_needs_the_reading_after_a_trim_over_threshold() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 930 * MIB); // over the 921.6 MiB threshold, not trimmed yet
+        assert_eq!(w.recycle_reason(&settings, s(1)), None);
+        w.trimmed(s(1), 900 * MIB); // trimming helped
+        assert_eq!(w.recycle_reason(&settings, s(1)), None);
+        w.observe(s(15), 930 * MIB);
+        w.trimmed(s(15), 925 * MIB); // no longer enough
+        assert_eq!(
+            w.recycle_reason(&settings, s(15)),
+            Some(RecycleReason::Memory)
+        );
+        assert_eq!(w.waiting_since(&settings, s(20)), Some(s(15)));
+        assert_eq!(RecycleReason::Memory.to_string(), "memory after trim");
+    }
+
+    #[test]
+    fn memory_reason_uses_the_plain_reading_when_trim_is_off_or_unavailable() {
+        let settings = no_jitter();
+        let off = Settings {
+            trim: false,
+            ..settings.clone()
+        };
+        let mut w = worker(&settings);
+        w.observe(s(1), 930 * MIB);
+        assert_eq!(w.recycle_reason(&off, s(1)), Some(RecycleReason::Memory));
+        assert_eq!(w.recycle_reason(&settings, s(1)), None);
+        w.trim_unavailable();
+        assert!(!w.should_trim(&settings, s(1)));
+        assert_eq!(
+            w.recycle_reason(&settings, s(1)),
+            Some(RecycleReason::Memory)
+        );
+    }
+
+    #[test]
+    fn memory_reason_does_not_wait_forever_for_deferred_trims() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 930 * MIB);
+        w.trim_deferred(s(1));
+        assert_eq!(w.recycle_reason(&settings, s(20)), None);
+        assert_eq!(
+            w.recycle_reason(&settings, s(21)),
+            Some(RecycleReason::Memory)
+        );
+        assert_eq!(w.waiting_since(&settings, s(30)), Some(s(21)));
+    }
+
+    #[test]
+    fn waiting_and_growing_worker_is_trimmed_harder() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        let mut ws = 910 * MIB;
+        for t in 1..=10 {
+            ws += 2 * MIB;
+            w.observe(s(t), ws);
+        }
+        w.trimmed(s(10), ws - 100 * 1024); // ineffective, still over threshold
+        assert_eq!(
+            w.recycle_reason(&settings, s(10)),
+            Some(RecycleReason::Memory)
+        );
+        for t in 11..=13 {
+            ws += 2 * MIB;
+            w.observe(s(t), ws);
+        }
+        // Urgent interval = 2.5 s, despite the disarming and the 10 s interval.
+        assert!(w.should_trim(&settings, s(13)));
+        // A waiting worker that does not grow is left alone.
+        let mut flat = worker(&settings);
+        for t in 1..=10 {
+            flat.observe(s(t), 930 * MIB);
+        }
+        flat.trimmed(s(10), 930 * MIB);
+        for t in 11..=20 {
+            flat.observe(s(t), 930 * MIB);
+        }
+        assert_eq!(
+            flat.recycle_reason(&settings, s(20)),
+            Some(RecycleReason::Memory)
+        );
+        assert!(!flat.should_trim(&settings, s(20)));
+    }
+
+    #[test]
+    fn manual_and_reload_requests_wait_at_the_gate_like_the_rest() {
+        let settings = Settings::default();
+        let mut w = worker(&settings);
+        w.request_recycle(RecycleReason::Reload, s(5));
+        w.request_recycle(RecycleReason::Manual, s(6)); // the first request stands
+        assert_eq!(
+            w.recycle_reason(&settings, s(7)),
+            Some(RecycleReason::Reload)
+        );
+        assert_eq!(w.waiting_since(&settings, s(7)), Some(s(5)));
+    }
+
+    #[test]
+    fn time_to_limit_projects_the_growth_and_ignores_trims() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        assert_eq!(w.time_to_limit(s(0)), None);
+        // 1 MiB/s from 500 MiB, with a trim of 50 MiB at t = 30.
+        for t in 0..=60u64 {
+            w.observe(
+                s(t),
+                500 * MIB + t * MIB - if t > 30 { 50 * MIB } else { 0 },
+            );
+            if t == 30 {
+                w.trimmed(s(30), 480 * MIB);
+            }
+        }
+        let rate = w.growth_rate(s(60)).unwrap();
+        assert!((rate / MIB as f64 - 1.0).abs() < 0.01, "{rate}");
+        let ttl = w.time_to_limit(s(60)).unwrap().as_secs_f64();
+        let expected = (GIB - (510 * MIB)) as f64 / MIB as f64;
+        assert!((ttl - expected).abs() < 5.0, "{ttl} vs {expected}");
+        // Flat: no projection.
+        let mut flat = worker(&settings);
+        for t in 0..=60 {
+            flat.observe(s(t), 500 * MIB);
+        }
+        assert_eq!(flat.time_to_limit(s(60)), None);
+        flat.observe(s(61), GIB);
+        assert_eq!(flat.time_to_limit(s(61)), Some(Duration::ZERO));
+    }
+}
