@@ -117,6 +117,9 @@ pub struct WorkerPolicy {
     /// reading, below it).
     trimmed_over_since: Option<Duration>,
     requested: Option<(RecycleReason, Duration)>,
+    /// First generation only: where between the first reading once ready and the drawn
+    /// threshold the threshold moves, and from when (see [`WorkerPolicy::new_initial`]).
+    stagger: Option<(f64, Duration)>,
 }
 
 impl WorkerPolicy {
@@ -161,7 +164,31 @@ impl WorkerPolicy {
             plain_over_since: None,
             trimmed_over_since: None,
             requested: None,
+            stagger: None,
         }
+    }
+
+    /// Like [`new`](Self::new), for a worker of the first generation: the pool's initial
+    /// workers (or, after a rolling reload, a whole new generation) start together and,
+    /// with the same code and traffic, leak alike; a ±5-point threshold jitter then
+    /// spreads their first recycles over a fraction of one life only, and the recycles
+    /// come in waves for many generations (each replacement starts when its predecessor
+    /// ended). So the first generation's threshold is drawn uniformly between the
+    /// worker's first reading once it should be ready (`now + ready_time`: before that
+    /// the app is still importing and the reading says nothing about its base) and its
+    /// normal threshold: its first recycle falls anywhere in one life, and every later
+    /// generation (drawn with [`new`](Self::new)) inherits that phase. The cost is one
+    /// early recycle per slot, once. An app that allocates much of its base lazily after
+    /// `ready_time` makes some of these early recycles earlier than needed, never later.
+    pub fn new_initial(
+        settings: &Settings,
+        limit: Option<u64>,
+        now: Duration,
+        rng: &mut impl Rng,
+    ) -> Self {
+        let mut policy = Self::new(settings, limit, now, rng);
+        policy.stagger = Some((rng.random_range(0.0..1.0), now + settings.ready_time));
+        policy
     }
 
     /// Its drawn recycle threshold in bytes (`None` if the limit is unknown).
@@ -206,6 +233,14 @@ impl WorkerPolicy {
 
     /// A memory reading (every memory tick, ~1 s).
     pub fn observe(&mut self, now: Duration, working_set: u64) {
+        if let Some((u, from)) = self.stagger
+            && now >= from
+        {
+            self.stagger = None;
+            if let Some(t) = self.threshold.filter(|t| working_set < *t) {
+                self.threshold = Some(working_set + ((t - working_set) as f64 * u) as u64);
+            }
+        }
         self.record(now, working_set);
         if let Some(trim_at) = self.trim_at_bytes {
             if working_set < trim_at.saturating_sub(self.hysteresis_bytes) {
