@@ -67,6 +67,8 @@ struct Scenario {
     duration: Duration,
     /// Spawn the first generation with `WorkerPolicy::new_initial`.
     stagger_initial: bool,
+    /// A rolling reload (SIGHUP): every running worker asks with reason `Reload`.
+    reload_at: Option<Duration>,
 }
 
 enum State {
@@ -94,6 +96,7 @@ struct Worker {
 #[derive(Default, Debug)]
 struct Report {
     starts: Vec<Duration>,
+    slots: Vec<usize>,
     reasons: Vec<RecycleReason>,
     waits: Vec<Duration>,
     ooms: usize,
@@ -204,10 +207,9 @@ fn run(sc: &Scenario) -> Report {
                 rep.oom_ticks.push(now);
                 w.alive = false;
                 if matches!(w.state, State::Running) {
-                    if now - w.policy.born() >= trimrun::policy::BACKOFF_RESET_AFTER {
-                        w.backoff.success();
-                    }
-                    let delay = oom_restart_delay(&mut rng).max(w.backoff.failure(&mut rng));
+                    let uptime = now - w.policy.born();
+                    let delay =
+                        oom_restart_delay(&mut rng).max(w.backoff.failure_after(uptime, &mut rng));
                     rep.oom_restarts.push((now, now + delay));
                     w.state = State::Dead {
                         restart: now + delay,
@@ -216,6 +218,9 @@ fn run(sc: &Scenario) -> Report {
                 continue;
             }
             w.policy.observe(now, w.ws as u64);
+            if sc.reload_at == Some(now) {
+                w.policy.request_recycle(RecycleReason::Reload, now);
+            }
             if w.policy.should_trim(settings, now) {
                 if rng.random_bool(DEFER_PROBABILITY) {
                     w.policy.trim_deferred(now);
@@ -257,6 +262,7 @@ fn run(sc: &Scenario) -> Report {
             }
             let c = candidates.iter().find(|c| c.slot == slot).unwrap();
             rep.starts.push(now);
+            rep.slots.push(slot);
             rep.reasons.push(c.reason);
             rep.waits.push(now - c.waiting_since);
             in_progress += 1;
@@ -475,6 +481,7 @@ fn scenario(name: &'static str, leak: Leak, seed: u64) -> Scenario {
         seed,
         duration: DAY,
         stagger_initial: false,
+        reload_at: None,
     }
 }
 
@@ -600,4 +607,56 @@ fn two_concurrent_recycles_absorb_a_demand_one_could_not() {
     assert_invariants(&sc, &rep);
     assert_eq!(rep.max_in_progress, 2, "the second slot is used");
     assert_eq!(rep.ooms, 0);
+}
+
+#[test]
+fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
+    // Slow leaks (some workers reach their threshold, most their 2 h ± 10 min lifetime),
+    // and a rolling reload of all 64 workers at 3 h.
+    let mut sc = scenario(
+        "(e) lifetimes 2 h ± 10 min, rolling reload at 3 h (8 h)",
+        Leak::Random(0.02, 0.2),
+        5,
+    );
+    sc.settings.max_lifetime = Some(Duration::from_secs(7200));
+    sc.duration = Duration::from_secs(8 * 3600);
+    let reload_at = Duration::from_secs(3 * 3600);
+    sc.reload_at = Some(reload_at);
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert_invariants(&sc, &rep);
+    assert_eq!(rep.ooms, 0);
+    for reason in [
+        RecycleReason::Memory,
+        RecycleReason::Lifetime,
+        RecycleReason::Reload,
+    ] {
+        assert!(rep.reasons.contains(&reason), "no {reason} recycle");
+    }
+    // The reload goes through the gate one at a time and reaches every worker within
+    // about 64 × (ready + drain) = 16 min.
+    let reload_starts: Vec<Duration> = rep
+        .starts
+        .iter()
+        .zip(&rep.reasons)
+        .filter(|(_, r)| **r == RecycleReason::Reload)
+        .map(|(t, _)| *t)
+        .collect();
+    let mut reloaded: Vec<usize> = rep
+        .starts
+        .iter()
+        .zip(&rep.slots)
+        .filter(|(t, _)| **t >= reload_at)
+        .map(|(_, s)| *s)
+        .collect();
+    reloaded.sort();
+    reloaded.dedup();
+    let last = *reload_starts.last().unwrap();
+    println!(
+        "reload: {} workers by reason reload, last start {:.1} min after SIGHUP",
+        reload_starts.len(),
+        (last - reload_at).as_secs_f64() / 60.0
+    );
+    assert!(reloaded.len() >= 60, "{}", reloaded.len());
+    assert!(last - reload_at < Duration::from_secs(20 * 60));
 }

@@ -71,6 +71,15 @@ impl Backoff {
     pub fn success(&mut self) {
         self.failures = 0;
     }
+
+    /// A worker that had been up for `uptime` failed: [`success`](Self::success) first if
+    /// that was at least [`BACKOFF_RESET_AFTER`], then [`failure`](Self::failure).
+    pub fn failure_after(&mut self, uptime: Duration, rng: &mut impl Rng) -> Duration {
+        if uptime >= BACKOFF_RESET_AFTER {
+            self.success();
+        }
+        self.failure(rng)
+    }
 }
 
 /// Delay before starting the replacement of an OOM-killed worker: uniform in
@@ -131,6 +140,19 @@ mod tests {
         b.success();
         assert_eq!(b.failures(), 0);
         assert!(b.failure(&mut rng) <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_resets_when_the_worker_stayed_up() {
+        let mut rng = StdRng::seed_from_u64(15);
+        let mut b = Backoff::default();
+        for _ in 0..6 {
+            b.failure_after(Duration::from_secs(1), &mut rng);
+        }
+        assert_eq!(b.failures(), 6);
+        let d = b.failure_after(BACKOFF_RESET_AFTER, &mut rng);
+        assert!(d <= BACKOFF_BASE);
+        assert_eq!(b.failures(), 1);
     }
 
     #[test]

@@ -38,6 +38,6 @@ pub use backoff::{
     oom_restart_delay,
 };
 pub use gate::{Candidate, RecycleGate, URGENT_HORIZON, urgency_order};
-pub use settings::{MIN_DERIVED_SPACING, Settings};
+pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
 pub use worker::{GROWTH_WINDOW, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX, WorkerPolicy};

@@ -71,7 +71,67 @@ impl Default for Settings {
     }
 }
 
+/// Settings that cannot work together, named by their flags.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("--trim-at must be above 0% and at most 100% of the limit, got {0:.1}%")]
+    TrimAt(f64),
+    #[error(
+        "--trim-hysteresis must be at least 0 and below --trim-at ({trim_at:.1}%), got {hysteresis:.1} points"
+    )]
+    Hysteresis { hysteresis: f64, trim_at: f64 },
+    #[error(
+        "--recycle-at ± --recycle-jitter must stay within 0%..100% of the limit, got {low:.1}%..{high:.1}% (lower the jitter)"
+    )]
+    RecycleBand { low: f64, high: f64 },
+    #[error(
+        "--trim-at ({trim_at:.1}%) must be below the lowest recycle threshold ({low:.1}% = --recycle-at − --recycle-jitter), or trimming can never keep a worker from recycling (or pass --trim off)"
+    )]
+    TrimAboveRecycle { trim_at: f64, low: f64 },
+    #[error("--trim-interval must be longer than 0s")]
+    TrimInterval,
+    #[error("--max-recycling must be at least 1")]
+    MaxRecycling,
+}
+
 impl Settings {
+    /// Check that the settings can work together (the CLI layer calls this once).
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let pct = |f: f64| f * 100.0;
+        if !(self.trim_at > 0.0 && self.trim_at <= 1.0) {
+            return Err(SettingsError::TrimAt(pct(self.trim_at)));
+        }
+        if !(self.trim_hysteresis >= 0.0 && self.trim_hysteresis < self.trim_at) {
+            return Err(SettingsError::Hysteresis {
+                hysteresis: pct(self.trim_hysteresis),
+                trim_at: pct(self.trim_at),
+            });
+        }
+        let (low, high) = (
+            self.recycle_at - self.recycle_jitter.abs(),
+            self.recycle_at + self.recycle_jitter.abs(),
+        );
+        if !(low > 0.0 && high < 1.0) {
+            return Err(SettingsError::RecycleBand {
+                low: pct(low),
+                high: pct(high),
+            });
+        }
+        if self.trim && self.trim_at >= low {
+            return Err(SettingsError::TrimAboveRecycle {
+                trim_at: pct(self.trim_at),
+                low: pct(low),
+            });
+        }
+        if self.trim_interval.is_zero() {
+            return Err(SettingsError::TrimInterval);
+        }
+        if self.max_recycling == 0 {
+            return Err(SettingsError::MaxRecycling);
+        }
+        Ok(())
+    }
+
     /// The minimum time between two recycle starts.
     ///
     /// Explicit `recycle_spacing` wins. Otherwise `max(2 × ready_time, 5 s)`:
@@ -111,6 +171,30 @@ mod tests {
         assert_eq!(s.spacing(), Duration::from_secs(60));
         s.recycle_spacing = Some(Duration::from_secs(3));
         assert_eq!(s.spacing(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bad_combinations_are_named() {
+        assert_eq!(Settings::default().validate(), Ok(()));
+        let bad = |f: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|s| s.trim_at = 0.0).starts_with("--trim-at"));
+        assert!(bad(|s| s.trim_hysteresis = 0.8).starts_with("--trim-hysteresis"));
+        assert!(bad(|s| s.recycle_jitter = 0.2).contains("lower the jitter"));
+        assert!(bad(|s| s.trim_at = 0.86).contains("--trim off"));
+        assert!(bad(|s| s.max_recycling = 0).starts_with("--max-recycling"));
+        assert!(bad(|s| s.trim_interval = Duration::ZERO).starts_with("--trim-interval"));
+        let mut off = Settings {
+            trim: false,
+            trim_at: 0.95,
+            ..Settings::default()
+        };
+        assert_eq!(off.validate(), Ok(()));
+        off.recycle_at = f64::NAN;
+        assert!(off.validate().is_err());
     }
 
     #[test]

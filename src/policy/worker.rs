@@ -180,6 +180,13 @@ impl WorkerPolicy {
     /// generation (drawn with [`new`](Self::new)) inherits that phase. The cost is one
     /// early recycle per slot, once. An app that allocates much of its base lazily after
     /// `ready_time` makes some of these early recycles earlier than needed, never later.
+    ///
+    /// The drawn lifetime (with `--max-lifetime`) is shortened by the same fraction (to
+    /// at least the recycle spacing), for the same reason.
+    ///
+    /// Use it for the workers spawned at pool start; optionally also for the replacements
+    /// of a rolling reload (they too start within minutes of each other), at the price of
+    /// a second early recycle per slot.
     pub fn new_initial(
         settings: &Settings,
         limit: Option<u64>,
@@ -187,7 +194,11 @@ impl WorkerPolicy {
         rng: &mut impl Rng,
     ) -> Self {
         let mut policy = Self::new(settings, limit, now, rng);
-        policy.stagger = Some((rng.random_range(0.0..1.0), now + settings.ready_time));
+        let u = rng.random_range(0.0..1.0);
+        policy.stagger = Some((u, now + settings.ready_time));
+        policy.lifetime = policy
+            .lifetime
+            .map(|l| l.mul_f64(u).max(settings.spacing()));
         policy
     }
 
@@ -552,6 +563,56 @@ mod tests {
             WorkerPolicy::new(&Settings::default(), None, Duration::ZERO, &mut rng).lifetime(),
             None
         );
+    }
+
+    #[test]
+    fn first_generation_thresholds_spread_between_base_and_threshold() {
+        let settings = Settings::default();
+        let mut rng = StdRng::seed_from_u64(8);
+        let base = 250 * MIB;
+        let mut thresholds: Vec<u64> = (0..500)
+            .map(|_| {
+                let mut w = WorkerPolicy::new_initial(&settings, Some(GIB), s(0), &mut rng);
+                let drawn = w.recycle_threshold().unwrap();
+                w.observe(s(1), 20 * MIB); // still importing: ignored
+                assert_eq!(w.recycle_threshold(), Some(drawn));
+                w.observe(s(5), base); // ready_time (5 s) passed: staggered from here
+                w.observe(s(6), base + MIB); // once only
+                let t = w.recycle_threshold().unwrap();
+                assert!(t >= base && t <= drawn, "{t} not in [{base}, {drawn}]");
+                t
+            })
+            .collect();
+        thresholds.sort();
+        let quartile = |q: usize| thresholds[thresholds.len() * q / 4] as f64 / MIB as f64;
+        // Roughly uniform over [250, ~920] MiB.
+        assert!((350.0..500.0).contains(&quartile(1)), "{}", quartile(1));
+        assert!((500.0..700.0).contains(&quartile(2)), "{}", quartile(2));
+        assert!((650.0..850.0).contains(&quartile(3)), "{}", quartile(3));
+    }
+
+    #[test]
+    fn first_generation_lifetimes_spread_over_one_lifetime() {
+        let settings = Settings {
+            max_lifetime: Some(s(3600)),
+            lifetime_jitter: Duration::ZERO,
+            ..Settings::default()
+        };
+        let mut rng = StdRng::seed_from_u64(9);
+        let lifetimes: Vec<Duration> = (0..400)
+            .map(|_| {
+                WorkerPolicy::new_initial(&settings, None, s(0), &mut rng)
+                    .lifetime()
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            lifetimes
+                .iter()
+                .all(|l| *l >= settings.spacing() && *l <= s(3600))
+        );
+        let early = lifetimes.iter().filter(|l| **l < s(1800)).count();
+        assert!((160..240).contains(&early), "{early}");
     }
 
     #[test]
