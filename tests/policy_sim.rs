@@ -21,6 +21,20 @@
 //! - a waiting worker for which `memory_high_for` says so is throttled: above its
 //!   `memory.high` it grows at 10% of its rate.
 //!
+//! "No OOM when the queue leaves time", precisely: the scenarios (a), (b), (d) and (e)
+//! assert zero OOM kills, and each is built so that
+//! - the pool's recycle demand, bounded above by `workers × mean leak / (lowest threshold
+//!   − base)` (net growth never exceeds the leak), is below the gate's capacity
+//!   `1 / max(spacing, (ready + drain) / max_recycling)` — by a factor 2 where
+//!   `max_recycling` is 1 (asserted before running), and
+//! - there are no bursts: the headroom between a worker's threshold and its limit (at
+//!   least 5% of the limit) exceeds what it grows while it waits and drains.
+//!
+//! (c) breaks the second condition on purpose (bursts of up to 120 MiB, a pool-wide spike
+//! of up to 250 MiB): OOM kills happen and are counted; the gate invariants still hold
+//! and simultaneous OOM kills are replaced at distinct instants. (d') breaks the first:
+//! one recycle slot for a load that needs two.
+//!
 //! Run with `cargo test --test policy_sim -- --nocapture` to see the distributions.
 
 use std::time::Duration;
@@ -28,8 +42,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use trimrun::policy::{
-    Backoff, Candidate, RecycleGate, RecycleReason, Settings, WorkerPolicy, memory_high_for,
-    oom_restart_delay,
+    Backoff, Candidate, RecycleGate, RecycleReason, Settings, WorkerPolicy, oom_restart_delay,
 };
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -244,8 +257,12 @@ fn run(sc: &Scenario) -> Report {
                 });
             }
         }
-        // The gate.
+        // The gate. Its timer agrees with its decisions.
+        let opening = gate.next_opening(now, in_progress);
         let admitted = gate.admit(now, in_progress, &candidates);
+        if !candidates.is_empty() {
+            assert_eq!(admitted.is_empty(), opening.is_none_or(|t| t > now));
+        }
         for slot in admitted {
             assert!(
                 in_progress < settings.max_recycling,
@@ -292,13 +309,7 @@ impl Worker {
         self.policy.recycle_reason(settings, now)?;
         // Position unknown without the whole queue: assume it is next but one.
         let wait = gate.expected_wait(now, in_progress, 1, recycle_duration);
-        memory_high_for(
-            self.policy.limit(),
-            self.policy.recycle_threshold(),
-            self.ws as u64,
-            self.policy.time_to_limit(now),
-            Some(wait),
-        )
+        self.policy.memory_high(now, Some(wait))
     }
 }
 
@@ -622,6 +633,9 @@ fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
     sc.duration = Duration::from_secs(8 * 3600);
     let reload_at = Duration::from_secs(3 * 3600);
     sc.reload_at = Some(reload_at);
+    // Memory demand plus one lifetime recycle per worker per shortest lifetime (110 min).
+    let demand = demand_per_sec(&sc, 0.11) + sc.workers as f64 / 6600.0;
+    assert!(demand < capacity_per_sec(&sc) / 2.0);
     let rep = run(&sc);
     print_report(&sc, &rep);
     assert_invariants(&sc, &rep);

@@ -415,6 +415,18 @@ impl WorkerPolicy {
         Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
     }
 
+    /// The `memory.high` to set for it now (see [`super::memory_high_for`]);
+    /// `expected_wait` is `None` when it is not waiting for a recycle slot.
+    pub fn memory_high(&self, now: Duration, expected_wait: Option<Duration>) -> Option<u64> {
+        super::memory_high_for(
+            self.limit,
+            self.threshold,
+            self.last_ws?,
+            self.time_to_limit(now),
+            expected_wait,
+        )
+    }
+
     /// Growth in bytes per second (least squares over the window), `None` if unknown.
     /// Rates within allocator noise are reported as zero.
     pub fn growth_rate(&self, now: Duration) -> Option<f64> {
