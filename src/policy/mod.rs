@@ -1,107 +1,43 @@
-//! TEMPORARY STUB (replaced by the wt-policy merge).
-#![allow(dead_code, unused_variables)]
-use rand::Rng;
-use std::time::Duration;
-#[derive(Debug, Clone, Default)]
-pub struct Settings {
-    pub trim: bool,
-    pub trim_at: f64,
-    pub trim_hysteresis: f64,
-    pub trim_interval: Duration,
-    pub recycle_at: f64,
-    pub recycle_jitter: f64,
-    pub max_lifetime: Option<Duration>,
-    pub lifetime_jitter: Duration,
-    pub max_recycling: usize,
-    pub recycle_spacing: Option<Duration>,
-    pub ready_time: Duration,
-}
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-pub enum RecycleReason {
-    Memory,
-    Lifetime,
-    Manual,
-    Reload,
-}
-impl std::fmt::Display for RecycleReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
-pub struct WorkerPolicy;
-impl WorkerPolicy {
-    pub fn new(settings: &Settings, limit: Option<u64>, now: Duration, rng: &mut impl Rng) -> Self {
-        WorkerPolicy
-    }
-    pub fn recycle_threshold(&self) -> Option<u64> {
-        None
-    }
-    pub fn lifetime(&self) -> Option<Duration> {
-        None
-    }
-    pub fn observe(&mut self, now: Duration, working_set: u64) {}
-    pub fn should_trim(&self, settings: &Settings, now: Duration) -> bool {
-        false
-    }
-    pub fn trimmed(&mut self, now: Duration, working_set_after: u64) {}
-    pub fn trim_deferred(&mut self, now: Duration) {}
-    pub fn trim_unavailable(&mut self) {}
-    pub fn recycle_reason(&self, settings: &Settings, now: Duration) -> Option<RecycleReason> {
-        None
-    }
-    pub fn time_to_limit(&self, now: Duration) -> Option<Duration> {
-        None
-    }
-}
-pub struct Candidate {
-    pub slot: usize,
-    pub reason: RecycleReason,
-    pub time_to_limit: Option<Duration>,
-    pub waiting_since: Duration,
-}
-pub struct RecycleGate;
-impl RecycleGate {
-    pub fn new(settings: &Settings) -> Self {
-        RecycleGate
-    }
-    pub fn admit(
-        &mut self,
-        now: Duration,
-        in_progress: usize,
-        candidates: &[Candidate],
-    ) -> Vec<usize> {
-        if in_progress == 0 {
-            candidates.iter().take(1).map(|c| c.slot).collect()
-        } else {
-            vec![]
-        }
-    }
-    pub fn next_opening(&self, now: Duration, in_progress: usize) -> Option<Duration> {
-        None
-    }
-}
-pub struct Backoff {
-    cur: Duration,
-    base: Duration,
-    cap: Duration,
-}
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Backoff {
-            cur: base,
-            base,
-            cap,
-        }
-    }
-    pub fn failure(&mut self, rng: &mut impl Rng) -> Duration {
-        let d = self.cur;
-        self.cur = (self.cur * 2).min(self.cap);
-        d
-    }
-    pub fn success(&mut self) {
-        self.cur = self.base
-    }
-}
-pub fn oom_restart_delay(rng: &mut impl Rng) -> Duration {
-    Duration::from_millis(500)
-}
+//! Pure decisions of the pool: when to trim a worker, when it should be recycled, who may
+//! recycle now, how long to wait before a restart.
+//!
+//! Nothing here touches the kernel or a clock. Time is a [`Duration`](std::time::Duration)
+//! since the pool started ("now"), randomness is a `&mut impl rand::Rng`, memory is a
+//! number of bytes read by the supervisor from the worker's cgroup. That is what lets
+//! `tests/policy_sim.rs` run 64 workers for a simulated day in a second.
+//!
+//! How the supervisor uses it, per worker and per memory tick:
+//!
+//! 1. At spawn, [`WorkerPolicy::new`] draws the worker's recycle threshold
+//!    (`recycle_at ± recycle_jitter`) and lifetime (`max_lifetime ± lifetime_jitter`).
+//! 2. Every reading goes to [`WorkerPolicy::observe`]; if [`WorkerPolicy::should_trim`],
+//!    the supervisor trims it and reports [`WorkerPolicy::trimmed`] (with the working set
+//!    after), [`WorkerPolicy::trim_deferred`] or [`WorkerPolicy::trim_unavailable`].
+//! 3. Workers with a [`WorkerPolicy::recycle_reason`] become [`Candidate`]s;
+//!    [`RecycleGate::admit`] says which may start now (at most `max_recycling` in
+//!    progress, starts at least [`Settings::spacing`] apart, most urgent first by
+//!    [`WorkerPolicy::time_to_limit`]). [`RecycleGate::next_opening`] arms the timer.
+//! 4. While a worker waits, [`memory_high_for`] says whether to slow it with
+//!    `memory.high` (cgroup v2) instead of letting it reach its limit.
+//! 5. A worker that died is restarted after [`Backoff::failure`] (crash) or
+//!    [`oom_restart_delay`] (OOM kill).
+//!
+//! Why jitter everywhere: 64 workers of one app, started together and leaking at the same
+//! rate, would otherwise reach one threshold in the same second, every time. Per-worker
+//! thresholds spread the first wave; the gate's cap and spacing serialize whatever still
+//! collides; the spread then persists because every replacement draws anew.
+
+mod backoff;
+mod gate;
+mod settings;
+mod throttle;
+mod worker;
+
+pub use backoff::{
+    BACKOFF_BASE, BACKOFF_CAP, BACKOFF_RESET_AFTER, Backoff, OOM_RESTART_MAX, OOM_RESTART_MIN,
+    oom_restart_delay,
+};
+pub use gate::{Candidate, RecycleGate, URGENT_HORIZON, urgency_order};
+pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
+pub use throttle::{WAIT_MARGIN, memory_high_for};
+pub use worker::{GROWTH_WINDOW, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX, WorkerPolicy};

@@ -1,0 +1,257 @@
+//! Who may start recycling now: the concurrency cap, the spacing between starts, and the
+//! order among waiting workers.
+
+use std::cmp::Ordering;
+use std::time::Duration;
+
+use super::{RecycleReason, Settings};
+
+/// A projected time to the limit beyond this is not urgent: a projection from a
+/// two-minute window says little about hours ahead, so such workers are ordered like
+/// workers that do not grow (by reason, then by waiting time).
+pub const URGENT_HORIZON: Duration = Duration::from_secs(3600);
+
+/// A worker that wants to recycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The supervisor's worker slot.
+    pub slot: usize,
+    pub reason: RecycleReason,
+    /// [`super::WorkerPolicy::time_to_limit`].
+    pub time_to_limit: Option<Duration>,
+    /// [`super::WorkerPolicy::waiting_since`].
+    pub waiting_since: Duration,
+}
+
+impl Candidate {
+    fn urgency(&self) -> Option<Duration> {
+        self.time_to_limit.filter(|t| *t <= URGENT_HORIZON)
+    }
+}
+
+/// Queue order: projected time to the limit (soonest first, within [`URGENT_HORIZON`]);
+/// then the rest by reason (memory, manual, reload, lifetime); ties by waiting time
+/// (longest first), then slot.
+pub fn urgency_order(a: &Candidate, b: &Candidate) -> Ordering {
+    let key = |c: &Candidate| {
+        (
+            c.urgency().unwrap_or(Duration::MAX),
+            c.reason.rank(),
+            c.waiting_since,
+            c.slot,
+        )
+    };
+    key(a).cmp(&key(b))
+}
+
+/// The recycle gate of the pool. It remembers the last start it admitted.
+#[derive(Clone, Debug)]
+pub struct RecycleGate {
+    max_recycling: usize,
+    spacing: Duration,
+    last_start: Option<Duration>,
+}
+
+impl RecycleGate {
+    pub fn new(settings: &Settings) -> Self {
+        Self {
+            max_recycling: settings.max_recycling.max(1),
+            spacing: settings.spacing(),
+            last_start: None,
+        }
+    }
+
+    /// Follow changed settings (e.g. a `ready_time` updated from observed start-ups).
+    pub fn update(&mut self, settings: &Settings) {
+        self.max_recycling = settings.max_recycling.max(1);
+        self.spacing = settings.spacing();
+    }
+
+    /// The spacing in force.
+    pub fn spacing(&self) -> Duration {
+        self.spacing
+    }
+
+    /// When it last admitted a start.
+    pub fn last_start(&self) -> Option<Duration> {
+        self.last_start
+    }
+
+    /// The candidates' slots in the order they will be admitted.
+    pub fn order(&self, candidates: &[Candidate]) -> Vec<usize> {
+        let mut sorted = candidates.to_vec();
+        sorted.sort_by(urgency_order);
+        sorted.iter().map(|c| c.slot).collect()
+    }
+
+    /// Which waiting candidates may start now, most urgent first: none while
+    /// `in_progress` recycles fill `max_recycling` or the last start is less than the
+    /// spacing ago. The caller must start every slot returned (the gate counts them as
+    /// started at `now`). With a non-zero spacing that is at most one slot per call.
+    pub fn admit(
+        &mut self,
+        now: Duration,
+        in_progress: usize,
+        candidates: &[Candidate],
+    ) -> Vec<usize> {
+        if candidates.is_empty() || !self.is_open(now, in_progress) {
+            return Vec::new();
+        }
+        let free = self.max_recycling - in_progress;
+        let take = if self.spacing.is_zero() { free } else { 1 };
+        let admitted: Vec<usize> = self.order(candidates).into_iter().take(take).collect();
+        if !admitted.is_empty() {
+            self.last_start = Some(now);
+        }
+        admitted
+    }
+
+    fn is_open(&self, now: Duration, in_progress: usize) -> bool {
+        in_progress < self.max_recycling && self.last_start.is_none_or(|t| now >= t + self.spacing)
+    }
+
+    /// When the gate opens next, for the supervisor's timer: `now` if it is open, the end
+    /// of the spacing if only that holds it shut, `None` if all recycle slots are busy
+    /// (it reopens when one finishes, an event the supervisor sees anyway).
+    pub fn next_opening(&self, now: Duration, in_progress: usize) -> Option<Duration> {
+        if in_progress >= self.max_recycling {
+            return None;
+        }
+        Some(self.last_start.map_or(now, |t| (t + self.spacing).max(now)))
+    }
+
+    /// Rough expected wait of the candidate at `position` (0 = next) in the queue, given
+    /// that one recycle holds a slot for `recycle_duration` (replacement ready + drain).
+    /// For [`super::memory_high_for`].
+    pub fn expected_wait(
+        &self,
+        now: Duration,
+        in_progress: usize,
+        position: usize,
+        recycle_duration: Duration,
+    ) -> Duration {
+        let per_start = self
+            .spacing
+            .max(recycle_duration / self.max_recycling as u32);
+        let first = match self.next_opening(now, in_progress) {
+            Some(t) => t.saturating_sub(now),
+            // All slots busy: the earliest one frees within one recycle duration.
+            None => recycle_duration.max(
+                self.last_start
+                    .map_or(Duration::ZERO, |t| (t + self.spacing).saturating_sub(now)),
+            ),
+        };
+        first + per_start * position as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn c(slot: usize, reason: RecycleReason, ttl: Option<u64>, since: u64) -> Candidate {
+        Candidate {
+            slot,
+            reason,
+            time_to_limit: ttl.map(s),
+            waiting_since: s(since),
+        }
+    }
+
+    fn settings(max_recycling: usize, spacing: u64) -> Settings {
+        Settings {
+            max_recycling,
+            recycle_spacing: Some(s(spacing)),
+            ..Settings::default()
+        }
+    }
+
+    #[test]
+    fn admits_nothing_without_candidates_and_keeps_the_gate_open() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        assert!(gate.admit(s(0), 0, &[]).is_empty());
+        assert_eq!(gate.last_start(), None);
+        assert_eq!(gate.next_opening(s(3), 0), Some(s(3)));
+    }
+
+    #[test]
+    fn admits_at_most_max_recycling_in_progress() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        let cands = [
+            c(1, RecycleReason::Memory, None, 0),
+            c(2, RecycleReason::Memory, None, 0),
+        ];
+        assert_eq!(gate.admit(s(0), 0, &cands), vec![1]);
+        // Spacing over, but the one slot is still busy.
+        assert!(gate.admit(s(60), 1, &cands[1..]).is_empty());
+        assert_eq!(gate.next_opening(s(60), 1), None);
+        assert_eq!(gate.admit(s(61), 0, &cands[1..]), vec![2]);
+    }
+
+    #[test]
+    fn spaces_consecutive_starts() {
+        let mut gate = RecycleGate::new(&settings(3, 10));
+        let cands = [
+            c(1, RecycleReason::Memory, None, 0),
+            c(2, RecycleReason::Memory, None, 0),
+        ];
+        assert_eq!(gate.admit(s(100), 0, &cands), vec![1]);
+        assert_eq!(gate.next_opening(s(101), 1), Some(s(110)));
+        assert!(gate.admit(s(109), 1, &cands[1..]).is_empty());
+        assert_eq!(gate.admit(s(110), 1, &cands[1..]), vec![2]);
+    }
+
+    #[test]
+    fn zero_spacing_admits_up_to_the_free_slots_at_once() {
+        let mut gate = RecycleGate::new(&settings(2, 0));
+        let cands = [
+            c(1, RecycleReason::Memory, None, 0),
+            c(2, RecycleReason::Memory, None, 0),
+            c(3, RecycleReason::Memory, None, 0),
+        ];
+        assert_eq!(gate.admit(s(0), 0, &cands), vec![1, 2]);
+        assert_eq!(gate.admit(s(0), 1, &cands[2..]), vec![3]);
+    }
+
+    #[test]
+    fn most_urgent_goes_first_not_the_first_to_ask() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        let cands = [
+            c(1, RecycleReason::Memory, Some(900), 0),
+            c(2, RecycleReason::Lifetime, Some(60), 50),
+            c(3, RecycleReason::Memory, Some(120), 40),
+        ];
+        assert_eq!(gate.admit(s(100), 0, &cands), vec![2]);
+        assert_eq!(gate.order(&cands), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn non_urgent_candidates_go_by_reason_then_waiting_time() {
+        let gate = RecycleGate::new(&settings(1, 10));
+        let cands = [
+            c(1, RecycleReason::Lifetime, None, 0),
+            c(2, RecycleReason::Reload, None, 5),
+            c(3, RecycleReason::Memory, None, 30),
+            c(4, RecycleReason::Memory, Some(7200), 20), // beyond the horizon: not urgent
+            c(5, RecycleReason::Reload, None, 1),
+            c(6, RecycleReason::Manual, None, 9),
+            c(7, RecycleReason::Memory, Some(3000), 99),
+        ];
+        assert_eq!(gate.order(&cands), vec![7, 4, 3, 6, 5, 2, 1]);
+    }
+
+    #[test]
+    fn expected_wait_grows_with_the_queue_position() {
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        gate.admit(s(0), 0, &[c(1, RecycleReason::Memory, None, 0)]);
+        // Slot busy: first opening within one recycle duration (30 s), then one per 30 s.
+        assert_eq!(gate.expected_wait(s(5), 1, 0, s(30)), s(30));
+        assert_eq!(gate.expected_wait(s(5), 1, 2, s(30)), s(90));
+        // Slot free, spacing ends at 10 s.
+        assert_eq!(gate.expected_wait(s(5), 0, 1, s(8)), s(15));
+    }
+}
