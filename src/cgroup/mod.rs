@@ -541,3 +541,6 @@ impl WorkerGroup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
