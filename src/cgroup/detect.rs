@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::common;
-use super::error::{CgroupError, REMEDY_PERMISSION, REMEDY_READ_ONLY};
+use super::error::CgroupError;
 use super::parse::{self, CgroupLine, Mount};
 
 /// The files and directories detection and accounting read. [`Roots::system`] is the real
@@ -104,9 +104,16 @@ fn place_on<'a>(path: &str, mounts: impl Iterator<Item = &'a Mount>) -> Option<P
             best = Some((m, rest));
         }
     }
-    best.map(|(m, rest)| Place {
-        dir: m.mount_point.join(rest.trim_start_matches('/')),
-        mount: m.clone(),
+    best.map(|(m, rest)| {
+        let rest = rest.trim_matches('/');
+        Place {
+            dir: if rest.is_empty() {
+                m.mount_point.clone()
+            } else {
+                m.mount_point.join(rest)
+            },
+            mount: m.clone(),
+        }
     })
 }
 
@@ -229,14 +236,16 @@ pub fn check_v1(found: &Found) -> Result<&Place, CgroupError> {
     Ok(place)
 }
 
-/// Short human text for an error in a "why this backend" reason.
+/// An error as a fact for the "why this backend" reason: without its trailing remedy
+/// (the reason says what we found; remedies belong to errors).
 pub fn brief(e: &CgroupError) -> String {
     let s = e.to_string();
-    // Drop the remedy in parentheses at the end: the reason is about facts.
-    for r in [REMEDY_PERMISSION, REMEDY_READ_ONLY] {
-        if let Some(x) = s.strip_suffix(&format!(" ({r})")) {
-            return x.to_string();
-        }
+    let has_remedy = !matches!(
+        e,
+        CgroupError::Io { remedy: "", .. } | CgroupError::Parse { .. }
+    );
+    match s.rfind(" (") {
+        Some(i) if has_remedy && s.ends_with(')') => s[..i].to_string(),
+        _ => s,
     }
-    s
 }
