@@ -323,3 +323,30 @@ fn inner_limit_above() {
     let e = m.create_worker(0, 0, Some(300 * MIB)).unwrap_err();
     println!("ERR {e}");
 }
+
+#[test]
+fn auto_on_this_hybrid_host_picks_v1_and_forced_v2_says_what_to_do() {
+    if !common::is_root() {
+        common::cannot_run("root");
+        return;
+    }
+    let v2_has_memory = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers")
+        .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+    if v2_has_memory || !std::path::Path::new("/sys/fs/cgroup/memory").is_dir() {
+        common::cannot_run("a hybrid host with memory on cgroup v1");
+        return;
+    }
+    let m = Manager::setup_at(Choice::Auto, &Roots::system_instance("hybrid")).unwrap();
+    assert_eq!(m.kind(), Kind::V1, "{}", m.reason());
+    assert!(
+        m.reason()
+            .starts_with("cgroup v2 unusable: the memory controller is not enabled for"),
+        "{}",
+        m.reason()
+    );
+    drop(m);
+    let e = Manager::setup_at(Choice::V2, &Roots::system_instance("forced"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("or pass --cgroup v1 or --cgroup none)"), "{e}");
+}

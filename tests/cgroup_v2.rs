@@ -24,6 +24,7 @@ const INNER: &[&str] = &[
     "inner_oom_kill_counted_neighbour_untouched",
     "inner_stale_group_cleaned",
     "inner_limit_auto_in_a_limited_cgroup",
+    "inner_cgroup_shared_with_other_processes_is_refused_and_rolled_back",
 ];
 
 fn in_vm() -> bool {
@@ -343,4 +344,90 @@ fn nested_limit_auto() {
     m.teardown();
     assert_eq!(own_cgroup(), before);
     println!("\nAUTO available={available} per_worker={per_worker}");
+}
+
+/// trimrun started in a cgroup that also holds another process: it cannot enable the memory
+/// controller there (no internal processes). Forced v2 is an error with the remedy, setup
+/// is undone (trimrun back where it was, nothing left), and auto falls back to none.
+#[test]
+fn inner_cgroup_shared_with_other_processes_is_refused_and_rolled_back() {
+    if !in_vm() {
+        return;
+    }
+    let busy = PathBuf::from("/sys/fs/cgroup/busy");
+    std::fs::create_dir(&busy).unwrap();
+    let procs = |cmd: &mut Command| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(busy.join("cgroup.procs"))
+            .unwrap();
+        let raw = f.as_raw_fd();
+        // SAFETY: only write(2) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::write(raw, b"0".as_ptr().cast(), 1);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(f);
+        child
+    };
+    let mut sleeper = procs(Command::new("sleep").arg("600"));
+    let out = procs(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "nested_busy", "--nocapture", "--test-threads=1"])
+            .env("TRIMRUN_INNER", "busy")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .wait_with_output()
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    sleeper.kill().unwrap();
+    sleeper.wait().unwrap();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("BUSY-OK"), "{text}");
+    let left: Vec<_> = std::fs::read_dir(&busy)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    std::fs::remove_dir(&busy).unwrap();
+    println!("busy ok");
+}
+
+#[test]
+fn nested_busy() {
+    if !in_vm() || std::env::var("TRIMRUN_INNER").as_deref() != Ok("busy") {
+        return;
+    }
+    assert_eq!(own_cgroup(), "/busy");
+    let offered = read("/sys/fs/cgroup/busy/cgroup.controllers");
+    if !offered.split_whitespace().any(|c| c == "memory") {
+        // The root does not hand memory down yet: that is its own, clear error.
+        let e = Manager::setup_at(Choice::V2, &Roots::system_instance("busy0")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("the memory controller is not enabled for /sys/fs/cgroup/busy"),
+            "{e}"
+        );
+        std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory").unwrap();
+    }
+    let e = Manager::setup_at(Choice::V2, &Roots::system_instance("busy")).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("other processes live in that cgroup"), "{msg}");
+    assert!(msg.contains("Delegate=yes"), "{msg}");
+    assert_eq!(own_cgroup(), "/busy", "setup was rolled back");
+    let m = Manager::setup_at(Choice::Auto, &Roots::system_instance("busy2")).unwrap();
+    assert_eq!(m.kind(), Kind::None, "{}", m.reason());
+    assert!(
+        m.reason().contains("other processes live in that cgroup"),
+        "{}",
+        m.reason()
+    );
+    assert_eq!(own_cgroup(), "/busy");
+    println!("\nBUSY-OK {msg}\nreason: {}", m.reason());
 }

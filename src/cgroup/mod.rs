@@ -492,7 +492,9 @@ impl WorkerGroup {
         }
     }
 
-    /// How many processes the kernel's OOM killer killed in this group; 0 for none.
+    /// The kernel's OOM-kill counter of this group; 0 for none. Compare readings, don't
+    /// count events with it: with `memory.oom.group=1` Linux 6.1 counts the victim twice
+    /// (once as the victim, once in the group kill).
     pub fn oom_kills(&self) -> Result<u64, CgroupError> {
         match &self.backend {
             Backend::V2(d) => v2::oom_kills(d),
@@ -525,8 +527,14 @@ impl WorkerGroup {
         match &self.backend {
             Backend::V2(d) | Backend::V1(d) => common::kill_cgroup(d),
             Backend::None => {
-                let pids = self.pids(root_pid)?;
-                common::kill_pids(&pids);
+                // A few rounds, to catch children forked while we were killing.
+                for _ in 0..3 {
+                    let pids = self.pids(root_pid)?;
+                    if pids.is_empty() {
+                        break;
+                    }
+                    common::kill_pids(&pids);
+                }
                 Ok(())
             }
         }
