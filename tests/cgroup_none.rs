@@ -37,8 +37,8 @@ fn forced_none_measures_and_kills_the_whole_process_tree() {
     let code = "import os, sys\n\
                 pid = os.fork()\n\
                 b = b'x' * (20 << 20)\n\
-                if pid == 0:\n    print('child', os.getpid(), flush=True)\n    sys.stdin.read()\n    os._exit(0)\n\
-                print('ready', flush=True)\n\
+                if pid == 0:\n    os.write(1, b'child %d\\n' % os.getpid())\n    sys.stdin.read()\n    os._exit(0)\n\
+                os.write(1, b'ready\\n')\n\
                 sys.stdin.read()\n";
     let mut worker = Command::new("python3")
         .args(["-c", code])
@@ -54,7 +54,7 @@ fn forced_none_measures_and_kills_the_whole_process_tree() {
     let child: i32 = [a.trim(), b.trim()]
         .iter()
         .find_map(|l| l.strip_prefix("child ")?.parse().ok())
-        .unwrap();
+        .unwrap_or_else(|| panic!("no child pid in {a:?} {b:?}"));
     let mut pids = g.pids(Some(root)).unwrap();
     pids.sort();
     assert_eq!(pids, {
@@ -144,4 +144,60 @@ fn inner_read_only_cgroupfs() {
         .to_string();
     assert!(e.contains("mounted read-only (pass --cgroup none"), "{e}");
     println!("\nINNER-OK kind={} reason={}", m.kind(), m.reason());
+}
+
+/// Not root and no delegation: `auto` falls back to none and says so; a forced backend is
+/// an error that names the remedy. Runs this binary again as `nobody` (setpriv(1)).
+#[test]
+fn without_permission_auto_chooses_none_and_forced_v1_names_the_remedy() {
+    if !common::is_root() {
+        common::cannot_run("root (to drop to nobody with setpriv)");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "inner_unprivileged",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TRIMRUN_INNER", "unprivileged")
+        .output();
+    let out = match out {
+        Ok(o) if o.status.code() != Some(126) && o.status.code() != Some(127) => o,
+        _ => {
+            common::cannot_run("setpriv(1) and a test binary that nobody may run");
+            return;
+        }
+    };
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("UNPRIV-OK"), "{text}");
+}
+
+#[test]
+fn inner_unprivileged() {
+    if std::env::var("TRIMRUN_INNER").as_deref() != Ok("unprivileged") {
+        return;
+    }
+    assert!(!common::is_root());
+    let m = Manager::setup_at(Choice::Auto, &Roots::system_instance("unpriv")).unwrap();
+    assert_eq!(m.kind(), Kind::None, "{}", m.reason());
+    assert!(
+        m.reason().contains("is not delegated to this process"),
+        "{}",
+        m.reason()
+    );
+    let e = Manager::setup_at(Choice::V1, &Roots::system_instance("unpriv1"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with("(run as root, or under systemd with Delegate=yes, or pass --cgroup none)"),
+        "{e}"
+    );
+    println!("\nUNPRIV-OK {e}\nreason: {}", m.reason());
 }

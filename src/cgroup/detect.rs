@@ -195,7 +195,11 @@ fn check_writable(place: &Place, file: &str) -> Result<(), CgroupError> {
                 },
                 Some(libc::EACCES) | Some(libc::EPERM) => CgroupError::NotDelegated {
                     path: place.dir.clone(),
-                    detail: format!("{} is not writable by us", p.display()),
+                    detail: if p == place.dir {
+                        "no write access to it".to_string()
+                    } else {
+                        format!("no write access to its {file}")
+                    },
                 },
                 _ => CgroupError::io("check write access to", &p, e),
             });
