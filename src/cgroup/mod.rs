@@ -217,7 +217,15 @@ impl Manager {
     /// write there; else v1 if the v1 memory hierarchy is mounted and our memory cgroup is
     /// writable; else none. A forced choice that cannot work is an error with a remedy.
     pub fn setup_at(choice: Choice, roots: &Roots) -> Result<Manager, CgroupError> {
-        let found = detect::discover(roots)?;
+        // Unreadable proc files leave only the none backend; a forced v2/v1 then says why.
+        let found = detect::discover(roots).unwrap_or_else(|e| {
+            let why = detect::brief(&e);
+            detect::Found {
+                v2_missing: why.clone(),
+                v1_missing: why,
+                ..Default::default()
+            }
+        });
         let (state, kind, reason) = match choice {
             Choice::None => (
                 State::None,
@@ -458,6 +466,16 @@ impl WorkerGroup {
             Backend::V2(_) => Kind::V2,
             Backend::V1(_) => Kind::V1,
             Backend::None => Kind::None,
+        }
+    }
+
+    /// v2 `memory.events`: the kernel signals changes to it (inotify `IN_MODIFY`, or poll
+    /// `POLLPRI`), so an OOM kill or `memory.high` throttling can wake the supervisor
+    /// instead of waiting for the next tick. None on v1 and none.
+    pub fn events_path(&self) -> Option<PathBuf> {
+        match &self.backend {
+            Backend::V2(d) => Some(d.join("memory.events")),
+            _ => None,
         }
     }
 

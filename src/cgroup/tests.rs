@@ -400,3 +400,11 @@ fn error_messages_name_path_operation_and_remedy() {
             .contains("mounted read-only (pass --cgroup none")
     );
 }
+
+#[test]
+fn manager_and_worker_groups_can_be_shared_across_threads() {
+    fn shareable<T: Send + Sync>() {}
+    shareable::<Manager>();
+    shareable::<WorkerGroup>();
+    shareable::<CgroupError>();
+}
