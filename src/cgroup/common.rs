@@ -1,0 +1,211 @@
+//! File helpers shared by the backends: every function takes the path it works on, and every
+//! error carries that path and the operation.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use super::error::CgroupError;
+use super::parse;
+
+pub fn read(path: &Path) -> Result<String, CgroupError> {
+    fs::read_to_string(path).map_err(|e| CgroupError::io("read", path, e))
+}
+
+/// Write `value` to an existing kernel file (never creates it) in one `write(2)`, which is
+/// what cgroupfs requires.
+pub fn write(path: &Path, value: &str) -> Result<(), CgroupError> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| CgroupError::io("open for writing", path, e))?;
+    f.write_all(value.as_bytes())
+        .map_err(|e| CgroupError::io("write", path, e))
+}
+
+/// Write only if the file exists (optional interface files such as `memory.swap.max`).
+pub fn write_if_exists(path: &Path, value: &str) -> Result<bool, CgroupError> {
+    if path.exists() {
+        write(path, value).map(|()| true)
+    } else {
+        Ok(false)
+    }
+}
+
+pub fn read_u64(path: &Path) -> Result<u64, CgroupError> {
+    let text = read(path)?;
+    text.trim().parse().map_err(|e| CgroupError::Parse {
+        what: "a number",
+        path: path.to_path_buf(),
+        detail: format!("{:?}: {e}", text.trim()),
+    })
+}
+
+/// A limit file (`memory.max`, `memory.limit_in_bytes`): `None` = unlimited.
+pub fn read_limit(path: &Path) -> Result<Option<u64>, CgroupError> {
+    let text = read(path)?;
+    parse::parse_limit(&text).map_err(|detail| CgroupError::Parse {
+        what: "a memory limit",
+        path: path.to_path_buf(),
+        detail,
+    })
+}
+
+pub fn read_pids(procs: &Path) -> Result<Vec<i32>, CgroupError> {
+    Ok(parse::parse_pids(&read(procs)?))
+}
+
+pub fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    fs::create_dir(path).map_err(|e| CgroupError::io("create cgroup", path, e))
+}
+
+/// SIGKILL each pid; a pid that is already gone is fine.
+pub fn kill_pids(pids: &[i32]) {
+    for &pid in pids {
+        if pid > 0 {
+            match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => warn!(pid, error = %e, "cannot kill process"),
+            }
+        }
+    }
+}
+
+/// Kill every process in the cgroup at `dir`: through `cgroup.kill` (v2, Linux 5.14+) when
+/// it exists, else by SIGKILLing the listed pids a few rounds (to catch forks in between).
+pub fn kill_cgroup(dir: &Path) -> Result<(), CgroupError> {
+    let kill_file = dir.join("cgroup.kill");
+    if kill_file.exists() {
+        return write(&kill_file, "1");
+    }
+    let procs = dir.join("cgroup.procs");
+    for _ in 0..20 {
+        let pids = read_pids(&procs)?;
+        if pids.is_empty() {
+            break;
+        }
+        kill_pids(&pids);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// rmdir a cgroup, retrying on EBUSY for up to `patience` while the kernel finishes
+/// tearing down processes that were just killed. A missing directory is success.
+pub fn rmdir_retry(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(CgroupError::io("remove cgroup", dir, e)),
+        }
+    }
+}
+
+/// Subdirectories of a cgroup (its child cgroups).
+pub fn child_dirs(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Kill everything in a cgroup tree and remove it bottom-up.
+pub fn destroy_tree(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
+    for child in child_dirs(dir) {
+        destroy_tree(&child, patience)?;
+    }
+    if dir.join("cgroup.procs").exists() {
+        kill_cgroup(dir)?;
+    }
+    rmdir_retry(dir, patience)
+}
+
+/// When a process started, as wall-clock time (from `/proc/<pid>/stat` and `btime`).
+/// `None` when the process does not exist.
+pub fn process_start_time(proc: &Path, pid: i32) -> Option<SystemTime> {
+    let stat = fs::read_to_string(proc.join(pid.to_string()).join("stat")).ok()?;
+    let (_, start_ticks) = parse::parse_proc_stat(&stat)?;
+    let btime: u64 = fs::read_to_string(proc.join("stat"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime ")?.trim().parse().ok())?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let since_boot = Duration::from_millis(start_ticks * 1000 / hz.max(1));
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(btime) + since_boot)
+}
+
+/// A `trimrun-<pid>[-instance]` group is stale when its creator is gone: the pid is dead, or
+/// it has been reused by a process that started after the group was created (kernfs keeps
+/// a directory's mtime at its creation time).
+pub fn group_is_stale(proc: &Path, dir: &Path, pid: i32) -> bool {
+    let Some(started) = process_start_time(proc, pid) else {
+        return true;
+    };
+    let created = fs::metadata(dir).and_then(|m| m.modified()).ok();
+    match created {
+        // btime has a one-second resolution: allow two.
+        Some(created) => started > created + Duration::from_secs(2),
+        None => false,
+    }
+}
+
+/// Parse the pid out of a `trimrun-<pid>` or `trimrun-<pid>-<instance>` directory name.
+pub fn group_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix("trimrun-")?;
+    let digits = rest.split('-').next()?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Remove stale `trimrun-*` groups under `parent` left by runs that were killed.
+/// Returns the names removed.
+pub fn clean_stale(proc: &Path, parent: &Path, own_pid: i32) -> Vec<String> {
+    let mut removed = Vec::new();
+    for dir in child_dirs(parent) {
+        let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+            continue;
+        };
+        let Some(pid) = group_pid(&name) else {
+            continue;
+        };
+        if pid == own_pid || !group_is_stale(proc, &dir, pid) {
+            continue;
+        }
+        match destroy_tree(&dir, Duration::from_secs(5)) {
+            Ok(()) => {
+                debug!(group = %dir.display(), "removed stale cgroup");
+                removed.push(name);
+            }
+            Err(e) => warn!(group = %dir.display(), error = %e, "cannot remove stale cgroup"),
+        }
+    }
+    removed
+}
+
+/// Can this process write into `path` (mode bits, ownership, read-only mounts)?
+pub fn writable(path: &Path) -> Result<(), io::Error> {
+    nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).map_err(io::Error::from)
+}
