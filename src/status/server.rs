@@ -399,3 +399,42 @@ async fn ask_supervisor(tx: &mpsc::Sender<ControlMsg>, req: super::Request) -> R
         .await
         .unwrap_or_else(|_| Err("trimrun dropped the request (it is shutting down)".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_bind_creates_a_0600_socket_and_never_replaces_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let l = bind_via_private_dir(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        // The socket answers at its final path, and the private directory is gone.
+        let _c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        l.set_nonblocking(false).unwrap();
+        l.accept().unwrap();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers, vec![std::ffi::OsString::from("ctl.sock")]);
+        // A second bind on the same path fails as "address in use", leaving no debris.
+        let err = bind_via_private_dir(&path).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AddrInUse);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn umask_bind_creates_a_0600_socket_whatever_the_process_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ctl.sock");
+        let _l = bind_private(&path).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let err = bind_private(&path).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::AddrInUse);
+    }
+}
