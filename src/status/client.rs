@@ -24,7 +24,7 @@ const MAX_REPLY_LINE: u64 = 16 * 1024 * 1024;
 /// `--watch` period.
 const WATCH_PERIOD: Duration = Duration::from_secs(1);
 
-/// `trimrun status`: show the pool of a running trimrun.
+/// Show the workers of a running trimrun: pids, memory against limits, trims, recycles.
 #[derive(Debug, Clone, clap::Args)]
 pub struct StatusArgs {
     /// Control socket of the trimrun to ask [default: /run/trimrun/trimrun.sock for root,
@@ -46,7 +46,7 @@ impl StatusArgs {
     }
 }
 
-/// `trimrun ctl`: steer a running trimrun.
+/// Steer a running trimrun: reload, scale, recycle or trim workers, stop.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CtlArgs {
     /// Control socket of the trimrun to steer [default: as for `trimrun status`]
@@ -70,16 +70,19 @@ pub enum CtlCommand {
     Reload,
     /// Change the number of workers: +N adds, -N removes, N sets
     Scale {
+        /// +N adds N workers, -N removes N, N sets the count (at least 1)
         #[arg(value_name = "+N|-N|N", allow_hyphen_values = true)]
         to: ScaleTo,
     },
     /// Replace one worker: start its successor, then drain and stop it
     Recycle {
+        /// Slot of the worker, as `trimrun status` shows it
         #[arg(value_name = "SLOT")]
         slot: usize,
     },
     /// Trim one worker now (malloc_trim from outside), or every worker
     Trim {
+        /// Slot of the worker, or `all`
         #[arg(value_name = "SLOT|all")]
         target: TrimTarget,
     },
