@@ -11,8 +11,8 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
-    PROTOCOL_VERSION, Request, ScaleTo, Snapshot, StatusError, WireReply, default_control_path,
-    render_table, request_line,
+    PROTOCOL_VERSION, ROOT_CONTROL_PATH, Request, ScaleTo, Snapshot, StatusError, WireReply,
+    default_control_path, render_table, request_line,
 };
 
 /// How long `status` waits for an answer.
@@ -277,10 +277,11 @@ fn format_snapshot(s: &Snapshot, json: bool) -> String {
 /// goes away (exit 1). On a terminal the screen is cleared before each table; otherwise
 /// the tables (or JSON lines) follow each other.
 pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
+    let defaulted = path.is_none();
     let path = path.unwrap_or_else(default_control_path);
     let mut client = match Client::connect(&path) {
         Ok(c) => c,
-        Err(e) => return fail(&e),
+        Err(e) => return fail_connect(&e, defaulted),
     };
     let stdout = std::io::stdout();
     let clear = watch && !json && stdout.is_terminal();
@@ -326,11 +327,15 @@ pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
 /// `trimrun ctl [--control PATH] COMMAND`; returns the exit code. Prints the supervisor's
 /// answer: its text, `ok` when it has nothing to say, or its data as JSON.
 pub fn run_ctl_cli(path: Option<PathBuf>, cmd: &CtlCommand) -> i32 {
+    let defaulted = path.is_none();
     let path = path.unwrap_or_else(default_control_path);
-    let result = Client::connect(&path).and_then(|mut c| {
-        c.set_timeout(CTL_TIMEOUT)?;
-        c.request(&cmd.request())
-    });
+    let mut client = match Client::connect(&path) {
+        Ok(c) => c,
+        Err(e) => return fail_connect(&e, defaulted),
+    };
+    let result = client
+        .set_timeout(CTL_TIMEOUT)
+        .and_then(|()| client.request(&cmd.request()));
     match result {
         Ok(data) => {
             let text = match data {
@@ -349,6 +354,24 @@ pub fn run_ctl_cli(path: Option<PathBuf>, cmd: &CtlCommand) -> i32 {
 fn fail(e: &StatusError) -> i32 {
     eprintln!("trimrun: {e}");
     1
+}
+
+/// As [`fail`], plus a hint for the usual surprise: a pool started with sudo listens on
+/// root's default path, which a normal user's default does not point at.
+fn fail_connect(e: &StatusError, defaulted: bool) -> i32 {
+    let code = fail(e);
+    let root_default = Path::new(ROOT_CONTROL_PATH);
+    if defaulted
+        && matches!(e, StatusError::NotListening { .. })
+        && !nix::unistd::geteuid().is_root()
+        && root_default.exists()
+    {
+        eprintln!(
+            "trimrun: hint: a trimrun started by root listens on {}: run this as root (sudo), or pass --control",
+            root_default.display()
+        );
+    }
+    code
 }
 
 /// `HH:MM:SS UTC` of `t`, for the `--watch` header.

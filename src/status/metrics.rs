@@ -125,6 +125,8 @@ fn pause_histogram() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
+        // Metric handles are cheap clones that share one value: the registry keeps one
+        // clone of each (for encoding), the struct the other (for updating).
         let mut r = Registry::with_prefix("trimrun");
         let m = Metrics {
             workers: Default::default(),

@@ -188,24 +188,25 @@ impl FromStr for ScaleTo {
                 "invalid worker count {s:?}: expected +N to add N workers, -N to remove N, or N for exactly N (e.g. +1, -1, 4)"
             )
         };
-        let (ctor, digits): (fn(usize) -> ScaleTo, &str) = match s.as_bytes().first() {
-            Some(b'+') => (ScaleTo::Up, &s[1..]),
-            Some(b'-') => (ScaleTo::Down, &s[1..]),
-            _ => (ScaleTo::Exactly, s),
+        let (sign, digits) = match s.as_bytes().first() {
+            Some(b'+' | b'-') => (Some(s.as_bytes()[0]), &s[1..]),
+            _ => (None, s),
         };
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         let n: usize = digits.parse().map_err(|_| bad())?;
-        if n == 0 {
-            return Err(match ctor(0) {
-                ScaleTo::Exactly(_) => {
-                    "invalid worker count 0: a pool needs at least one worker (use `trimrun ctl stop` to stop it)".to_string()
-                }
-                _ => format!("invalid worker count {s:?}: scaling by zero changes nothing"),
-            });
+        match (sign, n) {
+            (None, 0) => Err("invalid worker count 0: a pool needs at least one worker \
+                 (use `trimrun ctl stop` to stop it)"
+                .to_string()),
+            (Some(_), 0) => Err(format!(
+                "invalid worker count {s:?}: scaling by zero changes nothing"
+            )),
+            (Some(b'+'), n) => Ok(ScaleTo::Up(n)),
+            (Some(_), n) => Ok(ScaleTo::Down(n)),
+            (None, n) => Ok(ScaleTo::Exactly(n)),
         }
-        Ok(ctor(n))
     }
 }
 
@@ -393,6 +394,9 @@ pub enum StatusError {
     },
 }
 
+/// The control socket of a trimrun run by root, unless `--control` says otherwise.
+pub const ROOT_CONTROL_PATH: &str = "/run/trimrun/trimrun.sock";
+
 /// Where the control socket lives when `--control` (or `TRIMRUN_CONTROL`) is not given:
 ///
 /// - root: `/run/trimrun/trimrun.sock`;
@@ -407,7 +411,7 @@ pub enum StatusError {
 pub fn default_control_path() -> PathBuf {
     let uid = nix::unistd::geteuid();
     if uid.is_root() {
-        return PathBuf::from("/run/trimrun/trimrun.sock");
+        return PathBuf::from(ROOT_CONTROL_PATH);
     }
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
         let dir = PathBuf::from(dir);
