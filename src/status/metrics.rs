@@ -1,0 +1,812 @@
+//! Prometheus metrics of the pool, served as text on `GET /metrics` (`--metrics ADDR`).
+//!
+//! Events (a trim, a recycle, a restart) are counted as they happen through
+//! [`Metrics::trimmed`], [`Metrics::recycled`] and [`Metrics::restarted`]; levels (memory,
+//! worker counts) are copied from each [`Snapshot`] by [`Metrics::update`]. Per-worker series
+//! carry a `slot` label: a slot is stable across recycles, so its counters keep growing
+//! while its pid changes (the generation is a gauge, not a label, to keep cardinality
+//! bounded by the pool size).
+//!
+//! | metric | type | labels |
+//! | --- | --- | --- |
+//! | `trimrun_workers` | gauge | |
+//! | `trimrun_target_workers` | gauge | |
+//! | `trimrun_recycles_in_progress` | gauge | |
+//! | `trimrun_working_set_bytes` | gauge (sum over workers) | |
+//! | `trimrun_start_time_seconds` | gauge (unix time) | |
+//! | `trimrun_info` | gauge, always 1 | `version`, `backend` |
+//! | `trimrun_oom_kills_total` | counter | |
+//! | `trimrun_worker_working_set_bytes` | gauge | `slot` |
+//! | `trimrun_worker_limit_bytes` | gauge (absent without a limit) | `slot` |
+//! | `trimrun_worker_peak_bytes` | gauge | `slot` |
+//! | `trimrun_worker_recycle_threshold_bytes` | gauge | `slot` |
+//! | `trimrun_worker_generation` | gauge | `slot` |
+//! | `trimrun_worker_pid` | gauge | `slot` |
+//! | `trimrun_worker_start_time_seconds` | gauge (unix time) | `slot` |
+//! | `trimrun_trims_total` | counter | `slot` |
+//! | `trimrun_trim_released_bytes_total` | counter | `slot` |
+//! | `trimrun_trim_pause_seconds` | histogram | `slot` |
+//! | `trimrun_recycles_total` | counter | `slot`, `reason` |
+//! | `trimrun_restarts_total` | counter | `slot`, `cause` (`exit`, `signal`, `oom_kill`) |
+//!
+//! The per-worker gauges of a slot that no longer exists (after `scale -1`) are removed at
+//! the next update; its counters stay, as counters must.
+//!
+//! The HTTP side is deliberately tiny: one request per connection, `GET` or `HEAD` of
+//! `/metrics` answers 200 in the Prometheus text format 0.0.4, any other path 404, any
+//! other method 405.
+
+use std::collections::BTreeSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{Snapshot, StatusError};
+
+/// Content type of the answer to `GET /metrics`.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Trim pause buckets, seconds: 50 µs .. 2.5 s. A trim from outside should stop a thread for
+/// about as long as `malloc_trim` runs (sub-millisecond to a few ms); the upper buckets
+/// catch pathological heaps and gdb-like behaviour.
+const PAUSE_BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    2.5,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SlotLabels {
+    slot: u64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RecycleLabels {
+    slot: u64,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RestartLabels {
+    slot: u64,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    version: String,
+    backend: String,
+}
+
+type GaugeU64 = Gauge<u64, std::sync::atomic::AtomicU64>;
+type GaugeF64 = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// The pool's metrics: a registry plus handles to its families.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    workers: GaugeU64,
+    target_workers: GaugeU64,
+    recycles_in_progress: GaugeU64,
+    working_set: GaugeU64,
+    start_time: GaugeF64,
+    info: Family<InfoLabels, GaugeU64>,
+    oom_kills: Counter,
+    worker_working_set: Family<SlotLabels, GaugeU64>,
+    worker_limit: Family<SlotLabels, GaugeU64>,
+    worker_peak: Family<SlotLabels, GaugeU64>,
+    worker_threshold: Family<SlotLabels, GaugeU64>,
+    worker_generation: Family<SlotLabels, GaugeU64>,
+    worker_pid: Family<SlotLabels, GaugeU64>,
+    worker_start_time: Family<SlotLabels, GaugeF64>,
+    trims: Family<SlotLabels, Counter>,
+    released: Family<SlotLabels, Counter>,
+    pause: Family<SlotLabels, Histogram>,
+    recycles: Family<RecycleLabels, Counter>,
+    restarts: Family<RestartLabels, Counter>,
+    /// Slots with per-worker gauges, to drop those of slots that are gone.
+    slots: Mutex<BTreeSet<usize>>,
+}
+
+fn pause_histogram() -> Histogram {
+    Histogram::new(PAUSE_BUCKETS)
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        // Metric handles are cheap clones that share one value: the registry keeps one
+        // clone of each (for encoding), the struct the other (for updating).
+        let mut r = Registry::with_prefix("trimrun");
+        let m = Metrics {
+            workers: Default::default(),
+            target_workers: Default::default(),
+            recycles_in_progress: Default::default(),
+            working_set: Default::default(),
+            start_time: Default::default(),
+            info: Default::default(),
+            oom_kills: Default::default(),
+            worker_working_set: Default::default(),
+            worker_limit: Default::default(),
+            worker_peak: Default::default(),
+            worker_threshold: Default::default(),
+            worker_generation: Default::default(),
+            worker_pid: Default::default(),
+            worker_start_time: Default::default(),
+            trims: Default::default(),
+            released: Default::default(),
+            pause: Family::new_with_constructor(pause_histogram),
+            recycles: Default::default(),
+            restarts: Default::default(),
+            slots: Mutex::new(BTreeSet::new()),
+            registry: Registry::default(),
+        };
+        r.register("workers", "Workers in the pool now", m.workers.clone());
+        r.register(
+            "target_workers",
+            "Workers the pool is meant to have",
+            m.target_workers.clone(),
+        );
+        r.register(
+            "recycles_in_progress",
+            "Workers being replaced now",
+            m.recycles_in_progress.clone(),
+        );
+        r.register_with_unit(
+            "working_set",
+            "Working set of all workers together",
+            Unit::Bytes,
+            m.working_set.clone(),
+        );
+        r.register_with_unit(
+            "start_time",
+            "Start time of trimrun since the unix epoch",
+            Unit::Seconds,
+            m.start_time.clone(),
+        );
+        r.register(
+            "info",
+            "trimrun version and cgroup backend (always 1)",
+            m.info.clone(),
+        );
+        r.register(
+            "oom_kills",
+            "Workers killed by the kernel's OOM killer",
+            m.oom_kills.clone(),
+        );
+        r.register_with_unit(
+            "worker_working_set",
+            "Working set of a worker (cgroup current minus inactive file, or smaps sum)",
+            Unit::Bytes,
+            m.worker_working_set.clone(),
+        );
+        r.register_with_unit(
+            "worker_limit",
+            "Memory limit of a worker",
+            Unit::Bytes,
+            m.worker_limit.clone(),
+        );
+        r.register_with_unit(
+            "worker_peak",
+            "Highest working set seen for a worker",
+            Unit::Bytes,
+            m.worker_peak.clone(),
+        );
+        r.register_with_unit(
+            "worker_recycle_threshold",
+            "Working set above which a worker asks to be recycled",
+            Unit::Bytes,
+            m.worker_threshold.clone(),
+        );
+        r.register(
+            "worker_generation",
+            "Generation of the worker in a slot (grows with each replacement)",
+            m.worker_generation.clone(),
+        );
+        r.register(
+            "worker_pid",
+            "Process id of the worker in a slot",
+            m.worker_pid.clone(),
+        );
+        r.register_with_unit(
+            "worker_start_time",
+            "Start time of the worker in a slot since the unix epoch",
+            Unit::Seconds,
+            m.worker_start_time.clone(),
+        );
+        r.register(
+            "trims",
+            "Trims (malloc_trim injected from outside) of a worker",
+            m.trims.clone(),
+        );
+        r.register_with_unit(
+            "trim_released",
+            "Memory given back to the system by trims",
+            Unit::Bytes,
+            m.released.clone(),
+        );
+        r.register_with_unit(
+            "trim_pause",
+            "How long a trim stopped the worker's thread",
+            Unit::Seconds,
+            m.pause.clone(),
+        );
+        r.register(
+            "recycles",
+            "Workers replaced, by reason",
+            m.recycles.clone(),
+        );
+        r.register(
+            "restarts",
+            "Workers that died and were restarted, by cause (exit, signal, oom_kill)",
+            m.restarts.clone(),
+        );
+        Arc::new(Metrics { registry: r, ..m })
+    }
+
+    /// A trim of the worker in `slot` released `released` bytes (a negative number, memory
+    /// that grew meanwhile, counts as 0) and stopped it for `pause`.
+    pub fn trimmed(&self, slot: usize, released: i64, pause: Duration) {
+        let l = slot_labels(slot);
+        self.trims.get_or_create(&l).inc();
+        self.released
+            .get_or_create(&l)
+            .inc_by(released.max(0) as u64);
+        self.pause.get_or_create(&l).observe(pause.as_secs_f64());
+    }
+
+    /// The worker in `slot` was replaced for `reason` (`memory`, `lifetime`, `manual`,
+    /// `reload`, ...).
+    pub fn recycled(&self, slot: usize, reason: &str) {
+        self.recycles
+            .get_or_create(&RecycleLabels {
+                slot: slot as u64,
+                reason: label_value(reason),
+            })
+            .inc();
+    }
+
+    /// The worker in `slot` died and was restarted; `cause` is `exit`, `signal` or
+    /// `oom_kill` (which also counts an OOM kill).
+    pub fn restarted(&self, slot: usize, cause: &str) {
+        self.restarts
+            .get_or_create(&RestartLabels {
+                slot: slot as u64,
+                cause: label_value(cause),
+            })
+            .inc();
+        if cause == "oom_kill" {
+            self.oom_kills.inc();
+        }
+    }
+
+    /// Copy the levels of a snapshot into the gauges. The OOM kill counter catches up
+    /// with the snapshot's count (kills the supervisor saw without a restart).
+    pub fn update(&self, s: &Snapshot) {
+        let now = unix_now();
+        self.workers.set(s.workers.len() as u64);
+        self.target_workers.set(s.target_workers as u64);
+        self.recycles_in_progress.set(s.recycles_in_progress as u64);
+        self.working_set.set(s.total_working_set());
+        self.start_time.set(now - s.uptime_secs.max(0.0));
+        let info = InfoLabels {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            backend: label_value(&s.backend),
+        };
+        if self.info.get(&info).is_none() {
+            self.info.clear();
+            self.info.get_or_create(&info).set(1);
+        }
+        let seen = self.oom_kills.get();
+        if s.oom_kills > seen {
+            self.oom_kills.inc_by(s.oom_kills - seen);
+        }
+
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let now_slots: BTreeSet<usize> = s.workers.iter().map(|w| w.slot).collect();
+        for gone in slots.difference(&now_slots) {
+            let l = slot_labels(*gone);
+            for f in [
+                &self.worker_working_set,
+                &self.worker_limit,
+                &self.worker_peak,
+                &self.worker_threshold,
+                &self.worker_generation,
+                &self.worker_pid,
+            ] {
+                f.remove(&l);
+            }
+            self.worker_start_time.remove(&l);
+        }
+        *slots = now_slots;
+        drop(slots);
+
+        // During a recycle a slot briefly has two workers (the old one draining); the
+        // gauges show the newest generation.
+        let mut workers: Vec<_> = s.workers.iter().collect();
+        workers.sort_by_key(|w| (w.slot, w.generation));
+        for w in workers {
+            let l = slot_labels(w.slot);
+            self.worker_working_set.get_or_create(&l).set(w.working_set);
+            set_or_remove(&self.worker_limit, &l, w.limit);
+            set_or_remove(&self.worker_peak, &l, w.peak);
+            set_or_remove(&self.worker_threshold, &l, w.recycle_threshold);
+            self.worker_generation.get_or_create(&l).set(w.generation);
+            self.worker_pid
+                .get_or_create(&l)
+                .set(u64::try_from(w.pid).unwrap_or(0));
+            self.worker_start_time
+                .get_or_create(&l)
+                .set(now - w.age_secs.max(0.0));
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn set_or_remove(f: &Family<SlotLabels, GaugeU64>, l: &SlotLabels, v: Option<u64>) {
+    match v {
+        Some(v) => {
+            f.get_or_create(l).set(v);
+        }
+        None => {
+            f.remove(l);
+        }
+    }
+}
+
+fn slot_labels(slot: usize) -> SlotLabels {
+    SlotLabels { slot: slot as u64 }
+}
+
+/// Reasons and causes come from the supervisor; keep them short label values
+/// (`[a-z0-9_]`, at most 32 bytes) so a stray message cannot blow up cardinality or the
+/// format.
+fn label_value(s: &str) -> String {
+    let v: String = s
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(32)
+        .collect();
+    if v.is_empty() { "unknown".into() } else { v }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Parse `--metrics ADDR`: a bare port means `127.0.0.1:PORT` (metrics stay on the host
+/// unless asked otherwise); `HOST:PORT` and `[V6]:PORT` are taken as they are.
+pub fn parse_metrics_addr(addr: &str) -> Result<SocketAddr, StatusError> {
+    let bad = |reason: &str| StatusError::MetricsAddr {
+        addr: addr.to_string(),
+        reason: reason.to_string(),
+    };
+    let a = addr.trim();
+    if a.is_empty() {
+        return Err(bad("empty"));
+    }
+    if a.bytes().all(|b| b.is_ascii_digit()) {
+        let port: u16 = a.parse().map_err(|_| bad("port out of range"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    if a.starts_with(':') {
+        return Err(bad(
+            "no host (use 0.0.0.0:PORT to listen on every interface, or PORT for localhost)",
+        ));
+    }
+    if let Ok(sa) = a.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if !a.contains(':') {
+        return Err(bad("no port"));
+    }
+    a.to_socket_addrs()
+        .map_err(|e| bad(&format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| bad("resolves to no address"))
+}
+
+/// Bind the metrics listener (see [`parse_metrics_addr`]).
+pub async fn bind_metrics(addr: &str) -> Result<TcpListener, StatusError> {
+    let sa = parse_metrics_addr(addr)?;
+    TcpListener::bind(sa)
+        .await
+        .map_err(|e| StatusError::MetricsBind {
+            addr: sa.to_string(),
+            source: e,
+        })
+}
+
+/// Serve `m` on `GET /metrics` at `addr` ("9100" → 127.0.0.1:9100). Binding errors are
+/// returned; the accept loop runs until the handle is aborted.
+pub async fn serve_metrics(addr: &str, m: Arc<Metrics>) -> Result<JoinHandle<()>, StatusError> {
+    let l = bind_metrics(addr).await?;
+    Ok(serve_metrics_on(l, m))
+}
+
+/// Serve `m` on an already bound listener.
+pub fn serve_metrics_on(listener: TcpListener, m: Arc<Metrics>) -> JoinHandle<()> {
+    if let Ok(a) = listener.local_addr() {
+        info!(addr = %a, "serving metrics on /metrics");
+    }
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let m = m.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle_http(stream, &m).await {
+                            debug!(%peer, error = %e, "metrics request failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
+/// Largest request head read.
+const MAX_HTTP_HEAD: usize = 8192;
+/// A client has this long to send its request head.
+const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn handle_http(mut stream: TcpStream, m: &Metrics) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            head.extend_from_slice(&buf[..n]);
+            if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
+                return Ok(true);
+            }
+            if head.len() > MAX_HTTP_HEAD {
+                return Ok(true);
+            }
+        }
+    };
+    match tokio::time::timeout(HTTP_READ_TIMEOUT, read).await {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Ok(()),
+    }
+    let response = respond(&head, m);
+    stream.write_all(&response).await?;
+    stream.shutdown().await
+}
+
+/// The whole HTTP/1.1 response to a request head.
+fn respond(head: &[u8], m: &Metrics) -> Vec<u8> {
+    let text = String::from_utf8_lossy(head);
+    let first = text.lines().next().unwrap_or("");
+    let mut parts = first.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body, extra) = if head.len() > MAX_HTTP_HEAD {
+        (
+            "431 Request Header Fields Too Large",
+            "text/plain; charset=utf-8",
+            "request head too large\n".to_string(),
+            "",
+        )
+    } else if path != "/metrics" {
+        (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found: trimrun serves /metrics\n".to_string(),
+            "",
+        )
+    } else if method != "GET" && method != "HEAD" {
+        (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "method not allowed\n".to_string(),
+            "Allow: GET, HEAD\r\n",
+        )
+    } else {
+        ("200 OK", CONTENT_TYPE, m.encode(), "")
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::WorkerSnapshot;
+    use std::collections::HashMap;
+
+    /// `name{labels}` → value, from the text format.
+    fn samples(text: &str) -> HashMap<String, f64> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.rsplit_once(' ').unwrap();
+                (k.to_string(), v.parse::<f64>().unwrap())
+            })
+            .collect()
+    }
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            version: 1,
+            pid: 10,
+            uptime_secs: 100.0,
+            backend: "v2".into(),
+            target_workers: 2,
+            oom_kills: 0,
+            recycles_in_progress: 1,
+            state: "running".into(),
+            workers: vec![
+                WorkerSnapshot {
+                    slot: 0,
+                    pid: 11,
+                    generation: 2,
+                    working_set: 1000,
+                    limit: Some(4000),
+                    peak: Some(1500),
+                    recycle_threshold: Some(3600),
+                    age_secs: 5.0,
+                    ..Default::default()
+                },
+                WorkerSnapshot {
+                    slot: 1,
+                    pid: 12,
+                    generation: 1,
+                    working_set: 2000,
+                    limit: None,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn gauges_follow_the_snapshot() {
+        let m = Metrics::new();
+        m.update(&snapshot());
+        let s = samples(&m.encode());
+        assert_eq!(s["trimrun_workers"], 2.0);
+        assert_eq!(s["trimrun_target_workers"], 2.0);
+        assert_eq!(s["trimrun_recycles_in_progress"], 1.0);
+        assert_eq!(s["trimrun_working_set_bytes"], 3000.0);
+        assert_eq!(s["trimrun_worker_working_set_bytes{slot=\"0\"}"], 1000.0);
+        assert_eq!(s["trimrun_worker_working_set_bytes{slot=\"1\"}"], 2000.0);
+        assert_eq!(s["trimrun_worker_limit_bytes{slot=\"0\"}"], 4000.0);
+        assert!(!s.contains_key("trimrun_worker_limit_bytes{slot=\"1\"}"));
+        assert_eq!(s["trimrun_worker_peak_bytes{slot=\"0\"}"], 1500.0);
+        assert_eq!(
+            s["trimrun_worker_recycle_threshold_bytes{slot=\"0\"}"],
+            3600.0
+        );
+        assert_eq!(s["trimrun_worker_generation{slot=\"0\"}"], 2.0);
+        assert_eq!(s["trimrun_worker_pid{slot=\"1\"}"], 12.0);
+        let info = format!(
+            "trimrun_info{{version=\"{}\",backend=\"v2\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(s[&info], 1.0);
+        let start = s["trimrun_start_time_seconds"];
+        assert!((unix_now() - 100.0 - start).abs() < 5.0, "{start}");
+    }
+
+    #[test]
+    fn gauges_of_removed_slots_disappear_counters_stay() {
+        let m = Metrics::new();
+        m.update(&snapshot());
+        m.trimmed(1, 10, Duration::from_micros(300));
+        let mut s = snapshot();
+        s.workers.pop();
+        m.update(&s);
+        let text = m.encode();
+        assert!(
+            !text.contains("trimrun_worker_working_set_bytes{slot=\"1\"}"),
+            "{text}"
+        );
+        assert!(!text.contains("trimrun_worker_pid{slot=\"1\"}"), "{text}");
+        assert!(text.contains("trimrun_trims_total{slot=\"1\"} 1"), "{text}");
+        assert_eq!(samples(&text)["trimrun_workers"], 1.0);
+    }
+
+    #[test]
+    fn trims_recycles_and_restarts_move_their_counters() {
+        let m = Metrics::new();
+        m.trimmed(0, 5 << 20, Duration::from_micros(800));
+        m.trimmed(0, -4096, Duration::from_millis(3));
+        m.trimmed(1, 1 << 20, Duration::from_micros(40));
+        m.recycled(0, "memory");
+        m.recycled(0, "memory");
+        m.recycled(1, "Lifetime");
+        m.restarted(1, "exit");
+        m.restarted(1, "oom_kill");
+        let text = m.encode();
+        let s = samples(&text);
+        assert_eq!(s["trimrun_trims_total{slot=\"0\"}"], 2.0);
+        assert_eq!(s["trimrun_trims_total{slot=\"1\"}"], 1.0);
+        assert_eq!(
+            s["trimrun_trim_released_bytes_total{slot=\"0\"}"],
+            (5u64 << 20) as f64
+        );
+        assert_eq!(s["trimrun_trim_pause_seconds_count{slot=\"0\"}"], 2.0);
+        assert!((s["trimrun_trim_pause_seconds_sum{slot=\"0\"}"] - 0.0038).abs() < 1e-9);
+        assert_eq!(
+            s["trimrun_trim_pause_seconds_bucket{slot=\"0\",le=\"0.001\"}"], 1.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["trimrun_trim_pause_seconds_bucket{slot=\"1\",le=\"5e-05\"}"], 1.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["trimrun_trim_pause_seconds_bucket{slot=\"0\",le=\"+Inf\"}"],
+            2.0
+        );
+        assert_eq!(
+            s["trimrun_recycles_total{slot=\"0\",reason=\"memory\"}"],
+            2.0
+        );
+        assert_eq!(
+            s["trimrun_recycles_total{slot=\"1\",reason=\"lifetime\"}"],
+            1.0
+        );
+        assert_eq!(s["trimrun_restarts_total{slot=\"1\",cause=\"exit\"}"], 1.0);
+        assert_eq!(
+            s["trimrun_restarts_total{slot=\"1\",cause=\"oom_kill\"}"],
+            1.0
+        );
+        assert_eq!(s["trimrun_oom_kills_total"], 1.0);
+    }
+
+    #[test]
+    fn oom_kill_counter_catches_up_with_the_snapshot_but_never_goes_back() {
+        let m = Metrics::new();
+        m.restarted(0, "oom_kill");
+        let mut s = snapshot();
+        s.oom_kills = 3;
+        m.update(&s);
+        assert_eq!(samples(&m.encode())["trimrun_oom_kills_total"], 3.0);
+        s.oom_kills = 1;
+        m.update(&s);
+        assert_eq!(samples(&m.encode())["trimrun_oom_kills_total"], 3.0);
+    }
+
+    #[test]
+    fn every_family_has_help_and_type_and_conventional_names() {
+        let m = Metrics::new();
+        m.update(&snapshot());
+        m.trimmed(0, 1, Duration::from_millis(1));
+        m.recycled(0, "manual");
+        m.restarted(0, "signal");
+        let text = m.encode();
+        let types: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split_once(' ').unwrap())
+            .collect();
+        for (name, kind) in &types {
+            assert!(name.starts_with("trimrun_"), "{name}");
+            assert!(text.contains(&format!("# HELP {name} ")), "{name}");
+            match *kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                _ => assert!(!name.ends_with("_total"), "{name}"),
+            }
+        }
+        for want in [
+            "trimrun_worker_working_set_bytes",
+            "trimrun_trims_total",
+            "trimrun_trim_released_bytes_total",
+            "trimrun_trim_pause_seconds",
+            "trimrun_recycles_total",
+            "trimrun_restarts_total",
+            "trimrun_oom_kills_total",
+            "trimrun_workers",
+            "trimrun_target_workers",
+            "trimrun_recycles_in_progress",
+            "trimrun_working_set_bytes",
+        ] {
+            assert!(
+                types.iter().any(|(n, _)| *n == want),
+                "{want} missing:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn label_values_are_tamed() {
+        assert_eq!(label_value("memory"), "memory");
+        assert_eq!(label_value(" OOM kill\n\"x\" "), "oom_kill__x_");
+        assert_eq!(label_value(""), "unknown");
+        assert_eq!(label_value(&"a".repeat(100)).len(), 32);
+    }
+
+    #[test]
+    fn metrics_addr_bare_port_means_localhost() {
+        assert_eq!(
+            parse_metrics_addr("9100").unwrap(),
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        assert_eq!(
+            parse_metrics_addr("0.0.0.0:9100").unwrap(),
+            "0.0.0.0:9100".parse().unwrap()
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9100").unwrap(),
+            "[::1]:9100".parse().unwrap()
+        );
+        assert!(
+            parse_metrics_addr("localhost:9100")
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+        for bad in ["", "99999", ":9100", "localhost", "1.2.3.4:x"] {
+            let e = parse_metrics_addr(bad).unwrap_err().to_string();
+            assert!(e.contains("invalid --metrics address"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn http_answers_metrics_404_and_405() {
+        let m = Metrics::new();
+        let ok =
+            String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", &m)).unwrap();
+        assert!(ok.starts_with("HTTP/1.1 200 OK\r\n"), "{ok}");
+        assert!(
+            ok.contains("Content-Type: text/plain; version=0.0.4"),
+            "{ok}"
+        );
+        assert!(ok.contains("trimrun_workers 0"), "{ok}");
+        let q = String::from_utf8(respond(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", &m)).unwrap();
+        assert!(q.starts_with("HTTP/1.1 200 OK\r\n"), "{q}");
+        let head = String::from_utf8(respond(b"HEAD /metrics HTTP/1.1\r\n\r\n", &m)).unwrap();
+        assert!(head.ends_with("\r\n\r\n"), "{head}");
+        let nf = String::from_utf8(respond(b"GET / HTTP/1.1\r\n\r\n", &m)).unwrap();
+        assert!(nf.starts_with("HTTP/1.1 404 Not Found\r\n"), "{nf}");
+        let na = String::from_utf8(respond(b"POST /metrics HTTP/1.1\r\n\r\n", &m)).unwrap();
+        assert!(na.starts_with("HTTP/1.1 405 "), "{na}");
+        assert!(na.contains("Allow: GET, HEAD\r\n"), "{na}");
+        let junk = String::from_utf8(respond(b"\r\n\r\n", &m)).unwrap();
+        assert!(junk.starts_with("HTTP/1.1 404 "), "{junk}");
+    }
+}
