@@ -46,6 +46,11 @@ pub enum Command {
     /// Trim running processes now: make each call malloc_trim(0) through ptrace (the safe
     /// replacement for `gdb -p PID -ex 'call malloc_trim(0)'`)
     Trim(TrimArgs),
+    /// Show the running pool: one row per worker (memory against its limit, trims,
+    /// recycles) and a pool line
+    Status(crate::status::StatusArgs),
+    /// Act on the running pool: reload, scale, recycle a slot, trim, stop
+    Ctl(crate::status::CtlArgs),
 }
 
 #[derive(Debug, Args)]

@@ -72,20 +72,44 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             message: format!("cannot start the runtime: {e}"),
         })?;
     let outcome = rt.block_on(async move {
+        // The control socket and the metrics endpoint come up before any worker starts,
+        // so "in use" is reported with nothing to clean up but the cgroups.
+        let (control_tx, control_rx) = tokio::sync::mpsc::channel(16);
+        let control_path = cfg
+            .control
+            .clone()
+            .unwrap_or_else(status::default_control_path);
+        let control = status::serve(&control_path, control_tx)
+            .await
+            .map_err(bad_input)?;
+        let metrics = match &cfg.metrics {
+            Some(addr) => {
+                let m = status::metrics::Metrics::new();
+                status::metrics::serve_metrics(addr, m.clone())
+                    .await
+                    .map_err(bad_input)?;
+                info!(addr = %addr, "serving Prometheus metrics on /metrics");
+                Some(m)
+            }
+            None => None,
+        };
+        info!(path = %control.path().display(), "control socket (trimrun status, trimrun ctl)");
         let setup = supervisor::Setup {
             config: cfg,
             program,
             listeners,
             cgroups,
             limit,
-            metrics: None,
-            control_rx: None,
+            metrics,
+            control_rx: Some(control_rx),
         };
         let sup = supervisor::Supervisor::new(setup).map_err(|m| Fatal {
             code: exit::FAILURE,
             message: m,
         })?;
-        Ok::<_, Fatal>(sup.run().await)
+        let outcome = sup.run().await;
+        drop(control);
+        Ok::<_, Fatal>(outcome)
     });
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match outcome {

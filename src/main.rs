@@ -31,6 +31,8 @@ fn main() {
     init_logging(cli.run.verbose, cli.run.quiet, cli.run.log_format);
     let code = match &cli.command {
         Some(Command::Trim(a)) => trimrun::trim::run_cli(&a.pids, a.json, a.timeout),
+        Some(Command::Status(a)) => a.run(),
+        Some(Command::Ctl(a)) => a.run(),
         None => match trimrun::run_pool(&cli.run) {
             Ok(code) => code,
             Err(f) => {

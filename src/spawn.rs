@@ -404,8 +404,11 @@ mod tests {
             find_executable("no-such-command-xyz", path),
             Err(SpawnError::NotFound(_))
         ));
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("data");
+        std::fs::write(&plain, "x").unwrap();
         assert!(matches!(
-            find_executable("/etc/hostname", path),
+            find_executable(plain.to_str().unwrap(), path),
             Err(SpawnError::NotExecutable(_))
         ));
         assert!(matches!(

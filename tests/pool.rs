@@ -47,6 +47,7 @@ impl Pool {
             .arg("--")
             .args(cmd);
         c.env("TRIMRUN_CGROUP", "none").env("NO_COLOR", "1");
+        c.env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"));
         for (k, v) in env {
             c.env(k, v);
         }
@@ -577,6 +578,7 @@ fn unix_socket_bind_serves_and_is_removed_on_exit() {
         .arg(format!("unix:{}", path.display()))
         .args(["--", "python3", &app])
         .env("TRIMRUN_CGROUP", "none")
+        .env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -634,6 +636,7 @@ fn systemd_socket_activation_passes_the_inherited_socket_on() {
             &app,
         ])
         .env("TRIMRUN_CGROUP", "none")
+        .env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -684,6 +687,7 @@ fn as_pid_1_in_its_own_namespace_it_serves_reaps_orphans_and_exits_cleanly() {
         .arg(format!("127.0.0.1:{port}"))
         .args(["--", "sh", "-c", &cmd])
         .env("TRIMRUN_CGROUP", "none")
+        .env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

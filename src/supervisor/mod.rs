@@ -327,7 +327,13 @@ impl Supervisor {
                 }
             })
         });
-        let wpolicy = WorkerPolicy::new(&self.settings, self.limit, self.now_d(), &mut self.rng);
+        // The first generation draws thresholds spread over a whole life, so that workers
+        // started together do not reach their thresholds together (policy::new_initial).
+        let wpolicy = if self.phase == Phase::Starting && generation == 0 {
+            WorkerPolicy::new_initial(&self.settings, self.limit, self.now_d(), &mut self.rng)
+        } else {
+            WorkerPolicy::new(&self.settings, self.limit, self.now_d(), &mut self.rng)
+        };
         info!(
             slot,
             generation,
@@ -437,9 +443,14 @@ impl Supervisor {
         let slot = w.slot;
         // Anything the worker left behind in its group (children in other process groups).
         let _ = w.group.kill_all(Some(pid));
-        if let Err(e) = w.group.remove() {
-            debug!(slot, error = %e, "cannot remove the worker's cgroup yet");
-        }
+        let group = w.group;
+        // rmdir may have to wait for the kernel to finish tearing the group down: not on
+        // the supervisor's thread.
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = group.remove() {
+                debug!(slot, error = %e, "cannot remove the worker's cgroup");
+            }
+        });
         let stopping = matches!(self.phase, Phase::Stopping { .. });
         let expected = w.state == State::Draining && !w.failed_start;
         let cause = if oom { "oom_kill" } else { exit.cause() };
@@ -1152,8 +1163,8 @@ pub fn resolve_limit(
         }
         Limit::Auto => {
             let available = cgroups.available_memory().map_err(|e| e.to_string())?;
-            let per = cgroup::auto_limit(available, workers, cgroup::SUPERVISOR_RESERVE)
-                .map_err(|e| e.to_string())?;
+            let reserve = cgroup::default_reserve(available);
+            let per = cgroup::auto_limit(available, workers, reserve).map_err(|e| e.to_string())?;
             info!(
                 available = available,
                 workers,
@@ -1161,7 +1172,7 @@ pub fn resolve_limit(
                 "--limit auto: {} per worker ({} available, {} kept for trimrun)",
                 crate::size::human_bytes(per),
                 crate::size::human_bytes(available),
-                crate::size::human_bytes(cgroup::SUPERVISOR_RESERVE)
+                crate::size::human_bytes(reserve)
             );
             Ok(Some(per))
         }
