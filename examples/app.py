@@ -14,6 +14,9 @@ Routes:
   /env         the socket-passing environment as JSON (LISTEN_PID, LISTEN_FDS, ...)
   /alloc?mb=N  keep N MiB more (a leak, for cgroup and recycling tests)
   /sleep?s=X   answer after X seconds (for graceful-stop tests)
+
+APP_LEAK_KB=N makes every request keep N KiB more, for good: a worker that leaks steadily
+under load, to watch trimrun trim and recycle it (`trimrun status --watch`).
 """
 
 import json
@@ -28,12 +31,15 @@ from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 LEAK = []
+LEAK_KB = int(os.environ.get("APP_LEAK_KB", "0"))
 
 
 def app(environ, start_response):
     path = environ.get("PATH_INFO", "/")
     query = parse_qs(environ.get("QUERY_STRING", ""))
     status = "200 OK"
+    if LEAK_KB:
+        LEAK.append(bytearray(os.urandom(16)) * (LEAK_KB * 64))
     if path == "/pid":
         body = json.dumps(
             {

@@ -14,160 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{example, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_trimrun");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A running trimrun with its log in a temp dir.
-struct Pool {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Pool {
-    fn start(extra: &[&str], cmd: &[&str]) -> Pool {
-        Self::start_env(extra, cmd, &[])
-    }
-
-    fn start_env(extra: &[&str], cmd: &[&str], env: &[(&str, &str)]) -> Pool {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("log")).unwrap();
-        let mut c = Command::new(BIN);
-        c.arg("--bind")
-            .arg(format!("127.0.0.1:{port}"))
-            .args(extra)
-            .arg("--")
-            .args(cmd);
-        c.env("TRIMRUN_CGROUP", "none").env("NO_COLOR", "1");
-        c.env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"));
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let child = c.stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        Pool { child, port, dir }
-    }
-
-    fn app(n: usize, extra: &[&str]) -> Pool {
-        let n = n.to_string();
-        let mut args = vec!["-n", &n];
-        args.extend_from_slice(extra);
-        let app = example("app.py");
-        let p = Pool::start(&args, &["python3", &app]);
-        p.wait_log("all workers ready", Duration::from_secs(20));
-        p
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
-    }
-
-    fn wait_log(&self, needle: &str, timeout: Duration) {
-        if wait_for(timeout, || self.log().contains(needle).then_some(())).is_none() {
-            panic!(
-                "'{needle}' not in the log after {timeout:?}:\n{}",
-                self.log()
-            );
-        }
-    }
-
-    fn count_log(&self, needle: &str) -> usize {
-        self.log().matches(needle).count()
-    }
-
-    /// The worker processes: trimrun's direct children.
-    fn workers(&self) -> Vec<i32> {
-        children(self.pid())
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.pid(), sig) };
-    }
-
-    /// Wait for trimrun to exit; its exit code.
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let code = wait_for(timeout, || self.child.try_wait().unwrap());
-        code.map(|s| s.code().unwrap_or(-1))
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        let workers = self.workers();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for w in workers {
-            // SAFETY: kill(2) of a leftover process group from this test.
-            unsafe { libc::kill(-w, libc::SIGKILL) };
-        }
-    }
-}
-
-/// SIGKILL a process (and its workers' groups) when a test ends early.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        for w in children(self.0) {
-            // SAFETY: kill(2) of a process group this test started.
-            unsafe { libc::kill(-w, libc::SIGKILL) };
-        }
-        // SAFETY: kill(2) of a process this test started (a no-op once reaped).
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = vec![];
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-/// One HTTP/1.0 GET; the body on a 200.
-fn get(port: u16, path: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
-        .map_err(|e| format!("write: {e}"))?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf)
-        .map_err(|e| format!("read: {e}"))?;
-    if !buf.starts_with("HTTP/1.0 200") && !buf.starts_with("HTTP/1.1 200") {
-        return Err(format!("bad response: {buf:?}"));
-    }
-    Ok(buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
-}
+use common::pool::*;
 
 fn served_pid(port: u16) -> i32 {
     let body = get(port, "/pid").unwrap();
@@ -327,17 +174,9 @@ fn term_exits_zero_and_leaves_no_process() {
 
 #[test]
 fn worker_ignoring_term_is_killed_after_the_graceful_timeout() {
-    let script =
-        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)";
+    let script = IGNORES_TERM;
     let mut pool = Pool::start(
-        &[
-            "-n",
-            "2",
-            "--graceful-timeout",
-            "1s",
-            "--ready",
-            "delay:300ms",
-        ],
+        &["-n", "2", "--graceful-timeout", "1s", "--ready", "notify"],
         &["python3", "-c", script],
     );
     pool.wait_log("all workers ready", Duration::from_secs(10));
@@ -364,17 +203,9 @@ fn worker_ignoring_term_is_killed_after_the_graceful_timeout() {
 
 #[test]
 fn second_term_kills_at_once() {
-    let script =
-        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)";
+    let script = IGNORES_TERM;
     let mut pool = Pool::start(
-        &[
-            "-n",
-            "1",
-            "--graceful-timeout",
-            "60s",
-            "--ready",
-            "delay:300ms",
-        ],
+        &["-n", "1", "--graceful-timeout", "60s", "--ready", "notify"],
         &["python3", "-c", script],
     );
     pool.wait_log("all workers ready", Duration::from_secs(10));
@@ -395,17 +226,9 @@ fn second_term_kills_at_once() {
 
 #[test]
 fn quit_is_a_fast_shutdown() {
-    let script =
-        "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)";
+    let script = IGNORES_TERM;
     let mut pool = Pool::start(
-        &[
-            "-n",
-            "2",
-            "--graceful-timeout",
-            "60s",
-            "--ready",
-            "delay:300ms",
-        ],
+        &["-n", "2", "--graceful-timeout", "60s", "--ready", "notify"],
         &["python3", "-c", script],
     );
     pool.wait_log("all workers ready", Duration::from_secs(10));
@@ -681,7 +504,7 @@ fn as_pid_1_in_its_own_namespace_it_serves_reaps_orphans_and_exits_cleanly() {
             "-n",
             "2",
             "--ready",
-            "delay:300ms",
+            "notify",
         ])
         .arg("--bind")
         .arg(format!("127.0.0.1:{port}"))

@@ -11,7 +11,6 @@
 
 mod worker;
 
-use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -88,7 +87,6 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// A recycle of this slot failed (replacement never ready): not before this.
     retry_recycle_at: Option<Instant>,
-    waiting_since: Option<Duration>,
 }
 
 pub struct Supervisor {
@@ -105,7 +103,6 @@ pub struct Supervisor {
     target: usize,
     slots: Vec<Slot>,
     workers: Vec<Worker>,
-    reload_queue: VecDeque<i32>,
     phase: Phase,
     start: Instant,
     rng: StdRng,
@@ -168,7 +165,6 @@ impl Supervisor {
             target,
             slots,
             workers: Vec::new(),
-            reload_queue: VecDeque::new(),
             phase: Phase::Starting,
             start: Instant::now(),
             rng,
@@ -369,7 +365,7 @@ impl Supervisor {
             policy: wpolicy,
             replaces: replaces.map(|r| r.0),
             recycling: None,
-            manual_recycle: false,
+            memory_high: None,
             trim_in_flight: false,
             trim_unavailable: false,
             kill_at: None,
@@ -493,12 +489,13 @@ impl Supervisor {
             && let Some(o) = self.worker_mut(old)
         {
             o.recycling = None;
+            let delay = self.slots[slot].backoff.failure(&mut self.rng);
             warn!(
                 slot,
                 old_pid = old,
-                "replacement died before it was ready; the old worker keeps serving"
+                retry_in_ms = delay.as_millis() as u64,
+                "replacement failed before it was ready; the old worker keeps serving, retrying later"
             );
-            let delay = self.slots[slot].backoff.failure(&mut self.rng);
             self.slots[slot].retry_recycle_at = Some(Instant::now() + delay);
             return;
         }
@@ -511,7 +508,10 @@ impl Supervisor {
             return;
         }
         if oom {
-            let delay = policy::oom_restart_delay(&mut self.rng);
+            // Jittered, and never shorter than the slot's crash backoff: OOM kills of
+            // several workers never line up their restarts.
+            let backoff = self.slots[slot].backoff.failure_after(lived, &mut self.rng);
+            let delay = policy::oom_restart_delay(&mut self.rng).max(backoff);
             self.slots[slot].respawn_at = Some(Instant::now() + delay);
             info!(
                 slot,
@@ -811,7 +811,14 @@ impl Supervisor {
     }
 
     fn after_recycle_progress(&mut self) {
-        if self.reloading && self.reload_queue.is_empty() && self.in_progress() == 0 {
+        let now_d = self.now_d();
+        let pending = self.workers.iter().any(|w| {
+            w.recycling.is_some()
+                || (w.state != State::Draining
+                    && w.policy.recycle_reason(&self.settings, now_d)
+                        == Some(RecycleReason::Reload))
+        });
+        if self.reloading && !pending {
             info!("rolling restart complete");
             self.notifier
                 .send(&format!("READY=1\nSTATUS={}", self.status_line()));
@@ -820,47 +827,41 @@ impl Supervisor {
     }
 
     /// Pick who may be recycled now and start their replacements.
+    ///
+    /// A rolling restart (HUP, `ctl reload`) goes one worker at a time within
+    /// `--max-recycling` as fast as readiness allows; memory, lifetime and manual recycles go
+    /// through the gate, which also spaces their starts and orders them by urgency. A
+    /// recycle whose replacement never became ready keeps its reason and is retried after
+    /// the slot's backoff.
     fn run_recycles(&mut self) {
         let now = Instant::now();
         let now_d = self.now_d();
-        // A rolling restart goes first, one worker at a time within --max-recycling.
-        while self.in_progress() < self.cfg.max_recycling {
-            let Some(pid) = self.reload_queue.pop_front() else {
-                break;
-            };
-            let Some(w) = self.workers.iter().find(|w| w.pid == pid) else {
-                continue;
-            };
-            if w.state == State::Draining || w.recycling.is_some() || w.slot >= self.target {
-                continue;
-            }
-            let slot = w.slot;
-            info!(slot, pid, reason = %RecycleReason::Reload, "recycling worker");
-            self.start_worker(slot, Some((pid, RecycleReason::Reload)));
-        }
-        // Memory and lifetime recycles through the gate.
+        let eligible = |s: &Self, w: &Worker| {
+            w.state == State::Ready
+                && w.recycling.is_none()
+                && w.slot < s.target
+                && !s.slots[w.slot].retry_recycle_at.is_some_and(|t| now < t)
+                && !s
+                    .workers
+                    .iter()
+                    .any(|o| o.slot == w.slot && o.pid != w.pid && o.state == State::Starting)
+        };
         let mut candidates = vec![];
+        let mut reloads = vec![];
         for w in &self.workers {
-            if w.state != State::Ready || w.recycling.is_some() || w.slot >= self.target {
+            if !eligible(self, w) {
                 continue;
             }
-            if self.slots[w.slot].retry_recycle_at.is_some_and(|t| now < t) {
+            let Some(reason) = w.policy.recycle_reason(&self.settings, now_d) else {
                 continue;
-            }
-            if self
-                .workers
-                .iter()
-                .any(|o| o.slot == w.slot && o.pid != w.pid && o.state == State::Starting)
-            {
-                continue;
-            }
-            let reason = if w.manual_recycle {
-                Some(RecycleReason::Manual)
-            } else {
-                w.policy.recycle_reason(&self.settings, now_d)
             };
-            if let Some(reason) = reason {
-                let since = *self.slots[w.slot].waiting_since.get_or_insert(now_d);
+            let since = w
+                .policy
+                .waiting_since(&self.settings, now_d)
+                .unwrap_or(now_d);
+            if reason == RecycleReason::Reload {
+                reloads.push((w.slot, w.pid));
+            } else {
                 candidates.push(Candidate {
                     slot: w.slot,
                     reason,
@@ -869,38 +870,82 @@ impl Supervisor {
                 });
             }
         }
+        reloads.sort();
+        for (slot, pid) in reloads {
+            if self.in_progress() >= self.cfg.max_recycling {
+                break;
+            }
+            self.start_recycle(pid, slot, RecycleReason::Reload, Duration::ZERO);
+        }
         if candidates.is_empty() {
             return;
         }
         let admitted = self.gate.admit(now_d, self.in_progress(), &candidates);
-        for slot in admitted {
-            let Some(c) = candidates.iter().find(|c| c.slot == slot) else {
+        for slot in &admitted {
+            let Some(c) = candidates.iter().find(|c| c.slot == *slot) else {
                 continue;
             };
-            let Some(w) = self
+            let Some(pid) = self
                 .workers
-                .iter_mut()
-                .find(|w| w.slot == slot && w.state == State::Ready && w.recycling.is_none())
+                .iter()
+                .find(|w| w.slot == *slot && w.state == State::Ready && w.recycling.is_none())
+                .map(|w| w.pid)
             else {
                 continue;
             };
-            let pid = w.pid;
-            let waited = now_d.saturating_sub(c.waiting_since);
-            w.stats.recycle_wait = Some(waited);
-            w.stats.last_reason = Some(c.reason.to_string());
-            w.manual_recycle = false;
-            let usage = w.usage.as_ref().map(|u| u.working_set);
-            self.slots[slot].waiting_since = None;
-            info!(
-                slot, pid, reason = %c.reason, usage, limit = self.limit,
-                threshold = w.policy.recycle_threshold(), waited_s = waited.as_secs_f64(),
-                "recycling worker"
-            );
-            if let Some(m) = &self.metrics {
-                m.recycled(slot, &c.reason.to_string());
-            }
-            self.start_worker(slot, Some((pid, c.reason)));
+            self.start_recycle(pid, *slot, c.reason, now_d.saturating_sub(c.waiting_since));
         }
+        // Those still waiting: slow them down on v2 rather than let them be OOM-killed.
+        let order = self.gate.order(&candidates);
+        let in_progress = self.in_progress();
+        let recycle_time = self.settings.ready_time + Duration::from_secs(2);
+        for (position, &slot) in order.iter().enumerate() {
+            if admitted.contains(&slot) {
+                continue;
+            }
+            let wait = self
+                .gate
+                .expected_wait(now_d, in_progress, position, recycle_time);
+            if let Some(w) = self
+                .workers
+                .iter_mut()
+                .find(|w| w.slot == slot && w.recycling.is_none())
+            {
+                let high = w.policy.memory_high(now_d, Some(wait));
+                if high != w.memory_high {
+                    if let Err(e) = w.group.set_high(high) {
+                        debug!(slot, error = %e, "cannot set memory.high");
+                    } else if let Some(h) = high {
+                        info!(
+                            slot,
+                            pid = w.pid,
+                            memory_high = h,
+                            expected_wait_s = wait.as_secs_f64(),
+                            "slowing a waiting worker with memory.high"
+                        );
+                    }
+                    w.memory_high = high;
+                }
+            }
+        }
+    }
+
+    fn start_recycle(&mut self, pid: i32, slot: usize, reason: RecycleReason, waited: Duration) {
+        let Some(w) = self.worker_mut(pid) else {
+            return;
+        };
+        w.stats.recycle_wait = Some(waited);
+        let usage = w.usage.as_ref().map(|u| u.working_set);
+        let threshold = w.policy.recycle_threshold();
+        let limit = self.limit;
+        info!(
+            slot, pid, reason = %reason, usage, limit, threshold, waited_s = waited.as_secs_f64(),
+            "recycling worker: starting its replacement"
+        );
+        if let Some(m) = &self.metrics {
+            m.recycled(slot, &reason.to_string());
+        }
+        self.start_worker(slot, Some((pid, reason)));
     }
 
     // ----- operator actions ------------------------------------------------------------
@@ -909,17 +954,17 @@ impl Supervisor {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return;
         }
-        let mut pids: Vec<(usize, i32)> = self
-            .workers
-            .iter()
-            .filter(|w| w.state != State::Draining)
-            .map(|w| (w.slot, w.pid))
-            .collect();
-        pids.sort();
-        info!(workers = pids.len(), trigger = why, "rolling restart");
+        let now_d = self.now_d();
+        let mut n = 0;
+        for w in &mut self.workers {
+            if w.state != State::Draining && w.recycling.is_none() {
+                w.policy.request_recycle(RecycleReason::Reload, now_d);
+                n += 1;
+            }
+        }
+        info!(workers = n, trigger = why, "rolling restart");
         self.notifier.reloading();
         self.reloading = true;
-        self.reload_queue = pids.into_iter().map(|(_, p)| p).collect();
     }
 
     fn scale(&mut self, to: usize, why: &str) {
@@ -976,7 +1021,6 @@ impl Supervisor {
         self.phase = Phase::Stopping {
             kill_at: Instant::now() + self.cfg.graceful_timeout,
         };
-        self.reload_queue.clear();
         let (sig, graceful) = (self.cfg.stop_signal, self.cfg.graceful_timeout);
         for w in &mut self.workers {
             w.begin_drain(sig, graceful);
@@ -1014,78 +1058,80 @@ impl Supervisor {
     }
 
     fn on_control(&mut self, msg: ControlMsg) -> Option<Outcome> {
-        let reply: status::Reply = match &msg.req {
-            Request::Status => serde_json::to_value(self.snapshot()).map_err(|e| e.to_string()),
-            Request::Reload => {
-                self.begin_reload("ctl reload");
-                Ok(serde_json::json!({"reloading": self.reload_queue.len()}))
-            }
-            Request::Scale { to } => {
-                let n = match to {
-                    ScaleTo::Up(n) => self.target + n,
-                    ScaleTo::Down(n) => self.target.saturating_sub(*n).max(1),
-                    ScaleTo::Exactly(n) => *n,
-                };
-                if n == 0 {
-                    Err("cannot scale to 0 workers: at least 1".into())
-                } else {
-                    self.scale(n, "ctl scale");
-                    Ok(serde_json::json!({"workers": self.target}))
+        let reply: status::Reply =
+            match &msg.req {
+                Request::Status => serde_json::to_value(self.snapshot()).map_err(|e| e.to_string()),
+                Request::Reload => {
+                    self.begin_reload("ctl reload");
+                    Ok(serde_json::json!({"reloading": true}))
                 }
-            }
-            Request::Recycle { slot } => match self
-                .workers
-                .iter_mut()
-                .find(|w| w.slot == *slot && w.state == State::Ready && w.recycling.is_none())
-            {
-                Some(w) => {
-                    w.manual_recycle = true;
-                    Ok(serde_json::json!({"slot": slot, "pid": w.pid}))
-                }
-                None => Err(format!("no ready worker in slot {slot}")),
-            },
-            Request::Trim { slot } => {
-                let mut started = vec![];
-                let sel: Vec<(i32, Vec<i32>)> = self
-                    .workers
-                    .iter_mut()
-                    .filter(|w| {
-                        slot.is_none_or(|s| w.slot == s)
-                            && w.state == State::Ready
-                            && !w.trim_in_flight
-                    })
-                    .map(|w| {
-                        w.trim_in_flight = true;
-                        (
-                            w.pid,
-                            w.group.pids(Some(w.pid)).unwrap_or_else(|_| vec![w.pid]),
-                        )
-                    })
-                    .collect();
-                for (pid, pids) in sel {
-                    started.push(pid);
-                    self.trim_worker(pid, pids);
-                }
-                if started.is_empty() {
-                    Err("no ready worker to trim there".into())
-                } else {
-                    Ok(serde_json::json!({"trimming": started}))
-                }
-            }
-            Request::Stop { graceful } => {
-                let _ = msg.reply.send(Ok(serde_json::json!({"stopping": true})));
-                if *graceful {
-                    if !matches!(self.phase, Phase::Stopping { .. }) {
-                        info!("ctl stop: graceful shutdown");
-                        self.begin_shutdown();
+                Request::Scale { to } => {
+                    let n = match to {
+                        ScaleTo::Up(n) => self.target + n,
+                        ScaleTo::Down(n) => self.target.saturating_sub(*n).max(1),
+                        ScaleTo::Exactly(n) => *n,
+                    };
+                    if n == 0 {
+                        Err("cannot scale to 0 workers: at least 1".into())
+                    } else {
+                        self.scale(n, "ctl scale");
+                        Ok(serde_json::json!({"workers": self.target}))
                     }
-                    return None;
                 }
-                info!("ctl stop: fast shutdown");
-                self.kill_all();
-                return Some(Outcome::Stopped);
-            }
-        };
+                Request::Recycle { slot } => {
+                    let now_d = self.now_d();
+                    match self.workers.iter_mut().find(|w| {
+                        w.slot == *slot && w.state == State::Ready && w.recycling.is_none()
+                    }) {
+                        Some(w) => {
+                            w.policy.request_recycle(RecycleReason::Manual, now_d);
+                            Ok(serde_json::json!({"slot": slot, "pid": w.pid}))
+                        }
+                        None => Err(format!("no ready worker in slot {slot}")),
+                    }
+                }
+                Request::Trim { slot } => {
+                    let mut started = vec![];
+                    let sel: Vec<(i32, Vec<i32>)> = self
+                        .workers
+                        .iter_mut()
+                        .filter(|w| {
+                            slot.is_none_or(|s| w.slot == s)
+                                && w.state == State::Ready
+                                && !w.trim_in_flight
+                        })
+                        .map(|w| {
+                            w.trim_in_flight = true;
+                            (
+                                w.pid,
+                                w.group.pids(Some(w.pid)).unwrap_or_else(|_| vec![w.pid]),
+                            )
+                        })
+                        .collect();
+                    for (pid, pids) in sel {
+                        started.push(pid);
+                        self.trim_worker(pid, pids);
+                    }
+                    if started.is_empty() {
+                        Err("no ready worker to trim there".into())
+                    } else {
+                        Ok(serde_json::json!({"trimming": started}))
+                    }
+                }
+                Request::Stop { graceful } => {
+                    let _ = msg.reply.send(Ok(serde_json::json!({"stopping": true})));
+                    if *graceful {
+                        if !matches!(self.phase, Phase::Stopping { .. }) {
+                            info!("ctl stop: graceful shutdown");
+                            self.begin_shutdown();
+                        }
+                        return None;
+                    }
+                    info!("ctl stop: fast shutdown");
+                    self.kill_all();
+                    return Some(Outcome::Stopped);
+                }
+            };
         let _ = msg.reply.send(reply);
         None
     }
@@ -1139,7 +1185,6 @@ fn new_slot() -> Slot {
         backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
         respawn_at: None,
         retry_recycle_at: None,
-        waiting_since: None,
     }
 }
 

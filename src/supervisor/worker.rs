@@ -96,7 +96,8 @@ pub struct Worker {
     /// This worker is being replaced, for this reason (from the replacement's start until
     /// this one is gone): what counts against --max-recycling.
     pub recycling: Option<RecycleReason>,
-    pub manual_recycle: bool,
+    /// memory.high currently set on the worker's group (v2, while waiting for a slot).
+    pub memory_high: Option<u64>,
     pub trim_in_flight: bool,
     pub trim_unavailable: bool,
     pub kill_at: Option<Instant>,

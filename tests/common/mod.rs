@@ -2,6 +2,8 @@
 //! CI, and one timeout helper for waiting on conditions (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod pool;
+
 use std::time::{Duration, Instant};
 
 /// True when the suite runs under CI (`CI=true`): missing capabilities are failures there.

@@ -1,0 +1,300 @@
+//! Recycling on the real kernel (issue 5): leaking Python workers under load are replaced
+//! one at a time, replacement first, before the kernel would kill them; and the faults.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::pool::*;
+use common::{example, wait_for};
+
+/// Numbers from a log line's `key=value` fields.
+fn field(line: &str, key: &str) -> Option<i64> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit() && c != '-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The most recycles in progress at once, replayed from the log in order: a recycle starts
+/// with "recycling worker" (pid = the old worker) and ends with "recycle complete".
+fn max_concurrent_recycles(log: &str) -> usize {
+    let mut in_flight = HashSet::new();
+    let mut max = 0;
+    for line in log.lines() {
+        if line.contains("recycling worker") {
+            in_flight.insert(field(line, "pid"));
+        } else if line.contains("recycle complete") || line.contains("replacement failed") {
+            in_flight.remove(&field(
+                line,
+                if line.contains("replacement failed") {
+                    "old_pid"
+                } else {
+                    "pid"
+                },
+            ));
+        }
+        max = max.max(in_flight.len());
+    }
+    max
+}
+
+#[test]
+fn max_concurrent_replays_the_log() {
+    let log = "a recycling worker slot=0 pid=10 x\nb recycling worker slot=1 pid=11\nc recycle complete slot=0 pid=10\nrecycle complete slot=1 pid=11";
+    assert_eq!(max_concurrent_recycles(log), 2);
+    assert_eq!(
+        max_concurrent_recycles(
+            "recycling worker pid=1\nrecycle complete pid=1\nrecycling worker pid=2"
+        ),
+        1
+    );
+}
+
+/// Steady load from client threads until `stop`; counts successes and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::Mutex::new(vec![]));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(port, "/") {
+                            Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                            Err(e) => {
+                                failures.lock().unwrap().push(e);
+                                0
+                            }
+                        };
+                        std::thread::sleep(pause);
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failures,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failures.lock().unwrap().clone(),
+        )
+    }
+}
+
+#[test]
+fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        &[
+            "-n",
+            "6",
+            "--limit",
+            "96M",
+            "--ready",
+            "delay:1s",
+            "--graceful-timeout",
+            "10s",
+        ],
+        &["python3", &app],
+        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "64")],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return;
+    }
+    let t0 = Instant::now();
+    let load = Load::start(pool.port, 4, Duration::from_millis(25));
+    // Until six recycles have completed, or 150 s (about 2 minutes of load).
+    wait_for(Duration::from_secs(150), || {
+        (pool.count_log("recycle complete") >= 6).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, failures) = load.finish();
+    let elapsed = t0.elapsed();
+    let status = pool.status();
+    pool.signal(libc::SIGTERM);
+    assert_eq!(pool.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = pool.log();
+    let starts: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains("recycling worker"))
+        .filter_map(|l| l.get(11..19).map(str::to_string))
+        .map(|t| {
+            let p: Vec<f64> = t.split(':').filter_map(|x| x.parse().ok()).collect();
+            p.iter().fold(0.0, |a, x| a * 60.0 + x)
+        })
+        .collect();
+    let gaps: Vec<String> = starts
+        .windows(2)
+        .map(|w| format!("{:.0}s", w[1] - w[0]))
+        .collect();
+    println!(
+        "{ok} requests in {elapsed:?}, {} recycles completed, gaps between starts: {gaps:?}, status oom_kills={} recycles={}",
+        log.matches("recycle complete").count(),
+        status["oom_kills"],
+        status["recycles"]
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        log.matches("recycle complete").count() >= 6,
+        "fewer than 6 recycles:\n{log}"
+    );
+    assert_eq!(
+        max_concurrent_recycles(&log),
+        1,
+        "two recycles overlapped:\n{log}"
+    );
+    assert!(!log.contains("OOM-killed"), "an OOM kill happened:\n{log}");
+    assert_eq!(status["oom_kills"], 0);
+    assert!(log.contains("reason=memory"), "recycled for memory:\n{log}");
+}
+
+#[test]
+fn replacement_that_never_gets_ready_leaves_the_old_worker_serving_and_is_retried() {
+    let app = example("app.py");
+    // Only the first generation gets a NOTIFY_SOCKET, so replacements never say READY=1.
+    let script = format!(
+        "if [ \"$TRIMRUN_WORKER_GENERATION\" = 0 ]; then exec python3 {app}; else exec env -u NOTIFY_SOCKET python3 {app}; fi"
+    );
+    let pool = Pool::start(
+        &["-n", "1", "--ready", "notify", "--ready-timeout", "1500ms"],
+        &["sh", "-c", &script],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(20));
+    let old = pool.workers()[0];
+    let (code, out) = pool.ctl(&["recycle", "0"]);
+    assert_eq!(code, 0, "{out}");
+    pool.wait_log("not ready in time", Duration::from_secs(20));
+    pool.wait_log(
+        "replacement failed before it was ready",
+        Duration::from_secs(10),
+    );
+    // The old worker kept serving all along, and the recycle is tried again later.
+    for _ in 0..5 {
+        let v: serde_json::Value = serde_json::from_str(&get(pool.port, "/pid").unwrap()).unwrap();
+        assert_eq!(v["pid"], old);
+    }
+    wait_for(Duration::from_secs(20), || {
+        (pool.count_log("recycling worker") >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no retry:\n{}", pool.log()));
+    assert!(common::pool::alive(old));
+}
+
+#[test]
+fn recycled_worker_that_ignores_the_stop_signal_is_killed_after_the_graceful_timeout() {
+    let script = IGNORES_TERM;
+    let pool = Pool::start(
+        &["-n", "1", "--ready", "notify", "--graceful-timeout", "1s"],
+        &["python3", "-c", script],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(20));
+    let old = pool.workers()[0];
+    let (code, out) = pool.ctl(&["recycle", "0"]);
+    assert_eq!(code, 0, "{out}");
+    pool.wait_log("recycle complete", Duration::from_secs(20));
+    assert!(
+        pool.log()
+            .contains("did not stop within the graceful timeout"),
+        "{}",
+        pool.log()
+    );
+    assert!(!common::pool::alive(old));
+    let now = pool.workers();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], old);
+}
+
+#[test]
+fn shutdown_in_the_middle_of_a_recycle_exits_cleanly_and_leaves_nothing() {
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        &["-n", "2", "--ready", "delay:3s"],
+        &["python3", &app],
+        &[(
+            "TRIMRUN_CGROUP",
+            if common::is_root() { "auto" } else { "none" },
+        )],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    let before = pool.workers();
+    let (code, out) = pool.ctl(&["recycle", "1"]);
+    assert_eq!(code, 0, "{out}");
+    pool.wait_log("starting its replacement", Duration::from_secs(10));
+    let during = pool.workers();
+    assert_eq!(
+        during.len(),
+        3,
+        "the replacement runs beside the old worker (surge)"
+    );
+    pool.signal(libc::SIGTERM);
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
+    for p in before.iter().chain(during.iter()) {
+        assert!(!common::pool::alive(*p), "{p} left behind");
+    }
+    let groups = leftover_groups(pool.pid());
+    assert!(groups.is_empty(), "cgroups left behind: {groups:?}");
+}
+
+/// trimrun-<pid> directories left under our memory cgroup (v1) for this pid.
+fn leftover_groups(pid: i32) -> Vec<String> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let Some(rel) = own.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+        c.split(',')
+            .any(|c| c == "memory")
+            .then(|| path.to_string())
+    }) else {
+        return vec![];
+    };
+    let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/'));
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("trimrun-{pid}")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
