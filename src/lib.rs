@@ -49,6 +49,9 @@ fn bad_input(message: impl std::fmt::Display) -> Fatal {
 /// Run the pool described by the command line. Blocks until it stops.
 pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     let cfg = config::Config::from_args(args).map_err(bad_input)?;
+    supervisor::policy_settings(&cfg)
+        .validate()
+        .map_err(bad_input)?;
     let program = spawn::Program::resolve(&cfg.cmd).map_err(bad_input)?;
     let mut listeners = sockets::from_systemd().map_err(bad_input)?;
     listeners.extend(sockets::open(&cfg.binds, cfg.bind_mode).map_err(bad_input)?);

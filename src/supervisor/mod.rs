@@ -130,22 +130,7 @@ impl Supervisor {
                 "cannot create trimrun's run directory: {e} (check $XDG_RUNTIME_DIR or $TMPDIR)"
             )
         })?;
-        let settings = policy::Settings {
-            trim: cfg.trim,
-            trim_at: cfg.trim_at,
-            trim_interval: cfg.trim_interval,
-            recycle_at: cfg.recycle_at,
-            recycle_jitter: cfg.recycle_jitter,
-            max_lifetime: cfg.max_lifetime,
-            lifetime_jitter: cfg.lifetime_jitter,
-            max_recycling: cfg.max_recycling,
-            recycle_spacing: cfg.recycle_spacing,
-            ready_time: match cfg.ready {
-                Ready::Delay(d) => d,
-                Ready::Notify => Duration::from_secs(2),
-            },
-            ..policy::Settings::default()
-        };
+        let settings = policy_settings(&cfg);
         let gate = RecycleGate::new(&settings);
         let (tx, rx) = mpsc::unbounded_channel();
         let fd_names = setup.listeners.iter().map(|l| l.name.clone()).collect();
@@ -1176,6 +1161,26 @@ impl Supervisor {
             }
             .into(),
         }
+    }
+}
+
+/// The pure policy's settings from the validated config.
+pub fn policy_settings(cfg: &Config) -> policy::Settings {
+    policy::Settings {
+        trim: cfg.trim,
+        trim_at: cfg.trim_at,
+        trim_interval: cfg.trim_interval,
+        recycle_at: cfg.recycle_at,
+        recycle_jitter: cfg.recycle_jitter,
+        max_lifetime: cfg.max_lifetime,
+        lifetime_jitter: cfg.lifetime_jitter,
+        max_recycling: cfg.max_recycling,
+        recycle_spacing: cfg.recycle_spacing,
+        ready_time: match cfg.ready {
+            Ready::Delay(d) => d,
+            Ready::Notify => Duration::from_secs(2),
+        },
+        ..policy::Settings::default()
     }
 }
 
