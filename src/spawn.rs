@@ -317,9 +317,9 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
                 fail(1, err_fd);
             }
         }
-        for i in 0..a.listeners.len() {
+        for (i, &t) in tmp.iter().enumerate().take(a.listeners.len()) {
             // dup2 leaves the new fd without FD_CLOEXEC: it survives exec.
-            if libc::dup2(tmp[i], 3 + i as RawFd) < 0 {
+            if libc::dup2(t, 3 + i as RawFd) < 0 {
                 fail(1, err_fd);
             }
         }

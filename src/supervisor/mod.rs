@@ -459,10 +459,10 @@ impl Supervisor {
         if stopping {
             return;
         }
-        if w.recycling.is_some() {
+        if let Some(reason) = w.recycling {
             // The old half of a recycle is gone: the recycle is complete.
             self.totals.recycles += 1;
-            info!(slot, pid, reason = %w.recycling.unwrap(), waited_s = ?w.stats.recycle_wait.map(|d| d.as_secs_f64()), "recycle complete");
+            info!(slot, pid, reason = %reason, waited_s = ?w.stats.recycle_wait.map(|d| d.as_secs_f64()), "recycle complete");
             self.after_recycle_progress();
         }
         if expected {
@@ -825,7 +825,7 @@ impl Supervisor {
             w.state == State::Ready
                 && w.recycling.is_none()
                 && w.slot < s.target
-                && !s.slots[w.slot].retry_recycle_at.is_some_and(|t| now < t)
+                && s.slots[w.slot].retry_recycle_at.is_none_or(|t| now >= t)
                 && !s
                     .workers
                     .iter()
