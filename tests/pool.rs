@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
