@@ -59,8 +59,11 @@ impl Libc {
     }
 }
 
-fn cache() -> &'static Mutex<HashMap<(u32, u32, u64), Arc<ElfInfo>>> {
-    static CACHE: OnceLock<Mutex<HashMap<(u32, u32, u64), Arc<ElfInfo>>>> = OnceLock::new();
+/// Parsed libc files by (device major, device minor, inode).
+type Cache = Mutex<HashMap<(u32, u32, u64), Arc<ElfInfo>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
@@ -234,6 +237,7 @@ mod tests {
         // SAFETY: dlsym on the default namespace with a valid C string.
         let ours = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc_trim".as_ptr()) };
         assert_eq!(libc.malloc_trim, ours as u64);
+        // SAFETY: as above.
         let sleep = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"clock_nanosleep".as_ptr()) };
         assert_eq!(
             libc.restartable_function_at(sleep as u64 + 4),
