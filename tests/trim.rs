@@ -443,6 +443,53 @@ fn process_with_only_futex_and_busy_threads_is_deferred_and_untouched() {
     assert!(status.contains("TracerPid:\t0"), "left attached");
 }
 
+#[test]
+fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = build_c(dir.path(), "lockheld", &[]).expect("compile lockheld.c");
+    let mut cmd = Command::new(bin);
+    cmd.stderr(Stdio::piped());
+    let mut p = Proc::spawn(&mut cmd);
+    let stderr = p.child.stderr.take().unwrap();
+    let (lines, _) = p.until("ready");
+    let tid = |name: &str| -> i32 {
+        let l = lines.iter().find(|l| l.starts_with(name)).unwrap();
+        field(l, 1) as i32
+    };
+    let (sleeper, stats) = (tid("sleeper"), tid("stats"));
+    let pid = p.pid();
+    // malloc_stats is blocked writing to the full pipe, holding the main arena lock.
+    let blocked = wait_for(Duration::from_secs(5), || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{stats}/syscall")).ok()?;
+        s.starts_with("1 ").then_some(())
+    });
+    assert!(
+        blocked.is_some(),
+        "malloc_stats thread not blocked in write"
+    );
+    let short = TrimOptions {
+        timeout: Duration::from_millis(300),
+    };
+    let r = trim_when_parked(|| trim_thread(pid, sleeper, &short));
+    assert!(matches!(r, Err(TrimError::TimedOut { .. })), "{r:?}");
+    // Unblock malloc_stats: the lock is released and the process carries on.
+    let drain = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+    });
+    assert_eq!(p.until("done").1, "done");
+    let r = trim_when_parked(|| trim_thread(pid, sleeper, &opts())).expect("trim after unlock");
+    assert_eq!(r.ret, r.ret.clamp(0, 1));
+    p.send("stop");
+    let (_, res) = p.until("result");
+    assert!(field(&res, 1) > 0);
+    assert_eq!(field(&res, 2), 0, "the restored sleeper misbehaved");
+    drop(p);
+    drain.join().unwrap();
+}
+
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_trimrun"))
         .arg("trim")

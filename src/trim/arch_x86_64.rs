@@ -101,3 +101,26 @@ pub fn xstate_size() -> usize {
     let leaf = unsafe { core::arch::x86_64::__cpuid_count(0xd, 0) };
     (leaf.ecx as usize).clamp(576, 64 * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_frame_is_abi_aligned_below_the_red_zone_and_not_restarted() {
+        for rsp in [0x7ffd_1000u64, 0x7ffd_1008, 0x7ffd_100c, 0x7ffd_1001] {
+            // SAFETY: user_regs_struct is plain old data; all-zero is valid.
+            let mut saved: Regs = unsafe { std::mem::zeroed() };
+            saved.rsp = rsp;
+            saved.orig_rax = 232;
+            saved.rax = (-4i64) as u64;
+            let (r, slot) = call_frame(&saved, 0x7f00_0000_1234, 0);
+            assert_eq!(r.rsp, slot);
+            assert_eq!((r.rsp + 8) % 16, 0, "rsp {rsp:#x}");
+            assert!(slot + 8 <= rsp - RED_ZONE, "return slot in the red zone");
+            assert_eq!(r.rip, 0x7f00_0000_1234);
+            assert_eq!(r.rdi, 0);
+            assert_eq!(syscall_nr(&r), -1);
+        }
+    }
+}

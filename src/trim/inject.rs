@@ -222,7 +222,7 @@ fn wait_stop(tid: i32, deadline: Option<Instant>) -> io::Result<Option<Stop>> {
             std::thread::yield_now();
         } else {
             std::thread::sleep(nap.min(deadline - now));
-            nap = (nap * 2).min(Duration::from_micros(200));
+            nap = (nap * 2).min(Duration::from_micros(50));
         }
     }
 }
@@ -438,6 +438,7 @@ fn call(pid: i32, tid: i32, regs: &Regs, func: u64, timeout: Duration) -> Result
     let mut pending: Vec<i32> = Vec::new();
     let mut deadline = Instant::now() + timeout;
     let mut interrupting = false;
+    let mut warned = false;
     loop {
         let stop = match wait_stop(tid, Some(deadline)) {
             Ok(Some(s)) => s,
@@ -502,12 +503,15 @@ fn call(pid: i32, tid: i32, regs: &Regs, func: u64, timeout: Duration) -> Result
                 }
                 // Anywhere else it may hold an arena lock; abandoning would deadlock the
                 // process. Let it finish.
-                warn!(
-                    pid,
-                    tid,
-                    ip = arch::ip(&now),
-                    "malloc_trim still running after the timeout, not in a lock wait; letting it finish"
-                );
+                if !warned {
+                    warned = true;
+                    warn!(
+                        pid,
+                        tid,
+                        ip = arch::ip(&now),
+                        "malloc_trim still running after the timeout, not in a lock wait; letting it finish"
+                    );
+                }
                 cont(tid, 0).map_err(|e| err("resume", e))?;
             }
             Stop::Event(_) => {

@@ -222,7 +222,15 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
     for tid in candidates.into_iter().take(4) {
         let attempt = {
             let _attached = ptrace_lock().lock().unwrap_or_else(|e| e.into_inner());
-            inject::trim_thread(pid, tid, &libc, opts.timeout)?
+            inject::trim_thread(pid, tid, &libc, opts.timeout)
+        };
+        let attempt = match attempt {
+            // A worker thread that exits (a finished request handler) is not the
+            // process going away: try the next thread.
+            Err(TrimError::Gone { .. }) if tid != pid && procfs::process_alive(pid) => {
+                inject::Attempt::NotParked(format!("thread {tid} exited"))
+            }
+            other => other?,
         };
         match attempt {
             inject::Attempt::Done {
@@ -311,7 +319,13 @@ fn candidates(
         let path = procfs::proc_path(pid, &format!("task/{tid}/syscall"));
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tid != pid => continue,
+            // A thread that exited since the directory was listed.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
+                    && tid != pid =>
+            {
+                continue;
+            }
             Err(e) => return Err(procfs::io_error(pid, "read the syscall of", &path, e)),
         };
         match procfs::parse_task_syscall(&text) {

@@ -171,6 +171,14 @@ pub fn read_rollup(pid: i32) -> Result<Rollup, TrimError> {
     })
 }
 
+/// True while the process exists and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(proc_path(pid, "stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with(['Z', 'X'])))
+        .is_some_and(|dead| !dead)
+}
+
 /// Thread ids of a process, the main thread first.
 pub fn list_tasks(pid: i32) -> Result<Vec<i32>, TrimError> {
     let path = proc_path(pid, "task");
