@@ -1,48 +1,534 @@
-//! TEMPORARY STUB (replaced by the wt-trim merge).
-#![allow(dead_code, unused_variables)]
+//! Trimming a worker from the outside: make one of its threads call glibc's
+//! `malloc_trim(0)` through ptrace, with no change to the application.
+//!
+//! How (see `DESIGN.md`, "Trimming from outside"):
+//! 1. [`symbols`] finds `malloc_trim` in the libc the target maps (refusing musl, static
+//!    binaries and preloaded jemalloc/tcmalloc/mimalloc: [`TrimError::Unavailable`]).
+//! 2. The thread picker reads `/proc/PID/task/*/syscall` and keeps threads parked in a
+//!    safe blocking syscall ([`classify`]), the main thread first.
+//! 3. [`inject`] seizes one of them, confirms from its registers after the stop, saves
+//!    registers, XSAVE state and signal mask, runs the call with all signals but SIGSEGV
+//!    blocked, catches its return as a fault at a fixed address, restores, detaches.
+//! 4. RSS and anonymous memory are read from `smaps_rollup` before and after.
+//!
+//! The only thread stopped is the one running the call, and only for about as long as
+//! `malloc_trim` runs; the others keep serving. Everything here is blocking and must run on
+//! one OS thread from seize to detach (ptrace tracers are threads), hence
+//! [`ptrace_lock`] and `spawn_blocking` in the supervisor.
+//!
+//! Caveat: if trimrun itself dies while a call is running, the kernel detaches the thread
+//! with the call frame in place and it faults at the return address.
+
+#[cfg(target_arch = "x86_64")]
+mod arch_x86_64;
+#[cfg(target_arch = "x86_64")]
+use arch_x86_64 as arch;
+
+#[cfg(target_arch = "x86_64")]
+mod classify;
+#[cfg(target_arch = "x86_64")]
+mod inject;
+mod procfs;
+#[cfg(target_arch = "x86_64")]
+mod symbols;
+
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
-#[derive(Default)]
+
+use serde::Serialize;
+
+/// What to tell users who cannot trace.
+pub(crate) const TRACE_REMEDY: &str = "(run as root, or as the same user with \
+     kernel.yama.ptrace_scope 0 and a dumpable target, or with CAP_SYS_PTRACE)";
+
+/// Options for one trim.
+#[derive(Debug, Clone)]
 pub struct TrimOptions {
+    /// How long the injected call may run before it is abandoned (when abandoning is
+    /// safe, see [`TrimError::TimedOut`]); also bounds the wait for the thread to stop.
     pub timeout: Duration,
 }
-#[derive(Debug, Clone, serde::Serialize)]
+
+impl Default for TrimOptions {
+    fn default() -> Self {
+        TrimOptions {
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The outcome of one successful trim.
+#[derive(Debug, Clone, Serialize)]
 pub struct TrimReport {
     pub pid: i32,
+    /// The thread that ran `malloc_trim`.
     pub tid: i32,
+    /// The syscall that thread was parked in.
     pub syscall: String,
+    /// `malloc_trim`'s return value: 1 if memory was released to the system.
     pub ret: i32,
+    /// How long the thread was stopped, from interrupt to detach.
     pub pause_us: u64,
     pub rss_before: u64,
     pub rss_after: u64,
     pub anon_before: u64,
     pub anon_after: u64,
 }
+
 impl TrimReport {
+    /// Resident bytes released (negative if the process grew meanwhile).
     pub fn released(&self) -> i64 {
         self.rss_before as i64 - self.rss_after as i64
     }
 }
+
+/// Why a process was not trimmed.
 #[derive(Debug, thiserror::Error)]
 pub enum TrimError {
-    #[error("deferred")]
+    #[error("pid {pid} not trimmed now: {reason} (try later)")]
     Deferred { pid: i32, reason: String },
-    #[error("unavailable")]
+    #[error("cannot trim pid {pid}: {reason}")]
     Unavailable { pid: i32, reason: String },
-    #[error("gone")]
+    #[error("pid {pid} is gone (no such process)")]
     Gone { pid: i32 },
-    #[error("exited")]
+    #[error("pid {pid} exited while being trimmed (wait status {status:#x})")]
     Exited { pid: i32, status: i32 },
+    #[error("cannot trace pid {pid}: {reason}")]
+    NotTraceable { pid: i32, reason: String },
+    #[error(
+        "cannot trace pid {pid}: already traced by pid {tracer} (detach the debugger or tracer first)"
+    )]
+    AlreadyTraced { pid: i32, tracer: i32 },
+    #[error("pid {pid} crashed during malloc_trim: {detail}")]
+    Crashed { pid: i32, detail: String },
+    #[error(
+        "malloc_trim in pid {pid} did not return in time; the call was abandoned and the thread restored"
+    )]
+    TimedOut { pid: i32 },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
+
+impl TrimError {
+    /// Whether trying the same process again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            TrimError::Deferred { .. }
+                | TrimError::TimedOut { .. }
+                | TrimError::AlreadyTraced { .. }
+                | TrimError::Io { .. }
+        )
+    }
+
+    /// A short stable name for the kind of error (JSON output, metrics labels).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TrimError::Deferred { .. } => "deferred",
+            TrimError::Unavailable { .. } => "unavailable",
+            TrimError::Gone { .. } => "gone",
+            TrimError::Exited { .. } => "exited",
+            TrimError::NotTraceable { .. } => "not_traceable",
+            TrimError::AlreadyTraced { .. } => "already_traced",
+            TrimError::Crashed { .. } => "crashed",
+            TrimError::TimedOut { .. } => "timed_out",
+            TrimError::Unsupported(_) => "unsupported",
+            TrimError::Io { .. } => "io",
+        }
+    }
+}
+
+/// Held for the whole time any thread is ptrace-attached. The supervisor's reaper
+/// (`waitid(P_ALL)`) must `try_lock` it: a wait for any child in the tracer's process also
+/// reports ptrace-stops, and would steal them from us.
+pub fn ptrace_lock() -> &'static Mutex<()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    &LOCK
+}
+
+/// Trim one process: pick a parked thread, inject `malloc_trim(0)`, measure.
+///
+/// Blocking: the whole seize..detach happens on the calling OS thread (ptrace requires
+/// it). Run it with `spawn_blocking`.
 pub fn trim_pid(pid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
-    Err(TrimError::Unavailable {
+    trim_impl(pid, None, opts)
+}
+
+/// Like [`trim_pid`], but only ever use thread `tid` (tests, benchmarks, debugging).
+pub fn trim_thread(pid: i32, tid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+    trim_impl(pid, Some(tid), opts)
+}
+
+/// Trim every process of a worker group, one after the other.
+pub fn trim_pids(pids: &[i32], opts: &TrimOptions) -> Vec<(i32, Result<TrimReport, TrimError>)> {
+    pids.iter().map(|&pid| (pid, trim_pid(pid, opts))).collect()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn trim_impl(_pid: i32, _tid: Option<i32>, _opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+    Err(TrimError::Unsupported(format!(
+        "trimming from outside is not implemented on {} (only x86_64)",
+        std::env::consts::ARCH
+    )))
+}
+
+#[cfg(target_arch = "x86_64")]
+fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+    use tracing::{debug, info};
+
+    if pid <= 0 {
+        return Err(TrimError::Gone { pid });
+    }
+    let status = procfs::read_proc(pid, &procfs::proc_path(pid, "status"), "read status")?;
+    if let Some(tracer) = procfs::parse_tracer_pid(&status).filter(|&t| t != 0) {
+        return Err(TrimError::AlreadyTraced { pid, tracer });
+    }
+    let maps_path = procfs::proc_path(pid, "maps");
+    let maps = procfs::parse_maps(&procfs::read_proc(pid, &maps_path, "read memory maps")?);
+    if maps.is_empty() {
+        return Err(TrimError::Gone { pid });
+    }
+    if maps
+        .iter()
+        .any(|m| m.start <= arch::RETURN_ADDR && arch::RETURN_ADDR < m.end)
+    {
+        return Err(TrimError::Unavailable {
+            pid,
+            reason: format!(
+                "the page at {:#x} (our return address) is mapped in the process",
+                arch::RETURN_ADDR
+            ),
+        });
+    }
+    let libc = symbols::resolve(pid, &maps)?;
+    let (candidates, mut reasons) = candidates(pid, only, &libc)?;
+    if candidates.is_empty() {
+        return Err(TrimError::Deferred {
+            pid,
+            reason: format!(
+                "no thread parked in a safe syscall ({})",
+                reasons.join("; ")
+            ),
+        });
+    }
+    let before = procfs::read_rollup(pid)?;
+    for tid in candidates.into_iter().take(4) {
+        let attempt = {
+            let _attached = ptrace_lock().lock().unwrap_or_else(|e| e.into_inner());
+            inject::trim_thread(pid, tid, &libc, opts.timeout)
+        };
+        let attempt = match attempt {
+            // A worker thread that exits (a finished request handler) is not the
+            // process going away: try the next thread.
+            Err(TrimError::Gone { .. }) if tid != pid && procfs::process_alive(pid) => {
+                inject::Attempt::NotParked(format!("thread {tid} exited"))
+            }
+            other => other?,
+        };
+        match attempt {
+            inject::Attempt::Done {
+                ret,
+                syscall,
+                pause,
+            } => {
+                let after = procfs::read_rollup(pid)?;
+                let report = TrimReport {
+                    pid,
+                    tid,
+                    syscall: syscall.to_string(),
+                    ret,
+                    pause_us: pause.as_micros() as u64,
+                    rss_before: before.rss,
+                    rss_after: after.rss,
+                    anon_before: before.anon,
+                    anon_after: after.anon,
+                };
+                info!(
+                    pid,
+                    tid,
+                    released = report.released(),
+                    pause_us = report.pause_us,
+                    syscall,
+                    ret,
+                    "trimmed"
+                );
+                return Ok(report);
+            }
+            inject::Attempt::NotParked(reason) => {
+                debug!(pid, tid, %reason, libc = %libc.path, "thread not parked after all");
+                reasons.push(reason);
+            }
+        }
+    }
+    Err(TrimError::Deferred {
         pid,
-        reason: "stub".into(),
+        reason: format!(
+            "no thread stayed parked in a safe syscall ({})",
+            reasons.join("; ")
+        ),
     })
 }
-pub fn ptrace_lock() -> &'static std::sync::Mutex<()> {
-    static L: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    &L
+
+/// Classification context from `/proc` alone (before attaching).
+#[cfg(target_arch = "x86_64")]
+struct FromProc<'a> {
+    pid: i32,
+    libc: &'a symbols::Libc,
 }
+
+#[cfg(target_arch = "x86_64")]
+impl classify::Context for FromProc<'_> {
+    fn fd_target(&self, fd: u64) -> Option<String> {
+        procfs::fd_target(self.pid, fd)
+    }
+    fn read_word(&self, addr: u64) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mem = std::fs::File::open(procfs::proc_path(self.pid, "mem")).ok()?;
+        let mut buf = [0u8; 8];
+        mem.read_exact_at(&mut buf, addr).ok()?;
+        Some(u64::from_ne_bytes(buf))
+    }
+    fn restartable_function_at(&self, ip: u64) -> Option<&'static str> {
+        self.libc.restartable_function_at(ip)
+    }
+}
+
+/// Threads that look parked in a safe syscall, main thread first, and why the others
+/// were passed over.
+#[cfg(target_arch = "x86_64")]
+fn candidates(
+    pid: i32,
+    only: Option<i32>,
+    libc: &symbols::Libc,
+) -> Result<(Vec<i32>, Vec<String>), TrimError> {
+    let tids = match only {
+        Some(t) => vec![t],
+        None => procfs::list_tasks(pid)?,
+    };
+    let ctx = FromProc { pid, libc };
+    let mut ok = Vec::new();
+    let mut reasons = Vec::new();
+    for tid in tids {
+        let path = procfs::proc_path(pid, &format!("task/{tid}/syscall"));
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            // A thread that exited since the directory was listed.
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
+                    && tid != pid =>
+            {
+                continue;
+            }
+            Err(e) => return Err(procfs::io_error(pid, "read the syscall of", &path, e)),
+        };
+        match procfs::parse_task_syscall(&text) {
+            Some(procfs::TaskSyscall::In { nr, args, ip }) => {
+                match classify::classify(nr, args, ip, &ctx) {
+                    Ok(_) => ok.push(tid),
+                    Err(r) => reasons.push(format!("thread {tid}: {r}")),
+                }
+            }
+            Some(procfs::TaskSyscall::Running) => reasons.push(format!("thread {tid}: running")),
+            Some(procfs::TaskSyscall::NotInSyscall) => {
+                reasons.push(format!("thread {tid}: blocked outside a syscall"))
+            }
+            None => reasons.push(format!("thread {tid}: unreadable syscall state")),
+        }
+    }
+    Ok((ok, reasons))
+}
+
+/// `trimrun trim [--json] [--timeout DUR] PID...`: trim each pid, print one line per pid
+/// (or one JSON object per line), return the exit code: 0 all trimmed, 1 any failed,
+/// 2 bad input.
 pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
-    1
+    if pids.is_empty() || pids.iter().any(|&p| p <= 0) {
+        eprintln!("trimrun trim: expected one or more positive pids, e.g. `trimrun trim 1234`");
+        return 2;
+    }
+    let opts = TrimOptions { timeout };
+    let mut code = 0;
+    for &pid in pids {
+        match trim_pid(pid, &opts) {
+            Ok(r) => {
+                if json {
+                    let mut v = serde_json::to_value(&r).expect("report serializes");
+                    v["ok"] = true.into();
+                    v["released"] = r.released().into();
+                    println!("{v}");
+                } else {
+                    println!(
+                        "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {}), malloc_trim returned {}",
+                        human(r.released()),
+                        human(r.rss_before as i64),
+                        human(r.rss_after as i64),
+                        human(r.anon_before as i64),
+                        human(r.anon_after as i64),
+                        r.pause_us,
+                        r.syscall,
+                        r.tid,
+                        r.ret
+                    );
+                }
+            }
+            Err(e) => {
+                code = 1;
+                if json {
+                    let v = serde_json::json!({
+                        "pid": pid, "ok": false, "error": e.kind(),
+                        "retryable": e.is_retryable(), "message": e.to_string(),
+                    });
+                    println!("{v}");
+                } else {
+                    eprintln!("trimrun trim: {e}");
+                }
+            }
+        }
+    }
+    code
+}
+
+fn human(bytes: i64) -> String {
+    let b = bytes.unsigned_abs() as f64;
+    let sign = if bytes < 0 { "-" } else { "" };
+    if b >= 1024.0 * 1024.0 {
+        format!("{sign}{:.1} MiB", b / (1024.0 * 1024.0))
+    } else if b >= 1024.0 {
+        format!("{sign}{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{sign}{b} B")
+    }
+}
+
+/// Parse a duration such as `2s`, `500ms`, `1.5s`, `250us` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 2s, 500ms, 250us"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" | "min" => value * 60.0,
+        other => {
+            return Err(format!(
+                "invalid duration unit {other:?} in {s:?}: expected s, ms, us or min"
+            ));
+        }
+    };
+    if !secs.is_finite() || secs <= 0.0 {
+        return Err(format!("invalid duration {s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Temporary argument parsing for `trimrun trim` until the clap CLI calls [`run_cli`].
+pub fn cli_main(args: &[String]) -> i32 {
+    let mut json = false;
+    let mut timeout = TrimOptions::default().timeout;
+    let mut pids = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let parsed = match a.as_str() {
+            "--json" => {
+                json = true;
+                Ok(())
+            }
+            "--timeout" => match it.next().map(|v| parse_duration(v)) {
+                Some(Ok(d)) => {
+                    timeout = d;
+                    Ok(())
+                }
+                Some(Err(e)) => Err(e),
+                None => Err("--timeout needs a value, e.g. --timeout 2s".into()),
+            },
+            p => match p.parse::<i32>() {
+                Ok(pid) if pid > 0 => {
+                    pids.push(pid);
+                    Ok(())
+                }
+                _ => Err(format!("invalid pid {p:?}: expected a positive number")),
+            },
+        };
+        if let Err(e) = parsed {
+            eprintln!("trimrun trim: {e}");
+            return 2;
+        }
+    }
+    run_cli(&pids, json, timeout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_durations_and_explains_bad_ones() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
+        assert!(parse_duration("2h").unwrap_err().contains("expected s, ms"));
+        assert!(
+            parse_duration("fast")
+                .unwrap_err()
+                .contains("expected e.g.")
+        );
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn released_is_signed() {
+        let r = TrimReport {
+            pid: 1,
+            tid: 1,
+            syscall: "poll".into(),
+            ret: 1,
+            pause_us: 10,
+            rss_before: 100,
+            rss_after: 150,
+            anon_before: 0,
+            anon_after: 0,
+        };
+        assert_eq!(r.released(), -50);
+    }
+
+    #[test]
+    fn retryable_errors() {
+        assert!(
+            TrimError::Deferred {
+                pid: 1,
+                reason: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(TrimError::TimedOut { pid: 1 }.is_retryable());
+        assert!(!TrimError::Gone { pid: 1 }.is_retryable());
+        assert!(
+            !TrimError::Unavailable {
+                pid: 1,
+                reason: String::new()
+            }
+            .is_retryable()
+        );
+        assert!(
+            !TrimError::Crashed {
+                pid: 1,
+                detail: String::new()
+            }
+            .is_retryable()
+        );
+    }
 }

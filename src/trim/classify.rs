@@ -1,0 +1,213 @@
+//! Is a thread parked where calling `malloc_trim` cannot deadlock or corrupt the heap?
+//!
+//! A thread blocked in one of a few syscalls that glibc's malloc never makes while it
+//! holds an arena lock (waiting for input, a timer or a connection) is outside malloc, so
+//! running `malloc_trim` on it is like the application calling it there. Everything else
+//! is refused: user code (could be inside malloc), `futex` (a lock or condition wait — it
+//! may be the arena lock itself, or a thread that holds one), `brk`/`mmap`/`madvise`
+//! (malloc growing or shrinking its heap). `read`/`recv*` count only on a socket or a pipe:
+//! glibc reads a /proc file with an arena lock held when it shrinks a heap.
+//!
+//! Syscalls that swap in a temporary signal mask (`ppoll`, `pselect6`, `epoll_pwait*`
+//! with a mask argument) are refused as well: `PTRACE_SETSIGMASK` clears the kernel's
+//! "restore the saved mask" flag, so the thread would keep the temporary mask for good.
+
+use super::arch::nr;
+
+/// What the classifier may need to know about the target beyond the syscall registers.
+pub trait Context {
+    /// `/proc/PID/fd/N` link target, e.g. `socket:[123]`.
+    fn fd_target(&self, fd: u64) -> Option<String>;
+    /// One word of the target's memory.
+    fn read_word(&self, addr: u64) -> Option<u64>;
+    /// The libc function containing `ip`, if it is one that can be restarted through
+    /// `restart_syscall` (nanosleep, clock_nanosleep, poll...).
+    fn restartable_function_at(&self, ip: u64) -> Option<&'static str>;
+}
+
+/// Kernel return values of a syscall interrupted by a ptrace stop: -EINTR and the
+/// -ERESTART* family (which the kernel turns into a restart on the way out).
+pub const EINTR: i64 = -4;
+pub const ERESTARTSYS: i64 = -512;
+pub const ERESTARTNOINTR: i64 = -513;
+pub const ERESTARTNOHAND: i64 = -514;
+pub const ERESTART_RESTARTBLOCK: i64 = -516;
+
+/// True when `ret` (rax at the stop) says the syscall was interrupted, not completed.
+pub fn is_interrupted(ret: i64) -> bool {
+    matches!(
+        ret,
+        EINTR | ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND | ERESTART_RESTARTBLOCK
+    )
+}
+
+/// Classify syscall `nr` with `args` at user `ip`: `Ok(name)` when safe to inject into,
+/// `Err(reason)` otherwise.
+pub fn classify(
+    nr: i64,
+    args: [u64; 6],
+    ip: u64,
+    ctx: &dyn Context,
+) -> Result<&'static str, String> {
+    let no_mask = |name: &'static str, mask_ptr: u64| {
+        if mask_ptr == 0 {
+            Ok(name)
+        } else {
+            Err(format!("{name} with a temporary signal mask"))
+        }
+    };
+    match nr {
+        nr::SELECT => Ok("select"),
+        nr::POLL => Ok("poll"),
+        nr::EPOLL_WAIT => Ok("epoll_wait"),
+        nr::NANOSLEEP => Ok("nanosleep"),
+        nr::CLOCK_NANOSLEEP => Ok("clock_nanosleep"),
+        nr::ACCEPT => Ok("accept"),
+        nr::ACCEPT4 => Ok("accept4"),
+        nr::PPOLL => no_mask("ppoll", args[3]),
+        nr::EPOLL_PWAIT => no_mask("epoll_pwait", args[4]),
+        nr::EPOLL_PWAIT2 => no_mask("epoll_pwait2", args[4]),
+        nr::PSELECT6 => {
+            // The 6th argument points to { const sigset_t *ss; size_t ss_len }.
+            if args[5] == 0 {
+                return Ok("pselect6");
+            }
+            match ctx.read_word(args[5]) {
+                Some(ss) => no_mask("pselect6", ss),
+                None => Err("pselect6 with an unreadable signal mask argument".into()),
+            }
+        }
+        nr::READ | nr::RECVFROM | nr::RECVMSG => {
+            let name = match nr {
+                nr::READ => "read",
+                nr::RECVFROM => "recvfrom",
+                _ => "recvmsg",
+            };
+            match ctx.fd_target(args[0]) {
+                Some(t) if t.starts_with("socket:") || t.starts_with("pipe:") => Ok(name),
+                Some(t) => Err(format!(
+                    "{name} on fd {} ({t}), not a socket or pipe",
+                    args[0]
+                )),
+                None => Err(format!("{name} on fd {} that cannot be inspected", args[0])),
+            }
+        }
+        nr::RESTART_SYSCALL => match ctx.restartable_function_at(ip) {
+            Some(_) => Ok("restart_syscall"),
+            None => Err("restart_syscall of an unknown call (may be a futex wait)".into()),
+        },
+        nr::FUTEX => Err("futex (lock or condition wait, may be inside malloc)".into()),
+        nr::BRK | nr::MMAP | nr::MUNMAP | nr::MREMAP | nr::MADVISE | nr::MPROTECT => {
+            Err(format!("memory syscall {nr} (may be inside malloc)"))
+        }
+        n if n < 0 => Err("not in a syscall (user code, may be inside malloc)".into()),
+        n => Err(format!("syscall {n} is not on the safe list")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fake;
+    impl Context for Fake {
+        fn fd_target(&self, fd: u64) -> Option<String> {
+            match fd {
+                3 => Some("socket:[991]".into()),
+                4 => Some("pipe:[12]".into()),
+                5 => Some("/proc/sys/vm/overcommit_memory".into()),
+                _ => None,
+            }
+        }
+        fn read_word(&self, addr: u64) -> Option<u64> {
+            match addr {
+                0x1000 => Some(0),
+                0x2000 => Some(0x7fff_0000),
+                _ => None,
+            }
+        }
+        fn restartable_function_at(&self, ip: u64) -> Option<&'static str> {
+            (ip == 0xaaaa).then_some("clock_nanosleep")
+        }
+    }
+
+    fn c(nr: i64, args: [u64; 6]) -> Result<&'static str, String> {
+        classify(nr, args, 0, &Fake)
+    }
+
+    #[test]
+    fn blocking_waits_are_safe() {
+        for (n, name) in [
+            (nr::SELECT, "select"),
+            (nr::POLL, "poll"),
+            (nr::EPOLL_WAIT, "epoll_wait"),
+            (nr::NANOSLEEP, "nanosleep"),
+            (nr::CLOCK_NANOSLEEP, "clock_nanosleep"),
+            (nr::ACCEPT, "accept"),
+            (nr::ACCEPT4, "accept4"),
+        ] {
+            assert_eq!(c(n, [0; 6]), Ok(name));
+        }
+    }
+
+    #[test]
+    fn reads_are_safe_only_on_sockets_and_pipes() {
+        assert_eq!(c(nr::READ, [3, 0, 0, 0, 0, 0]), Ok("read"));
+        assert_eq!(c(nr::RECVFROM, [3, 0, 0, 0, 0, 0]), Ok("recvfrom"));
+        assert_eq!(c(nr::READ, [4, 0, 0, 0, 0, 0]), Ok("read"));
+        assert!(
+            c(nr::READ, [5, 0, 0, 0, 0, 0])
+                .unwrap_err()
+                .contains("not a socket")
+        );
+        assert!(c(nr::RECVMSG, [9, 0, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn waits_with_a_temporary_signal_mask_are_refused() {
+        assert_eq!(c(nr::PPOLL, [0; 6]), Ok("ppoll"));
+        assert!(c(nr::PPOLL, [0, 0, 0, 0x5000, 0, 8]).is_err());
+        assert_eq!(c(nr::EPOLL_PWAIT, [0; 6]), Ok("epoll_pwait"));
+        assert!(c(nr::EPOLL_PWAIT2, [0, 0, 0, 0, 0x5000, 8]).is_err());
+        assert_eq!(c(nr::PSELECT6, [0; 6]), Ok("pselect6"));
+        assert_eq!(c(nr::PSELECT6, [0, 0, 0, 0, 0, 0x1000]), Ok("pselect6"));
+        assert!(c(nr::PSELECT6, [0, 0, 0, 0, 0, 0x2000]).is_err());
+        assert!(c(nr::PSELECT6, [0, 0, 0, 0, 0, 0x3000]).is_err());
+    }
+
+    #[test]
+    fn locks_memory_syscalls_and_user_code_are_refused() {
+        assert!(c(nr::FUTEX, [0; 6]).unwrap_err().contains("futex"));
+        for n in [
+            nr::BRK,
+            nr::MMAP,
+            nr::MUNMAP,
+            nr::MADVISE,
+            nr::MPROTECT,
+            nr::MREMAP,
+        ] {
+            assert!(c(n, [0; 6]).unwrap_err().contains("malloc"), "{n}");
+        }
+        assert!(c(-1, [0; 6]).unwrap_err().contains("user code"));
+        assert!(c(61, [0; 6]).unwrap_err().contains("not on the safe list"));
+    }
+
+    #[test]
+    fn restart_syscall_is_safe_only_for_known_sleeps() {
+        assert_eq!(
+            classify(nr::RESTART_SYSCALL, [0; 6], 0xaaaa, &Fake),
+            Ok("restart_syscall")
+        );
+        assert!(classify(nr::RESTART_SYSCALL, [0; 6], 0xbbbb, &Fake).is_err());
+    }
+
+    #[test]
+    fn interrupted_return_values() {
+        for r in [-4, -512, -513, -514, -516] {
+            assert!(is_interrupted(r));
+        }
+        for r in [0, 5, -11, -515] {
+            assert!(!is_interrupted(r));
+        }
+    }
+}

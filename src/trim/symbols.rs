@@ -1,0 +1,247 @@
+//! Finding `malloc_trim` in the *target's* libc: the libc mapping from `/proc/PID/maps`,
+//! its ELF dynamic symbols read through `/proc/PID/root` (the target may live in another
+//! mount namespace) or `/proc/PID/map_files` (the file may have been replaced since),
+//! cached per (device, inode).
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use super::TrimError;
+use super::procfs::MapEntry;
+
+/// Functions whose `syscall` instruction may be re-entered through `restart_syscall`
+/// while sleeping or polling (never a lock).
+const RESTARTABLE: &[&str] = &[
+    "clock_nanosleep",
+    "__clock_nanosleep",
+    "__clock_nanosleep_time64",
+    "nanosleep",
+    "__nanosleep",
+    "poll",
+    "__poll",
+    "ppoll",
+    "__ppoll",
+];
+
+/// What we keep of one libc file.
+#[derive(Debug)]
+struct ElfInfo {
+    /// `st_value` of `malloc_trim`, if exported.
+    malloc_trim: Option<u64>,
+    /// Lowest PT_LOAD address, page aligned (0 for a shared library).
+    first_vaddr: u64,
+    /// (name, st_value, size) of the restartable functions.
+    restartable: Vec<(&'static str, u64, u64)>,
+}
+
+/// libc as mapped in one process.
+#[derive(Debug, Clone)]
+pub struct Libc {
+    pub path: String,
+    pub malloc_trim: u64,
+    bias: u64,
+    info: Arc<ElfInfo>,
+}
+
+impl Libc {
+    /// The restartable libc function containing `ip`, if any.
+    pub fn restartable_function_at(&self, ip: u64) -> Option<&'static str> {
+        let off = ip.checked_sub(self.bias)?;
+        self.info
+            .restartable
+            .iter()
+            .find(|(_, start, size)| off >= *start && off < start + size.max(&1))
+            .map(|(name, _, _)| *name)
+    }
+}
+
+/// Parsed libc files by (device major, device minor, inode).
+type Cache = Mutex<HashMap<(u32, u32, u64), Arc<ElfInfo>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Why this process has no usable `malloc_trim`, judged from its mappings alone.
+pub fn allocator_problem(maps: &[MapEntry]) -> Option<String> {
+    for m in maps {
+        let Some(path) = m.path.as_deref() else {
+            continue;
+        };
+        let name = file_name(path);
+        for alloc in ["libjemalloc", "libtcmalloc", "libmimalloc"] {
+            if name.starts_with(alloc) {
+                return Some(format!(
+                    "malloc is replaced by {name}; glibc's malloc_trim would not release its memory"
+                ));
+            }
+        }
+        if name.starts_with("ld-musl") || name.starts_with("libc.musl") {
+            return Some("the process uses musl libc, which has no malloc_trim".into());
+        }
+    }
+    None
+}
+
+/// The libc mapping at file offset 0 (glibc: `libc.so.6`, old `libc-2.x.so`).
+pub fn find_libc(maps: &[MapEntry]) -> Option<&MapEntry> {
+    maps.iter().find(|m| {
+        m.offset == 0
+            && m.path.as_deref().is_some_and(|p| {
+                let n = file_name(p);
+                n.starts_with("libc.so") || (n.starts_with("libc-") && n.ends_with(".so"))
+            })
+    })
+}
+
+/// Resolve libc and `malloc_trim` in process `pid` with mappings `maps`.
+pub fn resolve(pid: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
+    if let Some(reason) = allocator_problem(maps) {
+        return Err(TrimError::Unavailable { pid, reason });
+    }
+    let Some(m) = find_libc(maps) else {
+        return Err(TrimError::Unavailable {
+            pid,
+            reason: "no glibc libc.so is mapped (statically linked or not glibc), so there is \
+                     no malloc_trim to call"
+                .into(),
+        });
+    };
+    let path = m.path.clone().unwrap_or_default();
+    let key = (m.dev.0, m.dev.1, m.inode);
+    let cached = cache()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    let info = match cached {
+        Some(i) => i,
+        None => {
+            let info = Arc::new(load(pid, m, &path)?);
+            cache()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, info.clone());
+            info
+        }
+    };
+    let Some(off) = info.malloc_trim else {
+        return Err(TrimError::Unavailable {
+            pid,
+            reason: format!("{path} does not export malloc_trim (not glibc?)"),
+        });
+    };
+    let bias = m.start - info.first_vaddr;
+    Ok(Libc {
+        path,
+        malloc_trim: bias + off,
+        bias,
+        info,
+    })
+}
+
+/// Read and parse the mapped file, checking it is the same inode the process maps.
+fn load(pid: i32, m: &MapEntry, path: &str) -> Result<ElfInfo, TrimError> {
+    let via_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+    let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
+    let mut last_err = None;
+    for candidate in [via_root, via_map_files] {
+        match std::fs::read(&candidate) {
+            Ok(data) => {
+                let same = std::fs::metadata(&candidate)
+                    .map(|md| md.ino() == m.inode)
+                    .unwrap_or(false);
+                if !same {
+                    continue;
+                }
+                return parse_elf(&data).map_err(|e| TrimError::Unavailable {
+                    pid,
+                    reason: format!("cannot parse {path} as ELF: {e}"),
+                });
+            }
+            Err(e) => last_err = Some((candidate, e)),
+        }
+    }
+    match last_err {
+        Some((p, e)) => Err(super::procfs::io_error(
+            pid,
+            "read the target's libc",
+            &p,
+            e,
+        )),
+        None => Err(TrimError::Unavailable {
+            pid,
+            reason: format!("{path} was replaced on disk since the process mapped it"),
+        }),
+    }
+}
+
+fn parse_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
+    let file = object::File::parse(data)?;
+    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    let mut malloc_trim = None;
+    let mut restartable = Vec::new();
+    for sym in file.dynamic_symbols() {
+        if !sym.is_definition() {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        if name == "malloc_trim" {
+            malloc_trim = Some(sym.address());
+        } else if let Some(n) = RESTARTABLE.iter().find(|n| **n == name) {
+            restartable.push((*n, sym.address(), sym.size()));
+        }
+    }
+    Ok(ElfInfo {
+        malloc_trim,
+        first_vaddr,
+        restartable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::procfs::parse_maps;
+    use super::*;
+
+    #[test]
+    fn detects_replaced_allocators_and_musl() {
+        let je = parse_maps(
+            "7f00-8f00 r--p 00000000 fe:01 5 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n",
+        );
+        assert!(allocator_problem(&je).unwrap().contains("libjemalloc"));
+        let musl = parse_maps("7f00-8f00 r--p 00000000 fe:01 5 /lib/ld-musl-x86_64.so.1\n");
+        assert!(allocator_problem(&musl).unwrap().contains("musl"));
+        let plain = parse_maps("7f00-8f00 r--p 00000000 fe:01 5 /lib/x86_64-linux-gnu/libc.so.6\n");
+        assert_eq!(allocator_problem(&plain), None);
+        assert_eq!(find_libc(&plain).unwrap().inode, 5);
+        let old = parse_maps("7f00-8f00 r--p 00000000 fe:01 6 /lib/libc-2.31.so\n");
+        assert!(find_libc(&old).is_some());
+        let none = parse_maps("7f00-8f00 r--p 00000000 fe:01 6 /lib/libcrypt.so.1\n");
+        assert!(find_libc(&none).is_none());
+    }
+
+    #[test]
+    fn finds_malloc_trim_in_this_systems_libc() {
+        let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let libc = resolve(std::process::id() as i32, &maps).unwrap();
+        // SAFETY: dlsym on the default namespace with a valid C string.
+        let ours = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc_trim".as_ptr()) };
+        assert_eq!(libc.malloc_trim, ours as u64);
+        // SAFETY: as above.
+        let sleep = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"clock_nanosleep".as_ptr()) };
+        assert_eq!(
+            libc.restartable_function_at(sleep as u64 + 4),
+            Some("clock_nanosleep")
+        );
+    }
+}

@@ -1,0 +1,669 @@
+//! External `malloc_trim` through ptrace, on real processes: Python workers with fragmented
+//! heaps, a busy Python server under a thousand trims, a C program with threads parked in
+//! every kind of blocking call, and the failure cases of `trimrun trim`.
+//! Needs root (or ptrace rights on own children), python3 and cc.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{cannot_run, is_root, wait_for};
+use trimrun::trim::{TrimError, TrimOptions, TrimReport, trim_pid, trim_thread};
+
+fn progs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/progs")
+}
+
+/// Skip (or fail under CI) when this machine cannot run the tests.
+fn unsupported() -> bool {
+    if !cfg!(target_arch = "x86_64") {
+        return cannot_run("x86_64");
+    }
+    if !is_root() {
+        return cannot_run("root (ptrace of other processes)");
+    }
+    for tool in ["python3", "cc"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            return cannot_run(tool);
+        }
+    }
+    false
+}
+
+/// Compile tests/progs/NAME.c into `dir`.
+fn build_c(dir: &Path, name: &str, extra: &[&str]) -> Option<PathBuf> {
+    let out = dir.join(name);
+    let st = Command::new("cc")
+        .args(["-O1", "-pthread", "-o"])
+        .arg(&out)
+        .arg(progs().join(format!("{name}.c")))
+        .args(extra)
+        .status()
+        .ok()?;
+    st.success().then_some(out)
+}
+
+/// A child process we talk to over stdin/stdout, killed on drop.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: BufReader<ChildStdout>,
+}
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn test program");
+        let stdin = child.stdin.take();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        Proc { child, stdin, out }
+    }
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    fn line(&mut self) -> String {
+        let mut s = String::new();
+        self.out.read_line(&mut s).expect("read from test program");
+        assert!(!s.is_empty(), "test program closed its output");
+        s.trim_end().to_string()
+    }
+    /// Read lines until one starts with `prefix`; return the lines before it and it.
+    fn until(&mut self, prefix: &str) -> (Vec<String>, String) {
+        let mut before = Vec::new();
+        loop {
+            let l = self.line();
+            if l.starts_with(prefix) {
+                return (before, l);
+            }
+            before.push(l);
+        }
+    }
+    fn send(&mut self, cmd: &str) {
+        let w = self.stdin.as_mut().unwrap();
+        writeln!(w, "{cmd}").unwrap();
+        w.flush().unwrap();
+    }
+    fn alive(&self) -> bool {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // State is the field after the ")" of the command name.
+        let state = stat.rsplit_once(") ").map(|(_, r)| &r[..1]).unwrap_or("?");
+        matches!(state, "S" | "R" | "D")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn field(line: &str, i: usize) -> u64 {
+    line.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+fn opts() -> TrimOptions {
+    TrimOptions::default()
+}
+
+/// Trim, retrying for up to 10 s while the answer is "deferred" (the thread we want was
+/// not parked at that moment: e.g. still runnable after the previous injection on a busy
+/// machine). Returns the last result.
+fn trim_when_parked(
+    f: impl Fn() -> Result<TrimReport, TrimError>,
+) -> Result<TrimReport, TrimError> {
+    let mut last = None;
+    let got = wait_for(Duration::from_secs(10), || match f() {
+        Err(TrimError::Deferred { pid, reason }) => {
+            last = Some(TrimError::Deferred { pid, reason });
+            None
+        }
+        other => Some(other),
+    });
+    got.unwrap_or_else(|| Err(last.unwrap()))
+}
+
+/// Abort the whole test binary if a test hangs (a deadlock must fail, not stall CI).
+fn watchdog(limit: Duration, what: &'static str) -> Arc<AtomicBool> {
+    let done = Arc::new(AtomicBool::new(false));
+    let d = done.clone();
+    std::thread::spawn(move || {
+        if wait_for(limit, || d.load(Ordering::SeqCst).then_some(())).is_none() {
+            eprintln!("watchdog: {what} did not finish in {limit:?}: deadlock?");
+            std::process::abort();
+        }
+    });
+    done
+}
+
+#[test]
+fn external_trim_releases_fragmented_python_heap_like_in_process_trim() {
+    if unsupported() {
+        return;
+    }
+    let frag = progs().join("frag.py");
+    let start = || {
+        let mut p = Proc::spawn(Command::new("python3").arg(&frag).args(["7", "120", "4"]));
+        let ready = p.line();
+        assert!(ready.starts_with("ready"), "{ready}");
+        p
+    };
+    // Outside: trimrun injects malloc_trim(0).
+    let ext = start();
+    let r = trim_when_parked(|| trim_pid(ext.pid(), &opts())).expect("external trim");
+    let ext_released = r.anon_before as i64 - r.anon_after as i64;
+    // Inside: the same heap (same seed) trims itself through ctypes.
+    let mut inp = start();
+    inp.send("self");
+    let l = inp.line();
+    let in_released = field(&l, 1) as i64 - field(&l, 2) as i64;
+    eprintln!(
+        "external: {ext_released} of {} anon bytes released (pause {} us, thread {} in {}); in-process: {in_released}",
+        r.anon_before, r.pause_us, r.tid, r.syscall
+    );
+    assert_eq!(r.ret, 1, "malloc_trim reports memory released");
+    assert!(
+        ext_released as f64 >= 0.30 * r.anon_before as f64,
+        "external trim released {ext_released} of {} anonymous bytes, want >= 30%",
+        r.anon_before
+    );
+    assert!(
+        ext_released as f64 >= 0.90 * in_released as f64,
+        "external trim released {ext_released}, in-process {in_released}: want >= 90%"
+    );
+    assert!(ext.alive());
+}
+
+#[test]
+fn soak_thousand_trims_of_busy_python_server_never_break_requests() {
+    if unsupported() {
+        return;
+    }
+    let done = watchdog(Duration::from_secs(150), "soak");
+    let mut srv = Proc::spawn(
+        Command::new("python3")
+            .arg(progs().join("soak.py"))
+            .arg("3"),
+    );
+    let port = field(&srv.line(), 1);
+    let pid = srv.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let served = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..2u64)
+        .map(|c| {
+            let (stop, served) = (stop.clone(), served.clone());
+            std::thread::spawn(move || {
+                let mut id = c << 32;
+                while !stop.load(Ordering::SeqCst) {
+                    let s = TcpStream::connect(("127.0.0.1", port as u16)).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut w = s.try_clone().unwrap();
+                    let mut r = BufReader::new(s);
+                    for _ in 0..20 {
+                        id += 1;
+                        let values: Vec<u64> = (0..(id % 50)).map(|v| v * 7 + id).collect();
+                        let pad = "x".repeat((id % 3000) as usize);
+                        let req = serde_json::json!({"id": id, "values": values, "pad": pad});
+                        writeln!(w, "{req}").expect("send request");
+                        let mut line = String::new();
+                        r.read_line(&mut line).expect("read response");
+                        let resp: serde_json::Value =
+                            serde_json::from_str(&line).expect("response is JSON");
+                        assert_eq!(resp["id"], id);
+                        assert_eq!(resp["sum"], values.iter().sum::<u64>());
+                        assert_eq!(resp["pad"], pad.as_str());
+                        served.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let t0 = Instant::now();
+    let (mut ok, mut deferred, mut pauses) = (0, 0, Vec::new());
+    let mut threads_used = HashMap::<String, u32>::new();
+    while ok < 1000 && t0.elapsed() < Duration::from_secs(55) {
+        match trim_pid(pid, &opts()) {
+            Ok(r) => {
+                ok += 1;
+                pauses.push(r.pause_us);
+                *threads_used.entry(r.syscall.clone()).or_default() += 1;
+                // The report survives a JSON round trip (what `trim --json` and the
+                // status socket carry).
+                let v: serde_json::Value =
+                    serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+                assert_eq!(v["pid"], pid);
+                assert_eq!(v["tid"], r.tid);
+                assert_eq!(v["pause_us"], r.pause_us);
+                assert_eq!(
+                    v["rss_before"].as_i64().unwrap() - v["rss_after"].as_i64().unwrap(),
+                    r.released()
+                );
+            }
+            Err(TrimError::Deferred { .. }) => deferred += 1,
+            Err(e) => panic!("trim {ok} failed: {e}"),
+        }
+    }
+    // The subcommand's JSON on the same process.
+    let out = Command::new(env!("CARGO_BIN_EXE_trimrun"))
+        .args(["trim", "--json", &pid.to_string()])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(v["pid"], pid);
+    assert!(v["ok"] == true || v["error"] == "deferred", "{v}");
+
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.join().expect("every request succeeded");
+    }
+    pauses.sort();
+    eprintln!(
+        "soak: {ok} trims, {deferred} deferred, {} requests in {:?}; pause median {} us, max {} us; syscalls {threads_used:?}",
+        served.load(Ordering::SeqCst),
+        t0.elapsed(),
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() - 1]
+    );
+    assert!(
+        ok >= 1000,
+        "only {ok} trims in the time budget ({deferred} deferred)"
+    );
+    assert!(served.load(Ordering::SeqCst) > 0);
+    assert!(srv.alive(), "server died");
+    srv.send("");
+    done.store(true, Ordering::SeqCst);
+}
+
+/// Start tests/progs/parked with a fragmented heap; return it and name -> tid.
+fn start_parked(dir: &Path) -> (Proc, HashMap<String, i32>) {
+    let bin = build_c(dir, "parked", &[]).expect("compile parked.c");
+    let mut p = Proc::spawn(Command::new(bin).arg("60"));
+    let (lines, _) = p.until("ready");
+    let tids = lines
+        .iter()
+        .map(|l| {
+            let (n, t) = l.split_once(' ').unwrap();
+            (n.to_string(), t.parse().unwrap())
+        })
+        .collect();
+    (p, tids)
+}
+
+/// Stop the parked program and return name -> (iterations, errors, eintr), signals.
+fn stop_parked(mut p: Proc) -> (HashMap<String, (u64, u64, u64)>, u64) {
+    p.send("stop");
+    let (lines, sigs) = p.until("signals");
+    let results = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("result "))
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n = |i: usize| f[i].parse::<u64>().unwrap();
+            (f[0].to_string(), (n(1), n(2), n(3)))
+        })
+        .collect();
+    (results, field(&sigs, 1))
+}
+
+#[test]
+fn parked_calls_behave_after_many_injections_and_futex_threads_are_never_used() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p, tids) = start_parked(dir.path());
+    let pid = p.pid();
+    let mut seen = HashMap::<&str, Vec<String>>::new();
+    for name in [
+        "select",
+        "poll",
+        "epoll_wait",
+        "accept",
+        "read",
+        "nanosleep",
+        "clock_nanosleep",
+    ] {
+        for _ in 0..25 {
+            let r = trim_when_parked(|| trim_thread(pid, tids[name], &opts()))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(r.tid, tids[name]);
+            seen.entry(name).or_default().push(r.syscall);
+        }
+    }
+    for _ in 0..10 {
+        match trim_thread(pid, tids["cond"], &opts()) {
+            Err(TrimError::Deferred { reason, .. }) => {
+                assert!(reason.contains("futex"), "{reason}")
+            }
+            other => panic!("condition wait must never be used: {other:?}"),
+        }
+    }
+    for (k, v) in &seen {
+        let mut v = v.clone();
+        v.dedup();
+        eprintln!("{k}: injected while in {v:?}");
+    }
+    let (results, _) = stop_parked(p);
+    for (name, (iters, errors, eintr)) in &results {
+        eprintln!("{name}: {iters} iterations, {errors} errors, {eintr} EINTR");
+        assert_eq!(
+            *errors, 0,
+            "{name} misbehaved after injections (see stderr)"
+        );
+        if name != "epoll_wait" {
+            assert_eq!(*eintr, 0, "{name}");
+        }
+    }
+}
+
+#[test]
+fn signals_sent_during_injections_are_delivered_afterwards() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, tids) = start_parked(dir.path());
+    let pid = p.pid();
+    let tid = tids["sig"];
+    const N: u64 = 200;
+    let trimming = Arc::new(AtomicBool::new(false));
+    let sent_during = Arc::new(AtomicU64::new(0));
+    let sender = {
+        let (trimming, sent_during) = (trimming.clone(), sent_during.clone());
+        std::thread::spawn(move || {
+            for _ in 0..N {
+                // Real-time signals queue: each one sent must be handled once.
+                // SAFETY: kill has no memory preconditions.
+                assert_eq!(unsafe { libc::kill(pid, 40) }, 0);
+                if trimming.load(Ordering::SeqCst) {
+                    sent_during.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_micros(1500));
+            }
+        })
+    };
+    let mut trims = 0;
+    while !sender.is_finished() {
+        trimming.store(true, Ordering::SeqCst);
+        let r = trim_thread(pid, tid, &opts());
+        trimming.store(false, Ordering::SeqCst);
+        match r {
+            Ok(_) => trims += 1,
+            Err(TrimError::Deferred { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    sender.join().unwrap();
+    p.send("sigs");
+    let _ = p.until("signals");
+    let (results, sigs) = stop_parked(p);
+    eprintln!(
+        "{trims} injections, {} of {N} signals sent while one was running, {sigs} handled",
+        sent_during.load(Ordering::SeqCst)
+    );
+    assert!(trims > 0 && sent_during.load(Ordering::SeqCst) > 0);
+    assert_eq!(sigs, N, "signals lost or duplicated");
+    assert_eq!(
+        results["sig"].1, 0,
+        "sleep of the signalled thread misbehaved"
+    );
+}
+
+#[test]
+fn process_with_only_futex_and_busy_threads_is_deferred_and_untouched() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = build_c(dir.path(), "busy", &[]).expect("compile busy.c");
+    let mut p = Proc::spawn(&mut Command::new(bin));
+    assert_eq!(p.line(), "ready");
+    for _ in 0..20 {
+        match trim_pid(p.pid(), &opts()) {
+            Err(TrimError::Deferred { reason, .. }) => {
+                assert!(reason.contains("futex"), "{reason}")
+            }
+            other => panic!("expected deferred, got {other:?}"),
+        }
+    }
+    assert!(p.alive());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "left attached");
+}
+
+#[test]
+fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = build_c(dir.path(), "lockheld", &[]).expect("compile lockheld.c");
+    let mut cmd = Command::new(bin);
+    cmd.stderr(Stdio::piped());
+    let mut p = Proc::spawn(&mut cmd);
+    let stderr = p.child.stderr.take().unwrap();
+    let (lines, _) = p.until("ready");
+    let tid = |name: &str| -> i32 {
+        let l = lines.iter().find(|l| l.starts_with(name)).unwrap();
+        field(l, 1) as i32
+    };
+    let (sleeper, stats) = (tid("sleeper"), tid("stats"));
+    let pid = p.pid();
+    // malloc_stats is blocked writing to the full pipe, holding the main arena lock.
+    let blocked = wait_for(Duration::from_secs(5), || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{stats}/syscall")).ok()?;
+        s.starts_with("1 ").then_some(())
+    });
+    assert!(
+        blocked.is_some(),
+        "malloc_stats thread not blocked in write"
+    );
+    let short = TrimOptions {
+        timeout: Duration::from_millis(300),
+    };
+    let r = trim_when_parked(|| trim_thread(pid, sleeper, &short));
+    assert!(matches!(r, Err(TrimError::TimedOut { .. })), "{r:?}");
+    // Unblock malloc_stats: the lock is released and the process carries on.
+    let drain = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+    });
+    assert_eq!(p.until("done").1, "done");
+    let r = trim_when_parked(|| trim_thread(pid, sleeper, &opts())).expect("trim after unlock");
+    assert_eq!(r.ret, r.ret.clamp(0, 1));
+    p.send("stop");
+    let (_, res) = p.until("result");
+    assert!(field(&res, 1) > 0);
+    assert_eq!(field(&res, 2), 0, "the restored sleeper misbehaved");
+    drop(p);
+    drain.join().unwrap();
+}
+
+fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_trimrun"))
+        .arg("trim")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn sleeper() -> Proc {
+    let mut p = Proc::spawn(Command::new("python3").args([
+        "-c",
+        "import sys; print('ready', flush=True); sys.stdin.read()",
+    ]));
+    assert_eq!(p.line(), "ready");
+    p
+}
+
+#[test]
+fn cli_trims_a_python_process_and_prints_one_line() {
+    if unsupported() {
+        return;
+    }
+    let p = sleeper();
+    let (code, out, err) = cli(&[&p.pid().to_string()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("{}: released", p.pid())), "{out}");
+    assert!(out.contains("in read"), "{out}");
+    assert!(p.alive());
+}
+
+#[test]
+fn cli_rejects_bad_input_with_exit_2() {
+    for args in [
+        &[][..],
+        &["abc"],
+        &["0"],
+        &["--timeout", "2h", "1"],
+        &["--timeout"],
+    ] {
+        let (code, _, err) = cli(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.starts_with("trimrun trim: "), "{err}");
+    }
+}
+
+#[test]
+fn cli_reports_a_nonexistent_pid() {
+    // A pid that just exited and was reaped.
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    let (code, _, err) = cli(&[&pid.to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("pid {pid} is gone")), "{err}");
+    let (code, out, _) = cli(&["--json", &pid.to_string()]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"], "gone");
+    assert_eq!(v["retryable"], false);
+}
+
+#[test]
+fn process_killed_mid_trim_is_reported_gone_or_exited() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (p, _) = start_parked(dir.path());
+    let pid = p.pid();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill has no memory preconditions; the pid is our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let mut outcomes = HashMap::<&str, u32>::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match trim_pid(pid, &opts()) {
+            Ok(_) => *outcomes.entry("ok").or_default() += 1,
+            Err(TrimError::Deferred { .. }) => *outcomes.entry("deferred").or_default() += 1,
+            Err(TrimError::Gone { .. }) => {
+                *outcomes.entry("gone").or_default() += 1;
+                break;
+            }
+            Err(TrimError::Exited { status, .. }) => {
+                assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL);
+                *outcomes.entry("exited").or_default() += 1;
+                break;
+            }
+            Err(e) => panic!("unexpected error for a killed process: {e}"),
+        }
+        assert!(Instant::now() < deadline);
+    }
+    killer.join().unwrap();
+    eprintln!("outcomes: {outcomes:?}");
+    drop(p);
+}
+
+#[test]
+fn cli_refuses_untraceable_target_with_a_remedy() {
+    if unsupported() {
+        return;
+    }
+    let p = sleeper();
+    // trimrun as nobody against a root process.
+    use std::os::unix::process::CommandExt;
+    let out = Command::new(env!("CARGO_BIN_EXE_trimrun"))
+        .args(["trim", &p.pid().to_string()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot trace pid {}", p.pid())),
+        "{err}"
+    );
+    assert!(
+        err.contains("permission denied") && err.contains("run as root"),
+        "{err}"
+    );
+    assert!(p.alive());
+}
+
+#[test]
+fn cli_reports_static_binary_has_no_malloc_trim() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(bin) = build_c(dir.path(), "static_sleeper", &["-static"]) else {
+        cannot_run("a static libc (libc.a) for cc -static");
+        return;
+    };
+    let mut p = Proc::spawn(&mut Command::new(bin));
+    assert_eq!(p.line(), "ready");
+    let (code, _, err) = cli(&[&p.pid().to_string()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no malloc_trim"), "{err}");
+    let (_, out, _) = cli(&["--json", &p.pid().to_string()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"], "unavailable");
+    assert!(p.alive());
+}
+
+#[test]
+fn cli_reports_already_traced_target() {
+    if unsupported() {
+        return;
+    }
+    // The child asks its parent to trace it (PTRACE_TRACEME) and keeps running.
+    let script = "import os, ctypes, sys, time\n\
+                  pid = os.fork()\n\
+                  if pid == 0:\n    ctypes.CDLL(None).ptrace(0, 0, 0, 0)\n    print(os.getpid(), flush=True)\n    time.sleep(600)\n\
+                  else:\n    sys.stdin.read(); os.kill(pid, 9); os.waitpid(pid, 0)\n";
+    let mut p = Proc::spawn(Command::new("python3").args(["-c", script]));
+    let traced: i32 = p.line().parse().unwrap();
+    let (code, _, err) = cli(&[&traced.to_string()]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("already traced by pid {}", p.pid())) && err.contains("detach"),
+        "{err}"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{traced}/stat")).unwrap();
+    assert!(stat.contains(") S "), "traced child disturbed: {stat}");
+    drop(p.stdin.take());
+}
+
+// Keep the helper types used even when some tests are skipped.
+#[allow(dead_code)]
+fn _types(_: TrimReport, _: Mutex<()>) {}
