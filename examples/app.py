@@ -98,7 +98,12 @@ def inherited_socket():
     probe = socket.socket(fileno=3)
     family, kind = probe.family, probe.type
     probe.detach()
-    return socket.socket(family, kind, fileno=3)
+    sock = socket.socket(family, kind, fileno=3)
+    # Every worker polls the shared socket and all wake on a new connection; only one gets
+    # it. Non-blocking, the others go back to polling instead of blocking in accept(),
+    # where a stop signal would not reach the serve loop until the next connection.
+    sock.setblocking(False)
+    return sock
 
 
 def notify(message):

@@ -164,11 +164,16 @@ fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
         status["oom_kills"],
         status["recycles"]
     );
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("trimmed slot"))
+        .collect();
     assert!(
         failures.is_empty(),
-        "{} failed requests: {:?}",
+        "{} failed requests: {:?}\n{}",
         failures.len(),
-        &failures[..failures.len().min(5)]
+        &failures[..failures.len().min(5)],
+        notable.join("\n")
     );
     assert!(
         log.matches("recycle complete").count() >= 6,

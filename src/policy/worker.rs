@@ -278,8 +278,12 @@ impl WorkerPolicy {
         if let Some(retry) = self.retry_at {
             return now >= retry;
         }
-        let urgent =
-            self.is_waiting(settings, now) && self.growth_rate(now).is_some_and(|r| r > 0.0);
+        // Over the recycle threshold with no trim since crossing it: only a fresh trim can
+        // decide the recycle, and the headroom to the hard limit may be seconds, so it
+        // cannot wait a whole --trim-interval.
+        let crossed = self.threshold.is_some_and(|t| ws >= t) && self.trimmed_over_since.is_none();
+        let urgent = crossed
+            || (self.is_waiting(settings, now) && self.growth_rate(now).is_some_and(|r| r > 0.0));
         if !self.armed && !urgent {
             return false;
         }
@@ -667,6 +671,27 @@ mod tests {
         let mut off = settings.clone();
         off.trim = false;
         assert!(!w.should_trim(&off, s(2)));
+    }
+
+    #[test]
+    fn crossing_the_recycle_threshold_brings_the_deciding_trim_forward() {
+        let settings = no_jitter();
+        let mut w = worker(&settings);
+        w.observe(s(1), 800 * MIB);
+        assert!(w.should_trim(&settings, s(1)));
+        w.trimmed(s(1), 799 * MIB); // ineffective: disarmed until hysteresis growth
+        w.observe(s(2), 850 * MIB);
+        assert!(
+            !w.should_trim(&settings, s(2)),
+            "below the threshold the interval holds"
+        );
+        // Over the 90% threshold: the next trim comes after the urgent interval, not 10 s.
+        w.observe(s(3), 930 * MIB);
+        let urgent = settings.urgent_trim_interval();
+        assert!(!w.should_trim(&settings, s(1) + urgent - Duration::from_millis(1)));
+        w.observe(s(1) + urgent, 931 * MIB);
+        assert!(w.should_trim(&settings, s(1) + urgent));
+        assert!(urgent < settings.trim_interval);
     }
 
     #[test]
