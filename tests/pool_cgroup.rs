@@ -17,9 +17,8 @@ mod harness;
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use common::{example, wait_for};
+use common::wait_for;
 use harness::*;
 
 /// A private v1 memory group to run trimrun in, or None (skip) where v1 cannot work.
@@ -86,48 +85,10 @@ fn v1_stale_group_of_a_sigkilled_run_and_its_orphans_are_removed_at_next_start()
 /// may use, keeps 5% (at least 32 MiB) for itself and splits the rest between 2 workers.
 #[test]
 fn v1_limit_auto_splits_the_limit_of_the_enclosing_group() {
-    const GIB: u64 = 1 << 30;
-    let Some(at) = v1_place("auto", Some(GIB)) else {
+    let Some(at) = v1_place("auto", Some(1 << 30)) else {
         return;
     };
-    let want = ((GIB - GIB / 20) / 2) & !4095;
-    let pool = Pool::start(
-        &[
-            "-n",
-            "2",
-            "--limit",
-            "auto",
-            "--cgroup",
-            "v1",
-            "--ready",
-            "delay:300ms",
-            "--graceful-timeout",
-            "3s",
-        ],
-        at.wrap(),
-    );
-    pool.wait_log("all workers ready", secs(20));
-    assert_eq!(
-        Hier::V1.dir_of(pool.pid()).unwrap(),
-        at.dir,
-        "the wrapper put trimrun in the limited group"
-    );
-    let line = pool.wait_line(&["--limit auto:"], secs(5));
-    assert_eq!(field(&line, "available"), Some(GIB.to_string()), "{line}");
-    assert_eq!(field(&line, "per_worker"), Some(want.to_string()), "{line}");
-    let st = pool.status_measured();
-    for w in st["workers"].as_array().unwrap() {
-        assert_eq!(w["limit"].as_u64(), Some(want), "{w}");
-        let pid = w["pid"].as_i64().unwrap() as i32;
-        let dir = Hier::V1.dir_of(pid).unwrap();
-        assert!(dir.starts_with(&at.dir), "{}", dir.display());
-        assert_eq!(
-            read(dir.join("memory.limit_in_bytes")).trim(),
-            want.to_string(),
-            "{}",
-            dir.display()
-        );
-    }
+    limit_auto_splits_the_enclosing_limit(&at, 1 << 30, 2);
 }
 
 /// `--limit 1M`: refused before any worker starts, exit 2, the minimum in the message, and
@@ -137,46 +98,7 @@ fn limit_too_small_to_start_a_worker_exits_2_with_the_minimum() {
     // Without root this still checks the exit code and message (the none backend).
     let at = (common::is_root() && Path::new("/sys/fs/cgroup/memory/cgroup.procs").exists())
         .then(|| Place::private(Hier::V1, "tiny", None));
-    let dir = tempfile::tempdir().unwrap();
-    let mut argv: Vec<String> = at.as_ref().and_then(Place::wrap).unwrap_or_default();
-    argv.extend(
-        [
-            BIN,
-            "-n",
-            "2",
-            "--limit",
-            "1M",
-            "--bind",
-            "127.0.0.1:0",
-            "--control",
-        ]
-        .map(String::from),
-    );
-    argv.push(dir.path().join("ctl.sock").display().to_string());
-    argv.extend(["--", "python3", &example("app.py")].map(String::from));
-    let out = Command::new(&argv[0])
-        .args(&argv[1..])
-        .env("NO_COLOR", "1")
-        .env_remove("TRIMRUN_LIMIT")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("is too small to start a worker"), "{err}");
-    let min = err
-        .split("at least ")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no minimum in {err}"));
-    assert!(
-        min.starts_with("32 MiB") || min.starts_with("32.0MiB") || min.starts_with("32MiB"),
-        "the minimum, 32 MiB, is in the message: {err}"
-    );
-    assert!(!err.contains("worker started"), "{err}");
-    if let Some(at) = &at {
-        let left = trimrun_groups(&at.dir, |_| true);
-        assert!(left.is_empty(), "{left:?}");
-    }
+    limit_too_small_exits_2_with_the_minimum(at.as_ref());
 }
 
 /// `--cgroup none`: workers stay in trimrun's cgroup, the pool serves, and `status` reports

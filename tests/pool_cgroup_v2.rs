@@ -27,6 +27,8 @@ const INNER: &[&str] = &[
     "inner_v2_oom_killed_worker_is_reported_and_replaced_neighbours_untouched",
     "inner_v2_worker_memory_reading_matches_smaps_rollup_anon_within_5_percent",
     "inner_v2_stale_group_of_a_sigkilled_run_is_removed_at_next_start",
+    "inner_v2_limit_auto_splits_the_limit_of_the_enclosing_group",
+    "inner_v2_limit_too_small_to_start_a_worker_exits_2_and_rolls_back",
 ];
 
 #[test]
@@ -170,4 +172,27 @@ fn inner_v2_stale_group_of_a_sigkilled_run_is_removed_at_next_start() {
     }
     stale_group_removed_at_next_start(&Place::own(Hier::V2));
     println!("v2 stale ok");
+}
+
+/// trimrun started in a non-root group limited to 512 MiB: it moves into its leaf, enables
+/// the memory controller where it started, and `--limit auto` splits the 512 MiB.
+#[test]
+fn inner_v2_limit_auto_splits_the_limit_of_the_enclosing_group() {
+    if !in_vm() {
+        return;
+    }
+    let at = Place::private(Hier::V2, "auto", Some(512 * MIB));
+    limit_auto_splits_the_enclosing_limit(&at, 512 * MIB, 2);
+    println!("v2 auto ok");
+}
+
+/// `--limit 1M`: exit 2 with the minimum; v2 setup (trimrun moved into its leaf, +memory
+/// enabled) is rolled back: no tree left, trimrun was back where it started.
+#[test]
+fn inner_v2_limit_too_small_to_start_a_worker_exits_2_and_rolls_back() {
+    if !in_vm() {
+        return;
+    }
+    limit_too_small_exits_2_with_the_minimum(Some(&Place::own(Hier::V2)));
+    println!("v2 tiny ok");
 }

@@ -15,6 +15,14 @@ use serde_json::Value;
 
 use crate::common::{example, wait_for};
 
+/// What `--limit auto` should give: (available − reserve) / workers, whole pages, where
+/// the reserve is 5% of what is available, at least 32 MiB and at most 256 MiB. Written
+/// out here rather than taken from the crate, so a change of the rule shows.
+pub fn expected_auto_limit(available: u64, workers: u64) -> u64 {
+    let reserve = (available / 20).clamp(32 * MIB, 256 * MIB);
+    ((available - reserve) / workers) & !4095
+}
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_trimrun");
 pub const MIB: u64 = 1 << 20;
 
@@ -122,6 +130,14 @@ impl Place {
         let dir = hier
             .own_dir()
             .join(format!("pool-cgroup-{name}-{}", std::process::id()));
+        if hier == Hier::V2 {
+            // The parent must hand the memory controller down for memory.max to exist (the
+            // root may do so with processes in it; an earlier run may have taken it back).
+            let sc = hier.own_dir().join("cgroup.subtree_control");
+            if !read(&sc).split_whitespace().any(|c| c == "memory") {
+                std::fs::write(&sc, "+memory").unwrap();
+            }
+        }
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
         if let Some(l) = limit {
             std::fs::write(dir.join(hier.limit_file()), l.to_string()).unwrap();
@@ -872,4 +888,103 @@ pub fn stale_group_removed_at_next_start(at: &Place) {
         own.join(format!("trimrun-{}", second.pid())).is_dir(),
         "the new run has its own tree"
     );
+}
+
+/// trimrun started (through the wrapper) in `at`, a group limited to `limit`: `--limit
+/// auto` logs `limit` as available and the expected per-worker figure, which is what every
+/// worker group gets and `status` shows.
+pub fn limit_auto_splits_the_enclosing_limit(at: &Place, limit: u64, n: u64) {
+    let hier = at.hier;
+    let want = expected_auto_limit(limit, n);
+    let n = n.to_string();
+    let pool = Pool::start(
+        &[
+            "-n",
+            &n,
+            "--limit",
+            "auto",
+            "--cgroup",
+            hier.flag(),
+            "--ready",
+            "delay:300ms",
+            "--graceful-timeout",
+            "3s",
+        ],
+        at.wrap(),
+    );
+    pool.wait_log("all workers ready", secs(20));
+    // v1: trimrun stays where it started; v2: in its leaf trimrun-<pid>/supervisor.
+    let home = match hier {
+        Hier::V1 => at.dir.clone(),
+        Hier::V2 => at.dir.join(format!("trimrun-{}", pool.pid())),
+    };
+    assert_eq!(
+        hier.dir_of(pool.pid()).unwrap(),
+        home,
+        "trimrun runs in the limited group"
+    );
+    let line = pool.wait_line(&["--limit auto:"], secs(5));
+    println!("{line}");
+    assert_eq!(field(&line, "available"), Some(limit.to_string()), "{line}");
+    assert_eq!(field(&line, "per_worker"), Some(want.to_string()), "{line}");
+    let st = pool.status_measured();
+    for w in st["workers"].as_array().unwrap() {
+        assert_eq!(w["limit"].as_u64(), Some(want), "{w}");
+        let pid = w["pid"].as_i64().unwrap() as i32;
+        let dir = hier.dir_of(pid).unwrap();
+        assert!(dir.starts_with(&at.dir), "{}", dir.display());
+        assert_eq!(
+            read(dir.join(hier.limit_file())).trim(),
+            want.to_string(),
+            "{}",
+            dir.display()
+        );
+    }
+}
+
+/// `--limit 1M` (started in `at` when given): exit 2 before any worker starts, the minimum
+/// in the message, and no `trimrun-*` group left in `at`.
+pub fn limit_too_small_exits_2_with_the_minimum(at: Option<&Place>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut argv: Vec<String> = at.and_then(Place::wrap).unwrap_or_default();
+    argv.extend(
+        [
+            BIN,
+            "-n",
+            "2",
+            "--limit",
+            "1M",
+            "--bind",
+            "127.0.0.1:0",
+            "--control",
+        ]
+        .map(String::from),
+    );
+    argv.push(dir.path().join("ctl.sock").display().to_string());
+    argv.extend(["--", "python3", &example("app.py")].map(String::from));
+    let out = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("NO_COLOR", "1")
+        .env_remove("TRIMRUN_LIMIT")
+        .env_remove("TRIMRUN_CGROUP")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{}", err.lines().last().unwrap_or(""));
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("is too small to start a worker"), "{err}");
+    let min = err
+        .split("at least ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no minimum in {err}"));
+    assert!(
+        min.starts_with("32 MiB") || min.starts_with("32.0MiB") || min.starts_with("32MiB"),
+        "the minimum, 32 MiB, is in the message: {err}"
+    );
+    assert!(!err.contains("worker started"), "{err}");
+    if let Some(at) = at {
+        let left = trimrun_groups(&at.dir, |_| true);
+        assert!(left.is_empty(), "{left:?}");
+    }
 }
