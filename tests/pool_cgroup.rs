@@ -9,7 +9,7 @@
 //! up nor show up as this test's `trimrun-*` groups. v1 tests need root and a writable v1
 //! memory hierarchy: they skip without, and fail under CI=true.
 //!
-//!     cargo test --test pool_cgroup -- --nocapture     # ~15 s
+//!     cargo test --test pool_cgroup -- --nocapture     # ~8 s here
 
 mod common;
 #[path = "pool_cgroup/harness.rs"]

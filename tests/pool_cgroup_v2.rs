@@ -8,7 +8,7 @@
 //! `memory.oom.group=1` and `memory.swap.max=0` on every worker group. Under TCG the guest
 //! is 10-40x slower: waits are stretched 20x (`harness::secs`), limits small, 2 workers.
 //!
-//!     cargo test --test pool_cgroup_v2 -- --nocapture    # one VM boot, ~1-2 min here
+//!     cargo test --test pool_cgroup_v2 -- --nocapture    # one VM boot, ~30 s here
 //!
 //! Skips without root, the VM script, qemu or a kernel image; fails under CI=true.
 
