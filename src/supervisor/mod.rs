@@ -420,6 +420,11 @@ impl Supervisor {
         }
         let oom = w.group.oom_kills().unwrap_or(0) > 0;
         let usage = w.usage.as_ref().map(|u| u.working_set);
+        // The last tick's reading may predate the growth that got the worker killed: the
+        // group's own high-water mark says what it reached.
+        let peak = oom
+            .then(|| w.group.usage(Some(pid)).ok().and_then(|u| u.peak))
+            .flatten();
         let lived = w.started.elapsed();
         let slot = w.slot;
         // Anything the worker left behind in its group (children in other process groups).
@@ -442,6 +447,7 @@ impl Supervisor {
                 pid,
                 generation = w.generation,
                 usage,
+                peak,
                 limit = self.limit,
                 "worker was OOM-killed by the kernel (memory.events/oom_control counted it)"
             );
