@@ -113,19 +113,26 @@ fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
         return;
     }
     let app = example("app.py");
+    // The queue must leave each worker time: identical leaks of ~0.9 MiB/s per worker, and
+    // 25+ MiB between a worker's threshold (70% ± 5 of 96 MiB) and its limit, so even five
+    // workers queued 5 s apart are replaced before the kernel would kill one.
     let mut pool = Pool::start_env(
         &[
             "-n",
             "6",
             "--limit",
             "96M",
+            "--trim-at",
+            "50%",
+            "--recycle-at",
+            "70%",
             "--ready",
             "delay:1s",
             "--graceful-timeout",
             "10s",
         ],
         &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "64")],
+        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "32")],
     );
     pool.wait_log("all workers ready", Duration::from_secs(30));
     if pool.log().contains("cgroup=none") {
