@@ -539,3 +539,27 @@ fn as_pid_1_in_its_own_namespace_it_serves_reaps_orphans_and_exits_cleanly() {
     assert_eq!(status.code(), Some(0), "{}", log());
     assert!(log().contains("trimrun stopped"));
 }
+
+#[test]
+fn without_a_cgroup_a_worker_over_its_limit_is_killed_and_replaced() {
+    let pool = Pool::app(
+        2,
+        &["--limit", "48M", "--trim", "off", "--ready", "delay:300ms"],
+    );
+    let before = pool.workers();
+    // One worker grows past 48 MiB; with --cgroup none only trimrun can stop it.
+    let body = get(pool.port, "/alloc?mb=60").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let victim = v["pid"].as_i64().unwrap() as i32;
+    pool.wait_log("no cgroup enforces it", Duration::from_secs(20));
+    let now = wait_for(Duration::from_secs(10), || {
+        let w = pool.workers();
+        (w.len() == 2 && !w.contains(&victim)).then_some(w)
+    })
+    .unwrap_or_else(|| panic!("not replaced:\n{}", pool.log()));
+    let untouched: Vec<_> = before.iter().filter(|p| **p != victim).collect();
+    assert!(
+        untouched.iter().all(|p| now.contains(p)),
+        "the neighbour is untouched"
+    );
+}

@@ -355,7 +355,7 @@ impl Supervisor {
             trim_unavailable: false,
             kill_at: None,
             killed: false,
-            failed_start: false,
+            counts_as_failure: false,
             stats: inherited,
             usage: None,
         });
@@ -438,7 +438,7 @@ impl Supervisor {
             }
         });
         let stopping = matches!(self.phase, Phase::Stopping { .. });
-        let expected = w.state == State::Draining && !w.failed_start;
+        let expected = w.state == State::Draining && !w.counts_as_failure;
         let cause = if oom { "oom_kill" } else { exit.cause() };
         if oom {
             self.totals.oom_kills += 1;
@@ -613,7 +613,7 @@ impl Supervisor {
                 w.state = State::Draining;
                 w.kill_at = Some(now);
                 // Not "expected": counted as a failure, so the slot backs off.
-                w.failed_start = true;
+                w.counts_as_failure = true;
             }
         }
         // Draining workers past their grace period.
@@ -622,7 +622,7 @@ impl Supervisor {
                 && now >= t
                 && !w.killed
             {
-                if w.failed_start {
+                if w.counts_as_failure {
                     debug!(
                         slot = w.slot,
                         pid = w.pid,
@@ -676,10 +676,29 @@ impl Supervisor {
 
     fn memory_tick(&mut self) {
         let now_d = self.now_d();
+        // Without a memory cgroup nothing else enforces the limit: past it, SIGKILL is the
+        // last resort (recycling should have replaced the worker long before).
+        let enforce = matches!(self.cgroups.kind(), cgroup::Kind::None)
+            .then_some(self.limit)
+            .flatten();
         for w in &mut self.workers {
             match w.group.usage(Some(w.pid)) {
                 Ok(u) => {
                     w.policy.observe(now_d, u.working_set);
+                    if let Some(limit) = enforce
+                        && u.working_set > limit
+                        && !w.killed
+                    {
+                        error!(
+                            slot = w.slot,
+                            pid = w.pid,
+                            usage = u.working_set,
+                            limit,
+                            "worker is over its limit and no cgroup enforces it (--cgroup none): SIGKILL"
+                        );
+                        w.counts_as_failure = true;
+                        w.kill();
+                    }
                     w.usage = Some(u);
                 }
                 Err(e) => {

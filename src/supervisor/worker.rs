@@ -102,7 +102,7 @@ pub struct Worker {
     pub trim_unavailable: bool,
     pub kill_at: Option<Instant>,
     pub killed: bool,
-    pub failed_start: bool,
+    pub counts_as_failure: bool,
     pub stats: Stats,
     pub usage: Option<Usage>,
 }
