@@ -16,10 +16,6 @@ mod common;
 #[path = "pool_cgroup/harness.rs"]
 mod harness;
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::Instant;
-
 use harness::*;
 
 const INNER: &[&str] = &[
@@ -36,58 +32,7 @@ fn v2_pool_in_a_vm() {
     if in_vm() {
         return;
     }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vm/in-v2-vm.sh");
-    if !script.exists() {
-        common::cannot_run(&format!("the VM script {}", script.display()));
-        return;
-    }
-    if !common::is_root() {
-        common::cannot_run("root (the VM script reads /boot and /lib/modules)");
-        return;
-    }
-    let have_qemu = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok();
-    let have_kernel = std::fs::read_dir("/boot")
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .unwrap_or(false);
-    if !have_qemu || !have_kernel {
-        common::cannot_run("qemu-system-x86 and linux-image-amd64 (scripts/install-vm-deps.sh)");
-        return;
-    }
-    let started = Instant::now();
-    let out = Command::new(&script)
-        .arg(std::env::current_exe().unwrap())
-        .args(["--test-threads=1", "--nocapture", "--exact"])
-        .args(INNER)
-        .env("TRIMRUN_IN_VM", "1")
-        .env("VM_RW", "")
-        .env("VM_TIMEOUT", "1200")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let text = format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("VM run took {:.1} s", started.elapsed().as_secs_f64());
-    if out.status.code() == Some(125) {
-        common::cannot_run(&format!("a VM that boots (in-v2-vm.sh exited 125)\n{text}"));
-        return;
-    }
-    assert!(
-        out.status.success(),
-        "inner tests failed in the VM: {:?}\n{text}",
-        out.status
-    );
-    let want = format!("test result: ok. {} passed", INNER.len());
-    assert!(text.contains(&want), "expected {want:?}\n{text}");
-    println!("{text}");
+    common::vm::run_inner_tests(INNER, 1200);
 }
 
 // ---------------------------------------------------------------- inside the VM

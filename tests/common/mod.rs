@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod pool;
+pub mod vm;
 
 use std::time::{Duration, Instant};
 

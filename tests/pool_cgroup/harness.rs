@@ -26,9 +26,7 @@ pub fn expected_auto_limit(available: u64, workers: u64) -> u64 {
 pub const BIN: &str = env!("CARGO_BIN_EXE_trimrun");
 pub const MIB: u64 = 1 << 20;
 
-pub fn in_vm() -> bool {
-    std::env::var("TRIMRUN_IN_VM").as_deref() == Ok("1")
-}
+pub use super::common::vm::in_vm;
 
 /// A bound stretched for the guest: code under TCG runs 10-40x slower than on the host.
 pub fn secs(host: u64) -> Duration {
