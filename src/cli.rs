@@ -62,8 +62,19 @@ pub struct TrimArgs {
     #[arg(long)]
     pub json: bool,
     /// Abandon a malloc_trim call that has not returned after this long
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_trim_timeout)]
     pub timeout: Duration,
+}
+
+/// `trimrun trim --timeout`: a thread stays stopped for at most this long, so it is bounded.
+fn parse_trim_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() || d > Duration::from_secs(60) {
+        return Err(format!(
+            "invalid timeout '{s}': between 1ms and 60s (a malloc_trim still running after that is stuck)"
+        ));
+    }
+    Ok(d)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -537,7 +537,10 @@ fn cli_rejects_bad_input_with_exit_2() {
         let (code, _, err) = cli(args);
         assert_eq!(code, 2, "{args:?}: {err}");
         // Argument errors come from clap ("error: ..."), value errors from the subcommand.
-        assert!(err.starts_with("trimrun trim: ") || err.starts_with("error:"), "{err}");
+        assert!(
+            err.starts_with("trimrun trim: ") || err.starts_with("error:"),
+            "{err}"
+        );
     }
 }
 
