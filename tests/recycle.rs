@@ -113,26 +113,23 @@ fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
         return;
     }
     let app = example("app.py");
-    // The queue must leave each worker time: identical leaks of ~0.9 MiB/s per worker, and
-    // 25+ MiB between a worker's threshold (70% ± 5 of 96 MiB) and its limit, so even five
-    // workers queued 5 s apart are replaced before the kernel would kill one.
+    // Default thresholds (trim at 75%, recycle at 90% ± 5 of 96 MiB) and identical leaks of
+    // ~1.2 MiB/s per worker: left to their thresholds, several workers would need the gate
+    // within seconds of each other and the last would meet the OOM killer. The gate's
+    // lookahead (policy::behind_schedule) starts them early, one spacing apart.
     let mut pool = Pool::start_env(
         &[
             "-n",
             "6",
             "--limit",
             "96M",
-            "--trim-at",
-            "50%",
-            "--recycle-at",
-            "70%",
             "--ready",
             "delay:1s",
             "--graceful-timeout",
             "10s",
         ],
         &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "32")],
+        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "48")],
     );
     pool.wait_log("all workers ready", Duration::from_secs(30));
     if pool.log().contains("cgroup=none") {

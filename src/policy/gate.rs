@@ -145,6 +145,21 @@ impl RecycleGate {
     }
 }
 
+/// Earliest-deadline lookahead. The gate starts at most one recycle per `spacing`, and a
+/// worker must be replaced — its replacement ready — before it reaches its hard limit.
+/// With the workers' projected times to their limits sorted soonest first, the k-th
+/// (0-based) can start at the earliest `k × spacing` from now and is ready `ready` later;
+/// one spacing is kept in hand. True when some worker would be late unless the most urgent
+/// starts now, even below its threshold: workers that leak alike reach their thresholds
+/// together, and only starting ahead of them keeps every one of them from the OOM killer.
+pub fn behind_schedule(times_to_limit: &[Duration], spacing: Duration, ready: Duration) -> bool {
+    let mut t = times_to_limit.to_vec();
+    t.sort();
+    t.iter()
+        .enumerate()
+        .any(|(k, ttl)| *ttl < spacing.saturating_mul(k as u32 + 1) + ready)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +268,29 @@ mod tests {
         assert_eq!(gate.expected_wait(s(5), 1, 2, s(30)), s(90));
         // Slot free, spacing ends at 10 s.
         assert_eq!(gate.expected_wait(s(5), 0, 1, s(8)), s(15));
+    }
+
+    #[test]
+    fn lookahead_starts_early_only_when_the_queue_would_be_late() {
+        let sp = Duration::from_secs(5);
+        let ready = Duration::from_secs(1);
+        let secs = |v: &[u64]| {
+            v.iter()
+                .map(|s| Duration::from_secs(*s))
+                .collect::<Vec<_>>()
+        };
+        // Nobody close to the limit: wait for the thresholds.
+        assert!(!behind_schedule(&secs(&[300, 400, 500]), sp, ready));
+        assert!(!behind_schedule(&[], sp, ready));
+        // One worker about to hit its limit: start it now.
+        assert!(behind_schedule(&secs(&[4]), sp, ready));
+        // Six workers leaking alike, 25 s from their limits: the sixth would start at 25 s.
+        assert!(behind_schedule(&secs(&[25, 25, 26, 26, 27, 27]), sp, ready));
+        // The same six spread over two minutes: each has its turn in time.
+        assert!(!behind_schedule(
+            &secs(&[10, 30, 50, 70, 90, 110]),
+            sp,
+            ready
+        ));
     }
 }

@@ -880,6 +880,33 @@ impl Supervisor {
                 });
             }
         }
+        // Lookahead: if the gate, one start per spacing, would reach some worker only after
+        // its hard limit, the most urgent one not yet waiting starts now.
+        let ttls: Vec<(Duration, usize)> = self
+            .workers
+            .iter()
+            .filter(|w| eligible(self, w))
+            .filter_map(|w| w.policy.time_to_limit(now_d).map(|t| (t, w.slot)))
+            .collect();
+        let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
+        if policy::behind_schedule(&times, self.gate.spacing(), self.settings.ready_time)
+            && let Some(&(ttl, slot)) = ttls
+                .iter()
+                .filter(|(_, s)| !candidates.iter().any(|c| c.slot == *s))
+                .min()
+        {
+            debug!(
+                slot,
+                ttl_s = ttl.as_secs_f64(),
+                "recycle queue is behind schedule: starting early"
+            );
+            candidates.push(Candidate {
+                slot,
+                reason: RecycleReason::Memory,
+                time_to_limit: Some(ttl),
+                waiting_since: now_d,
+            });
+        }
         reloads.sort();
         for (slot, pid) in reloads {
             if self.in_progress() >= self.cfg.max_recycling {
