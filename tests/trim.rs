@@ -512,16 +512,50 @@ fn sleeper() -> Proc {
     p
 }
 
+/// Signal dispositions caught (`SigCgt`) and the main thread's mask (`SigBlk`).
+fn sig_status(pid: i32) -> (String, String) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let get = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    (get("SigCgt:"), get("SigBlk:"))
+}
+
 #[test]
-fn cli_trims_a_python_process_and_prints_one_line() {
+fn cli_trims_a_python_process_and_keeps_its_signal_handlers_and_mask() {
     if unsupported() {
         return;
     }
-    let p = sleeper();
-    let (code, out, err) = cli(&[&p.pid().to_string()]);
-    assert_eq!(code, 0, "{err}");
+    // faulthandler installs a SIGSEGV handler: the injected call must not reset it (the
+    // kernel would, had SIGSEGV been blocked when the call faults at its return address).
+    let mut p = Proc::spawn(Command::new("python3").args([
+        "-X",
+        "faulthandler",
+        "-c",
+        "import sys; print('ready', flush=True); sys.stdin.read()",
+    ]));
+    assert_eq!(p.line(), "ready");
+    let before = sig_status(p.pid());
+    let segv = 1u64 << (libc::SIGSEGV - 1);
+    assert_ne!(u64::from_str_radix(&before.0, 16).unwrap() & segv, 0);
+    let mut out = String::new();
+    let ok = wait_for(Duration::from_secs(10), || {
+        let (code, o, _) = cli(&[&p.pid().to_string()]);
+        out = o;
+        (code == 0).then_some(())
+    });
+    assert!(ok.is_some(), "never trimmed");
     assert!(out.starts_with(&format!("{}: released", p.pid())), "{out}");
     assert!(out.contains("in read"), "{out}");
+    assert_eq!(
+        sig_status(p.pid()),
+        before,
+        "signal handlers or mask changed"
+    );
     assert!(p.alive());
 }
 

@@ -18,6 +18,14 @@
 //! kernel resets the handler of a *blocked* synchronous fault signal to SIG_DFL, which
 //! would silently remove the application's own handler (Python's faulthandler).
 //!
+//! Timeouts: when the call has not returned within the bound, the thread is interrupted
+//! and its registers looked at. If it is waiting in `futex` (for an arena lock another
+//! thread holds — `malloc_trim` holds no lock while it waits for the next one), the call
+//! is abandoned, the saved state restored and [`TrimError::TimedOut`] returned. Anywhere
+//! else it may be holding an arena lock, and abandoning it would deadlock the process for
+//! good, so it is resumed and allowed to finish (with one warning): a slow trim is better
+//! than a hung worker.
+//!
 //! [`RETURN_ADDR`]: super::arch::RETURN_ADDR
 
 use std::io;
@@ -42,6 +50,8 @@ pub enum Attempt {
         ret: i32,
         syscall: &'static str,
         pause: Duration,
+        /// From resuming the thread into the call until we saw it return.
+        call: Duration,
     },
     /// The thread was not parked in a safe syscall after all; it was released untouched.
     NotParked(String),
@@ -216,10 +226,11 @@ fn wait_stop(tid: i32, deadline: Option<Instant>) -> io::Result<Option<Stop>> {
         if now >= deadline {
             return Ok(None);
         }
-        // Most stops come within tens of microseconds: spin briefly, then back off.
-        if spins < 100 {
+        // Most stops come within tens of microseconds: spin briefly (without yielding:
+        // on a loaded machine a yield can cost a whole scheduler slice), then back off.
+        if spins < 400 {
             spins += 1;
-            std::thread::yield_now();
+            std::hint::spin_loop();
         } else {
             std::thread::sleep(nap.min(deadline - now));
             nap = (nap * 2).min(Duration::from_micros(50));
@@ -361,11 +372,12 @@ pub fn trim_thread(
             return Ok(Attempt::NotParked(reason));
         }
     };
-    let ret = call(pid, tid, &regs, libc.malloc_trim, timeout)?;
+    let (ret, call) = call(pid, tid, &regs, libc.malloc_trim, timeout)?;
     Ok(Attempt::Done {
         ret,
         syscall,
         pause: t0.elapsed(),
+        call,
     })
 }
 
@@ -397,8 +409,15 @@ fn release(pid: i32, tid: i32, pending: &[i32]) -> Result<(), TrimError> {
     Ok(())
 }
 
-/// Run `func(0)` on the stopped thread whose registers are `regs`; returns its `int`.
-fn call(pid: i32, tid: i32, regs: &Regs, func: u64, timeout: Duration) -> Result<i32, TrimError> {
+/// Run `func(0)` on the stopped thread whose registers are `regs`; returns its `int` and
+/// how long it ran (as seen from here).
+fn call(
+    pid: i32,
+    tid: i32,
+    regs: &Regs,
+    func: u64,
+    timeout: Duration,
+) -> Result<(i32, Duration), TrimError> {
     let err = |op: &str, e: io::Error| attached_err(pid, tid, op, e);
     let (call_regs, slot) = arch::call_frame(regs, func, 0);
     let xstate = get_xstate(tid).map_err(|e| err("read extended registers", e))?;
@@ -435,8 +454,9 @@ fn call(pid: i32, tid: i32, regs: &Regs, func: u64, timeout: Duration) -> Result
         return Err(err("set up the call", e));
     }
 
+    let started = Instant::now();
     let mut pending: Vec<i32> = Vec::new();
-    let mut deadline = Instant::now() + timeout;
+    let mut deadline = started + timeout;
     let mut interrupting = false;
     let mut warned = false;
     loop {
@@ -470,9 +490,10 @@ fn call(pid: i32, tid: i32, regs: &Regs, func: u64, timeout: Duration) -> Result
                     && addr == arch::RETURN_ADDR
                 {
                     let ret = arch::call_result(&now) as i32;
+                    let ran = started.elapsed();
                     restore(tid, &saved).map_err(|e| err("restore thread state", e))?;
                     release(pid, tid, &pending)?;
-                    return Ok(ret);
+                    return Ok((ret, ran));
                 }
                 if fault && from_kernel {
                     // A real fault inside the call. Restore nothing: let it die as it

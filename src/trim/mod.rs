@@ -158,12 +158,12 @@ pub fn ptrace_lock() -> &'static Mutex<()> {
 /// Blocking: the whole seize..detach happens on the calling OS thread (ptrace requires
 /// it). Run it with `spawn_blocking`.
 pub fn trim_pid(pid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
-    trim_impl(pid, None, opts)
+    trim_impl(pid, None, opts).map(|(r, _)| r)
 }
 
 /// Like [`trim_pid`], but only ever use thread `tid` (tests, benchmarks, debugging).
 pub fn trim_thread(pid: i32, tid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
-    trim_impl(pid, Some(tid), opts)
+    trim_impl(pid, Some(tid), opts).map(|(r, _)| r)
 }
 
 /// Trim every process of a worker group, one after the other.
@@ -172,7 +172,11 @@ pub fn trim_pids(pids: &[i32], opts: &TrimOptions) -> Vec<(i32, Result<TrimRepor
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn trim_impl(_pid: i32, _tid: Option<i32>, _opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+fn trim_impl(
+    _pid: i32,
+    _tid: Option<i32>,
+    _opts: &TrimOptions,
+) -> Result<(TrimReport, Duration), TrimError> {
     Err(TrimError::Unsupported(format!(
         "trimming from outside is not implemented on {} (only x86_64)",
         std::env::consts::ARCH
@@ -180,7 +184,12 @@ fn trim_impl(_pid: i32, _tid: Option<i32>, _opts: &TrimOptions) -> Result<TrimRe
 }
 
 #[cfg(target_arch = "x86_64")]
-fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+/// The trim, and how long the call itself ran (the rest of the pause is ptrace overhead).
+fn trim_impl(
+    pid: i32,
+    only: Option<i32>,
+    opts: &TrimOptions,
+) -> Result<(TrimReport, Duration), TrimError> {
     use tracing::{debug, info};
 
     if pid <= 0 {
@@ -237,6 +246,7 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
                 ret,
                 syscall,
                 pause,
+                call,
             } => {
                 let after = procfs::read_rollup(pid)?;
                 let report = TrimReport {
@@ -255,11 +265,12 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
                     tid,
                     released = report.released(),
                     pause_us = report.pause_us,
+                    call_us = call.as_micros() as u64,
                     syscall,
                     ret,
                     "trimmed"
                 );
-                return Ok(report);
+                return Ok((report, call));
             }
             inject::Attempt::NotParked(reason) => {
                 debug!(pid, tid, %reason, libc = %libc.path, "thread not parked after all");
@@ -356,11 +367,12 @@ pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
     let opts = TrimOptions { timeout };
     let mut code = 0;
     for &pid in pids {
-        match trim_pid(pid, &opts) {
-            Ok(r) => {
+        match trim_impl(pid, None, &opts) {
+            Ok((r, call)) => {
                 if json {
                     let mut v = serde_json::to_value(&r).expect("report serializes");
                     v["ok"] = true.into();
+                    v["call_us"] = (call.as_micros() as u64).into();
                     v["released"] = r.released().into();
                     println!("{v}");
                 } else {
