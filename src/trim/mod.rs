@@ -190,7 +190,7 @@ fn trim_impl(
     only: Option<i32>,
     opts: &TrimOptions,
 ) -> Result<(TrimReport, Duration), TrimError> {
-    use tracing::{debug, info};
+    use tracing::debug;
 
     if pid <= 0 {
         return Err(TrimError::Gone { pid });
@@ -260,7 +260,9 @@ fn trim_impl(
                     anon_before: before.anon,
                     anon_after: after.anon,
                 };
-                info!(
+                // The supervisor logs each trim at info with the worker's slot; the
+                // subcommand prints its own results.
+                debug!(
                     pid,
                     tid,
                     released = report.released(),
