@@ -14,6 +14,8 @@ Routes:
   /env         the socket-passing environment as JSON (LISTEN_PID, LISTEN_FDS, ...)
   /alloc?mb=N  keep N MiB more (a leak, for cgroup and recycling tests)
   /sleep?s=X   answer after X seconds (for graceful-stop tests)
+  /fragment?mb=N  allocate ~N MiB in glibc-malloc'd pieces, keep 1 in 64: the freed rest
+               stays in the heap between the survivors until malloc_trim (see trimrun trim)
 
 APP_LEAK_KB=N makes every request keep N KiB more, for good: a worker that leaks steadily
 under load, to watch trimrun trim and recycle it (`trimrun status --watch`).
@@ -66,6 +68,13 @@ def app(environ, start_response):
         for _ in range(mb):
             LEAK.append(bytearray(os.urandom(16)) * (65536))  # 1 MiB, touched
         body = json.dumps({"pid": os.getpid(), "leaked_mb": len(LEAK)})
+    elif path == "/fragment":
+        mb = int(query.get("mb", ["32"])[0])
+        # 1 KiB objects are above pymalloc's 512-byte limit, so they come from glibc.
+        pieces = [os.urandom(1) * 1024 for _ in range(mb * 1024)]
+        LEAK.extend(pieces[::64])
+        del pieces
+        body = json.dumps({"pid": os.getpid(), "kept": len(LEAK)})
     elif path == "/sleep":
         time.sleep(float(query.get("s", ["1"])[0]))
         body = "slept"
