@@ -42,7 +42,8 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use trimrun::policy::{
-    Backoff, Candidate, RecycleGate, RecycleReason, Settings, WorkerPolicy, oom_restart_delay,
+    Backoff, Candidate, RecycleGate, RecycleReason, Settings, WorkerPolicy, behind_schedule,
+    oom_restart_delay,
 };
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -82,6 +83,10 @@ struct Scenario {
     stagger_initial: bool,
     /// A rolling reload (SIGHUP): every running worker asks with reason `Reload`.
     reload_at: Option<Duration>,
+    /// The supervisor's earliest-deadline lookahead (`policy::behind_schedule`).
+    lookahead: bool,
+    /// cgroup v2's memory.high slows waiting workers (false: v1, or none).
+    throttle: bool,
 }
 
 enum State {
@@ -205,7 +210,9 @@ fn run(sc: &Scenario) -> Report {
                 grow += burst;
                 garbage += 0.7 * burst;
             }
-            if let Some(high) = w.throttle_high(settings, now, &gate, in_progress, recycle_duration)
+            if sc.throttle
+                && let Some(high) =
+                    w.throttle_high(settings, now, &gate, in_progress, recycle_duration)
                 && w.ws + grow > high as f64
             {
                 grow *= 0.1;
@@ -254,6 +261,33 @@ fn run(sc: &Scenario) -> Report {
                     reason,
                     time_to_limit: w.policy.time_to_limit(now),
                     waiting_since: w.policy.waiting_since(settings, now).unwrap(),
+                });
+            }
+        }
+        // The supervisor's lookahead: if one start per cadence would reach some worker
+        // only after its limit, the most urgent one not yet waiting becomes a candidate.
+        if sc.lookahead {
+            let cadence = settings
+                .spacing()
+                .max(recycle_duration / settings.max_recycling as u32);
+            let ttls: Vec<(Duration, usize)> = workers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| matches!(w.state, State::Running))
+                .filter_map(|(slot, w)| w.policy.time_to_limit(now).map(|t| (t, slot)))
+                .collect();
+            let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
+            if behind_schedule(&times, cadence, settings.ready_time)
+                && let Some(&(ttl, slot)) = ttls
+                    .iter()
+                    .filter(|(_, s)| !candidates.iter().any(|c| c.slot == *s))
+                    .min()
+            {
+                candidates.push(Candidate {
+                    slot,
+                    reason: RecycleReason::Memory,
+                    time_to_limit: Some(ttl),
+                    waiting_since: now,
                 });
             }
         }
@@ -493,6 +527,8 @@ fn scenario(name: &'static str, leak: Leak, seed: u64) -> Scenario {
         duration: DAY,
         stagger_initial: false,
         reload_at: None,
+        lookahead: true,
+        throttle: true,
     }
 }
 
@@ -673,4 +709,43 @@ fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
     );
     assert!(reloaded.len() >= 60, "{}", reloaded.len());
     assert!(last - reload_at < Duration::from_secs(20 * 60));
+}
+
+#[test]
+fn identical_fast_leaks_need_the_lookahead_to_avoid_oom() {
+    // 16 workers started together, 2 MiB/s each: their ±5-point thresholds are crossed
+    // within ~50 s of each other, with ~50 s of headroom above them, while the gate
+    // replaces one worker per 15 s (5 s ready + 10 s drain). Waiting for the thresholds,
+    // the queue cannot serve them all; starting ahead of them, it can. No memory.high
+    // (cgroup v1, as on the hosts of this project's CI): nothing slows a waiting worker.
+    let without = Scenario {
+        workers: 16,
+        duration: Duration::from_secs(6 * 3600),
+        lookahead: false,
+        throttle: false,
+        ..scenario(
+            "(f) 16 identical fast leaks, no lookahead",
+            Leak::Identical(2.0),
+            7,
+        )
+    };
+    let with = Scenario {
+        lookahead: true,
+        name: "(f) 16 identical fast leaks, lookahead",
+        ..without.clone()
+    };
+    let rep_without = run(&without);
+    print_report(&without, &rep_without);
+    let rep_with = run(&with);
+    print_report(&with, &rep_with);
+    assert_invariants(&with, &rep_with);
+    assert!(
+        rep_without.ooms > 0,
+        "the scenario must be one the plain queue cannot serve"
+    );
+    assert_eq!(
+        rep_with.ooms, 0,
+        "the lookahead starts recycles early enough"
+    );
+    assert!(rep_with.starts.len() >= 16);
 }

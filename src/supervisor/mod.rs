@@ -889,7 +889,13 @@ impl Supervisor {
             .filter_map(|w| w.policy.time_to_limit(now_d).map(|t| (t, w.slot)))
             .collect();
         let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
-        if policy::behind_schedule(&times, self.gate.spacing(), self.settings.ready_time)
+        // One start per spacing, and with --max-recycling 1 no faster than a recycle takes
+        // (ready time plus a short drain).
+        let cadence = self.gate.spacing().max(
+            (self.settings.ready_time + Duration::from_secs(2))
+                / self.cfg.max_recycling.max(1) as u32,
+        );
+        if policy::behind_schedule(&times, cadence, self.settings.ready_time)
             && let Some(&(ttl, slot)) = ttls
                 .iter()
                 .filter(|(_, s)| !candidates.iter().any(|c| c.slot == *s))
