@@ -31,6 +31,7 @@ import json
 import os
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs
 
@@ -38,6 +39,11 @@ CACHE_ENTRIES = int(os.environ.get("BENCH_CACHE_ENTRIES", "3000"))
 SURVIVOR_EVERY = int(os.environ.get("BENCH_SURVIVOR_EVERY", "24"))
 APP_THREADS = int(os.environ.get("BENCH_APP_THREADS", "8"))
 MAX_SIZE = 4 * 1024 * 1024
+
+# The harness learns when each worker process has loaded the app (≈ ready to serve).
+if os.environ.get("BENCH_EVENTS"):
+    with open(os.environ["BENCH_EVENTS"], "a") as _f:
+        _f.write("%d %.4f loaded\n" % (os.getpid(), time.time()))
 
 _cache = {}
 _cache_keys = []
