@@ -37,7 +37,7 @@ from urllib.parse import parse_qs
 
 CACHE_ENTRIES = int(os.environ.get("BENCH_CACHE_ENTRIES", "3000"))
 SURVIVOR_EVERY = int(os.environ.get("BENCH_SURVIVOR_EVERY", "24"))
-APP_THREADS = int(os.environ.get("BENCH_APP_THREADS", "8"))
+APP_THREADS = int(os.environ.get("BENCH_APP_THREADS", "16"))
 MAX_SIZE = 4 * 1024 * 1024
 
 # The harness learns when each worker process has loaded the app (≈ ready to serve).

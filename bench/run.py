@@ -361,15 +361,17 @@ def summarize_status(statuses):
     if not statuses:
         return None
     st = statuses[-1]["status"]
+    if isinstance(st, dict) and isinstance(st.get("data"), dict):
+        st = st["data"]
     workers = st.get("workers") if isinstance(st, dict) else st
     out = {"raw_last": st}
     if isinstance(workers, list):
-        for key in ("trims", "recycles", "bytes_released", "released"):
+        for key in ("trims", "recycles", "released_bytes"):
             vals = [w.get(key) for w in workers if isinstance(w, dict) and isinstance(w.get(key), (int, float))]
             if vals:
-                out[key] = sum(vals)
-    for key in ("trims", "recycles", "oom_kills", "restarts"):
-        if isinstance(st, dict) and isinstance(st.get(key), (int, float)):
+                out["workers_" + key] = sum(vals)
+    for key in ("trims", "recycles", "oom_kills", "restarts", "released_bytes", "backend"):
+        if isinstance(st, dict) and isinstance(st.get(key), (int, float, str)):
             out[key] = st[key]
     return out
 
@@ -820,13 +822,14 @@ def main():
     ap.add_argument("--contenders", default=",".join(ALL))
     ap.add_argument("--phases", default="contenders,density,master")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--limit", default="160M", help="per-worker memory allowance")
+    ap.add_argument("--limit", default="96M", help="per-worker memory allowance")
     ap.add_argument("--soft-fraction", type=float, default=0.9,
                     help="uWSGI --reload-on-rss as a fraction of the allowance (evil = allowance)")
-    ap.add_argument("--rate", type=float, help="requests/s (default 150; quick 150)")
-    ap.add_argument("--requests", type=int, help="requests per contender (default 12000; quick 2000)")
-    ap.add_argument("--gunicorn-max-requests", type=int, default=1500)
-    ap.add_argument("--gunicorn-jitter", type=int, default=300)
+    ap.add_argument("--rate", type=float, help="requests/s (default 150)")
+    ap.add_argument("--requests", type=int, help="requests per contender (default 9000; quick 1500)")
+    ap.add_argument("--gunicorn-max-requests", type=int, default=700,
+                    help="calibrated: a worker of this app reaches ~86 MiB USS after ~800 requests")
+    ap.add_argument("--gunicorn-jitter", type=int, default=200)
     ap.add_argument("--granian-rss-interval", type=int, default=5)
     ap.add_argument("--budget", default="1G")
     ap.add_argument("--density-contenders", default="gunicorn,trimrun")
@@ -842,17 +845,17 @@ def main():
 
     q = cfg.quick
     cfg.rate = cfg.rate or 150.0
-    cfg.requests = cfg.requests or (2000 if q else 12000)
+    cfg.requests = cfg.requests or (1500 if q else 9000)
     cfg.limit = parse_size(cfg.limit)
     cfg.budget = parse_size(cfg.budget)
     cfg.density_reserve = parse_size(cfg.density_reserve)
-    cfg.density_seconds = cfg.density_seconds or (15 if q else 60)
-    cfg.density_rate = cfg.density_rate or 150.0
+    cfg.density_seconds = cfg.density_seconds or (15 if q else 45)
+    cfg.density_rate = cfg.density_rate or 200.0
     cfg.density_gunicorn = [int(x) for x in (cfg.density_gunicorn or ("8,12" if q else "8,10,12,14")).split(",")]
     cfg.density_trimrun = [int(x) for x in (cfg.density_trimrun or ("8,12" if q else "10,12,14,16")).split(",")]
     cfg.density_contenders = cfg.density_contenders.split(",")
     cfg.master_workers = [int(x) for x in cfg.master_workers.split(",")]
-    cfg.master_seconds = cfg.master_seconds or (10 if q else 90)
+    cfg.master_seconds = cfg.master_seconds or (10 if q else 60)
     cfg.contenders = [c for c in cfg.contenders.split(",") if c]
     cfg.out = os.path.abspath(cfg.out or os.path.join(BENCH, "out", "quick") if q else cfg.out or os.path.join(BENCH, "results"))
     cfg.rawdir = os.path.join(cfg.out, "raw")
