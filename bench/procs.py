@@ -19,6 +19,28 @@ def stat(pid):
     return int(rest[1]), rest[0], (int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[19])
 
 
+def cpu_seconds(pid):
+    """CPU time of a process (all its threads) in seconds, ns resolution from schedstat when
+    the kernel has it, else utime+stime from stat (10 ms ticks)."""
+    total = 0.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    ok = False
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0]) / 1e9
+                ok = True
+        except (OSError, ValueError, IndexError):
+            pass
+    if ok:
+        return total
+    st = stat(pid)
+    return st[2] if st else None
+
+
 def ppid_map():
     out = {}
     for name in os.listdir("/proc"):

@@ -52,8 +52,9 @@ CAUSES = {
                  "killed (oom?)": "Perhaps out of memory", "timeout": "WORKER TIMEOUT"},
     "uwsgi": {"reload-on-rss": r"The work of process \d+ is done", "evil-reload-on-rss": "EVIL RELOAD ON WORKER",
               "died": "DAMN ! worker"},
-    "granian": {"max-rss": r"(?i)memory|rss", "died": r"(?i)unexpected|died|exited"},
-    "trimrun": {"recycle": r"(?i)recycl", "oom": r"(?i)oom"},
+    "granian": {"max-rss": "RSS over threshold", "died": r"(?i)unexpected|died"},
+    "trimrun": {"recycle (log)": r"recycling worker", "oom (log)": r"(?i)oom.?kill|out of memory",
+                "trim (log)": r"\btrimmed\b", "worker exited (log)": r"worker exited"},
 }
 CAUSES["gunicorn-jemalloc"] = CAUSES["gunicorn"]
 CAUSES["trimrun-notrim"] = CAUSES["trimrun"]
@@ -169,10 +170,10 @@ class Sampler(threading.Thread):
                 lt[1] = t
             if i % self.mem_every == 0:
                 s = {"t": t, "workers": {}}
-                st = procs.stat(self.root)
+                cpu = procs.cpu_seconds(self.root)
                 m = procs.smaps_rollup(self.root)
-                if st and m:
-                    s["master"] = dict(m, cpu=st[2])
+                if cpu is not None and m:
+                    s["master"] = dict(m, cpu=cpu)
                 for w in workers:
                     tot = {"rss": 0, "pss": 0, "uss": 0}
                     for p in procs.subtree(pmap, w):
@@ -347,7 +348,7 @@ def service_gaps(lifetimes, loaded, n, t0, t1, tick):
 def count_causes(name, logpath):
     import re
     try:
-        text = open(logpath, errors="replace").read()
+        text = re.sub(r"\x1b\[[0-9;]*m", "", open(logpath, errors="replace").read())
     except OSError:
         return {}
     key = name if name in CAUSES else None
@@ -536,7 +537,7 @@ def phase_master(cfg, outdir):
             errs = {nm: L.wait_ready(timeout=60 + 2 * n) for nm, L in group}
             t0 = time.time()
             time.sleep(2)
-            first = {nm: procs.stat(L.proc.pid) for nm, L in group}
+            first = {nm: procs.cpu_seconds(L.proc.pid) for nm, L in group}
             rss = {nm: [] for nm, _ in group}
             end = time.time() + cfg.master_seconds
             while time.time() < end:
@@ -550,8 +551,8 @@ def phase_master(cfg, outdir):
                 if errs[nm]:
                     out["idle"][key] = {"not_run": errs[nm]}
                     continue
-                last = procs.stat(L.proc.pid)
-                cpu = (last[2] - first[nm][2]) if last and first[nm] else None
+                last = procs.cpu_seconds(L.proc.pid)
+                cpu = (last - first[nm]) if last is not None and first[nm] is not None else None
                 secs = cfg.master_seconds
                 out["idle"][key] = {
                     "workers": n, "seconds": secs,
@@ -683,6 +684,8 @@ def fmt(v, nd=1):
     if v is None:
         return "–"
     if isinstance(v, float):
+        if v != 0 and abs(v) < 1:
+            return f"{v:.3f}"
         return f"{v:.{nd}f}"
     return str(v)
 

@@ -71,9 +71,11 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     notify("READY=1")
-    listeners = [d for d in server.map.values() if isinstance(d, BaseWSGIServer)]
+    # One socket: create_server returns the TcpWSGIServer itself; several: a MultiSocketServer.
+    smap = server.map if hasattr(server, "map") else server._map
+    listeners = [d for d in smap.values() if isinstance(d, BaseWSGIServer)]
     while not stopping:
-        wasyncore.loop(timeout=0.5, map=server.map, use_poll=True, count=1)
+        wasyncore.loop(timeout=0.5, map=smap, use_poll=True, count=1)
     # Graceful stop: no more accepts here; finish the connections we have.
     for lst in listeners:
         lst.accepting = False
@@ -81,11 +83,11 @@ def main():
         lst.socket.close()
     deadline = stopping[0] + args.drain_timeout
     while time.monotonic() < deadline:
-        busy = [d for d in list(server.map.values())
+        busy = [d for d in list(smap.values())
                 if d not in listeners and type(d).__name__ == "HTTPChannel"]
         if not busy:
             break
-        wasyncore.loop(timeout=0.1, map=server.map, use_poll=True, count=1)
+        wasyncore.loop(timeout=0.1, map=smap, use_poll=True, count=1)
     server.task_dispatcher.shutdown(timeout=5)
     os._exit(0)
 
