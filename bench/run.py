@@ -214,6 +214,14 @@ def read_events(path):
     return loaded
 
 
+def allocator_of(pid):
+    try:
+        maps = open(f"/proc/{pid}/maps").read()
+    except OSError:
+        return None
+    return "jemalloc" if "libjemalloc" in maps else ("tcmalloc" if "tcmalloc" in maps else "glibc")
+
+
 def http_ok(port, path="/", timeout=1.0):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as r:
@@ -280,6 +288,7 @@ class Launched:
             live = [p for p, lt in self.sampler.lifetimes.items() if time.time() - lt[1] < 1.0]
             if sum(1 for p in live if p in loaded) >= self.n and http_ok(self.port):
                 self.t_ready = time.time()
+                self.allocator = allocator_of(live[0]) if live else None
                 return None
             time.sleep(0.1)
         return f"not ready after {timeout:.0f}s"
@@ -423,6 +432,7 @@ def analyze(L, load, t_load0, t_load1):
         },
         "initial_workers": len(initial),
         "startup_s": round(L.t_ready - L.t_launch, 2) if L.t_ready else None,
+        "worker_allocator": getattr(L, "allocator", None),
         "load_window": [t_load0, t_load1],
         "trimrun_status": summarize_status(s.statuses),
     }
@@ -742,7 +752,7 @@ def markdown(report):
                 causes.append(f"- **{n}: not run** ({r['not_run']})")
             else:
                 causes.append(f"- {n}: restart causes from its log: {r.get('restart_causes')}; "
-                              f"startup {r.get('startup_s')} s" +
+                              f"startup {r.get('startup_s')} s; worker allocator {r.get('worker_allocator')}" +
                               (f"; trimrun status: { {k: v for k, v in (r.get('trimrun_status') or {}).items() if k != 'raw_last'} }"
                                if n.startswith("trimrun") else ""))
         lines.append("")
