@@ -354,6 +354,20 @@ def service_gaps(lifetimes, loaded, n, t0, t1, tick):
             "episodes_2plus": episodes, "max_out": worst}
 
 
+def dmesg_oom_kills(cg_path):
+    """OOM kills the kernel logged for tasks in this cgroup or below it (None if no dmesg)."""
+    rel = "/" + os.path.relpath(cg_path, "/sys/fs/cgroup/memory")
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    import re
+    rx = re.compile("oom-kill:.*task_memcg=" + re.escape(rel) + "[/,]")
+    return sum(1 for line in out.stdout.splitlines() if rx.search(line))
+
+
 def count_causes(name, logpath):
     import re
     try:
@@ -473,6 +487,7 @@ def one_contender(name, cfg, outdir, n, limit, requests, rate, cg_limit=None, ta
         master_alive = L.proc.poll() is None
         res = analyze(L, load, t_load0, t_load1)
         res["master_alive_at_end"] = master_alive
+        res["oom_kills_dmesg"] = dmesg_oom_kills(L.cg.path)
         res["wall_s"] = round(time.time() - t0, 1)
         ser = series(L)
     finally:
@@ -516,8 +531,9 @@ def phase_density(cfg, outdir):
             if "not_run" in res:
                 trials.append({"workers": n, "ok": False, "why": res["not_run"]})
                 break
-            ok = (res["oom_kills"] == 0 and res["load"]["failed"] == 0 and res["master_alive_at_end"])
-            trials.append({"workers": n, "ok": ok, "limit_mb": limit // MiB, "oom_kills": res["oom_kills"],
+            ooms = max(res["oom_kills"], res.get("oom_kills_dmesg") or 0)
+            ok = (ooms == 0 and res["load"]["failed"] == 0 and res["master_alive_at_end"])
+            trials.append({"workers": n, "ok": ok, "limit_mb": limit // MiB, "oom_kills": ooms,
                            "failed": res["load"]["failed"], "master_alive": res["master_alive_at_end"],
                            "cgroup_usage_peak_mb": res["mem"]["cgroup_usage_peak_mb"],
                            "restarts": res["restarts"], "p99_ms": res["load"]["p99_ms"]})
@@ -529,6 +545,44 @@ def phase_density(cfg, outdir):
         out[name] = {"best": best, "trials": trials, "seconds": cfg.density_seconds,
                      "rate": cfg.density_rate, "budget_mb": cfg.budget // MiB,
                      "ladder_exhausted": bool(trials) and all(t["ok"] for t in trials)}
+    return out
+
+
+def phase_saturation(cfg, outdir):
+    """Closed-loop wrk run against gunicorn with the same worker count and request mix, to
+    show the fixed load rate is well below what the machine can serve."""
+    wrk = shutil.which("wrk")
+    if not wrk:
+        return {"not_run": "wrk not installed (bench/setup.sh)"}
+    import workload
+    script = os.path.join(outdir, "wrk-paths.lua")
+    with open(script, "w") as f:
+        f.write("local paths = {" + ",".join('"%s"' % p for p in workload.paths(2000)) + "}\n")
+        f.write("local i = 0\nrequest = function()\n  i = i + 1\n"
+                "  return wrk.format(\"GET\", paths[(i % #paths) + 1], {[\"Connection\"] = \"close\"})\nend\n")
+    out = {}
+    for name in cfg.saturation_contenders:
+        if name.startswith("trimrun") and not cfg.trimrun:
+            out[name] = {"not_run": cfg.trimrun_missing}
+            continue
+        L = Launched(name, cfg, outdir, cfg.workers, cfg.limit, tag="-saturation", tick=0.5)
+        try:
+            err = L.wait_ready(timeout=60)
+            if err:
+                out[name] = {"not_run": err}
+                continue
+            p = subprocess.run([wrk, "-t2", "-c8", f"-d{cfg.saturation_seconds}s", "-s", script,
+                                f"http://127.0.0.1:{L.port}/"], capture_output=True, text=True,
+                               timeout=cfg.saturation_seconds + 30)
+            rps = None
+            for line in p.stdout.splitlines():
+                if line.startswith("Requests/sec:"):
+                    rps = float(line.split()[1])
+            out[name] = {"requests_per_s": rps, "seconds": cfg.saturation_seconds,
+                         "connections": 8, "wrk_stdout": p.stdout[-1500:]}
+            log(f"saturation {name}: {rps} req/s closed-loop (wrk -t2 -c8)")
+        finally:
+            L.finish()
     return out
 
 
@@ -708,7 +762,8 @@ MEASURES = [
     ("per-worker USS, mean (MiB)", lambda r: r["mem"]["worker_uss_mean_mb"]),
     ("cgroup usage of whole tree, peak (MiB)", lambda r: r["mem"]["cgroup_usage_peak_mb"]),
     ("worker restarts", lambda r: r["restarts"]),
-    ("OOM kills", lambda r: r["oom_kills"]),
+    ("OOM kills (cgroup oom_control)", lambda r: r["oom_kills"]),
+    ("OOM kills (dmesg)", lambda r: r["oom_kills_dmesg"]),
     ("time with >=1 worker out of service (s)", lambda r: r["service"]["out_any_s"]),
     ("time with >=2 workers out of service (s)", lambda r: r["service"]["out_2plus_s"]),
     ("episodes with >=2 out of service", lambda r: r["service"]["episodes_2plus"]),
@@ -776,6 +831,13 @@ def markdown(report):
             elif tr in cfg["contenders"]:
                 why = res.get(tr, {}).get("not_run", "not run")
                 lines.append(f"\n#### Ratio {tr} / contender: not run ({why})")
+    sat = report.get("saturation")
+    if sat:
+        lines.append("\n### Saturation (closed loop, wrk -t2 -c8, same request mix)\n")
+        for n, v in sat.items():
+            lines.append(f"- {n}: " + (f"not run ({v['not_run']})" if "not_run" in v else
+                                       f"{v['requests_per_s']} requests/s over {v['seconds']} s "
+                                       f"(the fixed rate above is {cfg['rate']}/s)"))
     d = report.get("density")
     if d:
         lines.append(f"\n### Density: 1 GiB v1 memory cgroup around the whole tree\n")
@@ -833,7 +895,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (minutes in all)")
     ap.add_argument("--contenders", default=",".join(ALL))
-    ap.add_argument("--phases", default="contenders,density,master")
+    ap.add_argument("--phases", default="saturation,contenders,density,master")
+    ap.add_argument("--saturation-contenders", default="gunicorn")
+    ap.add_argument("--saturation-seconds", type=int, default=None)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--limit", default="96M", help="per-worker memory allowance")
     ap.add_argument("--soft-fraction", type=float, default=0.9,
@@ -870,6 +934,8 @@ def main():
     cfg.master_workers = [int(x) for x in cfg.master_workers.split(",")]
     cfg.master_seconds = cfg.master_seconds or (10 if q else 60)
     cfg.contenders = [c for c in cfg.contenders.split(",") if c]
+    cfg.saturation_contenders = [c for c in cfg.saturation_contenders.split(",") if c]
+    cfg.saturation_seconds = cfg.saturation_seconds or (3 if q else 10)
     cfg.out = os.path.abspath(cfg.out or os.path.join(BENCH, "out", "quick") if q else cfg.out or os.path.join(BENCH, "results"))
     cfg.rawdir = os.path.join(cfg.out, "raw")
     os.makedirs(cfg.rawdir, exist_ok=True)
@@ -890,6 +956,9 @@ def main():
         with open(os.path.join(cfg.out, "results.md"), "w") as f:
             f.write(markdown(report))
 
+    if "saturation" in phases:
+        report["saturation"] = phase_saturation(cfg, cfg.rawdir)
+        save()
     if "contenders" in phases:
         res, ser = phase_contenders(cfg, cfg.rawdir)
         report["contenders"] = res
