@@ -409,6 +409,7 @@ def analyze(L, load, t_load0, t_load1):
     per_worker_uss = [w["uss"] for x in in_load for w in x["workers"].values()]
     cg_usage = [x["cg"]["usage"] for x in in_load if "cg" in x]
     cg_ws = [x["cg"]["ws"] for x in in_load if "cg" in x]
+    cg_anon = [x["cg"]["rss"] for x in in_load if "cg" in x]
     initial = {p for p, lt in s.lifetimes.items() if lt[0] <= L.t_ready}
     restarts = sorted(p for p, lt in s.lifetimes.items() if lt[0] > L.t_ready and lt[0] <= t_load1 + 1)
     master = [x["master"] for x in s.samples if "master" in x]
@@ -434,6 +435,8 @@ def analyze(L, load, t_load0, t_load1):
             "worker_uss_mean_mb": avg(per_worker_uss) / MiB if per_worker_uss else None,
             "cgroup_usage_peak_mb": max(cg_usage) / MiB if cg_usage else None,
             "cgroup_ws_mean_mb": avg(cg_ws) / MiB if cg_ws else None,
+            "cgroup_anon_peak_mb": max(cg_anon) / MiB if cg_anon else None,
+            "cgroup_anon_mean_mb": avg(cg_anon) / MiB if cg_anon else None,
         },
         "restarts": len(restarts),
         "restart_causes": count_causes(L.name, L.logpath),
@@ -760,7 +763,9 @@ MEASURES = [
     ("total worker PSS, mean (MiB)", lambda r: r["mem"]["total_pss_mean_mb"]),
     ("per-worker USS, peak (MiB)", lambda r: r["mem"]["worker_uss_peak_mb"]),
     ("per-worker USS, mean (MiB)", lambda r: r["mem"]["worker_uss_mean_mb"]),
-    ("cgroup usage of whole tree, peak (MiB)", lambda r: r["mem"]["cgroup_usage_peak_mb"]),
+    ("cgroup anon memory of whole tree incl. master, mean (MiB)", lambda r: r["mem"]["cgroup_anon_mean_mb"]),
+    ("cgroup anon memory of whole tree incl. master, peak (MiB)", lambda r: r["mem"]["cgroup_anon_peak_mb"]),
+    ("cgroup usage (anon + page cache charged), peak (MiB)", lambda r: r["mem"]["cgroup_usage_peak_mb"]),
     ("worker restarts", lambda r: r["restarts"]),
     ("OOM kills (cgroup oom_control)", lambda r: r["oom_kills"]),
     ("OOM kills (dmesg)", lambda r: r["oom_kills_dmesg"]),

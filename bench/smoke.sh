@@ -5,6 +5,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 [ -x "$here/.venv/bin/python" ] || "$here/setup.sh"
+"$here/.venv/bin/python" "$here/test_harness.py"
 out="$here/out/smoke"
 rm -rf "$out"
 timeout 120 "$here/.venv/bin/python" "$here/run.py" --quick --phases contenders \
