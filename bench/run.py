@@ -286,6 +286,8 @@ class Launched:
                 return f"exited with {self.proc.returncode} before ready (see {os.path.basename(self.logpath)})"
             loaded = read_events(self.events)
             live = [p for p, lt in self.sampler.lifetimes.items() if time.time() - lt[1] < 1.0]
+            if time.time() - self.t_launch > 25 and not loaded:
+                return "no worker loaded the app within 25 s (see its log)"
             if sum(1 for p in live if p in loaded) >= self.n and http_ok(self.port):
                 self.t_ready = time.time()
                 self.allocator = allocator_of(live[0]) if live else None
@@ -352,6 +354,14 @@ def service_gaps(lifetimes, loaded, n, t0, t1, tick):
         t = when
     return {"out_any_s": round(out1, 2), "out_2plus_s": round(out2, 2),
             "episodes_2plus": episodes, "max_out": worst}
+
+
+def machine_cpu():
+    """(busy jiffies, total jiffies) from /proc/stat."""
+    with open("/proc/stat") as f:
+        vals = [int(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals) - idle, sum(vals)
 
 
 def dmesg_oom_kills(cg_path):
@@ -483,7 +493,9 @@ def one_contender(name, cfg, outdir, n, limit, requests, rate, cg_limit=None, ta
             return {"contender": name, "workers": n, "not_run": err, "log_tail": tail, "argv": L.argv}, None
         log(f"{name}{tag}: {n} workers ready in {L.t_ready - L.t_launch:.1f}s; load {requests} req @ {rate}/s")
         t0 = time.time()
+        cpu0 = machine_cpu()
         load = run_load(cfg, L.port, requests, rate, os.path.join(cfg.rawdir, f"load-{name}{tag}.json"))
+        cpu1 = machine_cpu()
         t_load0 = load["start_wall"]
         t_load1 = time.time()
         time.sleep(0.5)
@@ -491,6 +503,9 @@ def one_contender(name, cfg, outdir, n, limit, requests, rate, cg_limit=None, ta
         res = analyze(L, load, t_load0, t_load1)
         res["master_alive_at_end"] = master_alive
         res["oom_kills_dmesg"] = dmesg_oom_kills(L.cg.path)
+        res["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        # Machine CPU busy during the load (all processes, ours included), in cores.
+        res["machine_busy_cores"] = round((cpu1[0] - cpu0[0]) / max(1e-9, cpu1[1] - cpu0[1]) * (os.cpu_count() or 1), 2)
         res["wall_s"] = round(time.time() - t0, 1)
         ser = series(L)
     finally:
@@ -779,6 +794,7 @@ MEASURES = [
     ("master RSS, peak (MiB)", lambda r: r["master"]["rss_mb"]),
     ("master USS, peak (MiB)", lambda r: r["master"]["uss_mb"]),
     ("master CPU during load (s)", lambda r: r["master"]["cpu_s"]),
+    ("machine CPU busy during load, all processes (cores of 2)", lambda r: r["machine_busy_cores"]),
     ("master CPU during load (% of a core)", lambda r: r["master"]["cpu_pct"]),
 ]
 
