@@ -20,6 +20,8 @@ Everything is written to --out (default bench/results for full runs, bench/out/q
 --quick): results.json, results.md (tables), PNG plots, and each contender's log.
 trimrun is found at $TRIMRUN, else /work/main/target/release/trimrun, else
 <repo>/target/release/trimrun; if missing or not working its columns say "not run (reason)".
+The trimprobe phase (one-shot `trimrun trim --json PID...` of loaded gunicorn workers) uses
+$TRIMRUN_TRIM if set (a build that has the `trim` subcommand), else the same binary.
 """
 
 import argparse
@@ -604,6 +606,49 @@ def phase_saturation(cfg, outdir):
     return out
 
 
+def phase_trimprobe(cfg, outdir):
+    """One-shot external trim: load gunicorn's workers (no max-requests), then
+    `trimrun trim --json PID...` each of them, then load again and check nothing failed."""
+    if not cfg.trimrun and not os.environ.get("TRIMRUN_TRIM"):
+        return {"not_run": cfg.trimrun_missing}
+    saved = cfg.gunicorn_max_requests
+    cfg.gunicorn_max_requests = 10 ** 9
+    L = Launched("gunicorn", cfg, outdir, cfg.workers, cfg.limit, tag="-trimprobe", tick=0.5)
+    try:
+        err = L.wait_ready(timeout=60)
+        if err:
+            return {"not_run": err}
+        n_req = cfg.trimprobe_requests
+        before_load = run_load(cfg, L.port, n_req, cfg.rate, os.path.join(outdir, "load-trimprobe-1.json"))
+        pids = procs.children_of(procs.ppid_map(), L.proc.pid)
+        trim_bin = os.environ.get("TRIMRUN_TRIM") or cfg.trimrun
+        out_bin = {"binary": trim_bin, "version": trimrun_version(trim_bin)}
+        p = subprocess.run([trim_bin, "trim", "--json"] + [str(x) for x in pids],
+                           capture_output=True, text=True, timeout=60)
+        trims = []
+        for line in p.stdout.splitlines():
+            try:
+                trims.append(json.loads(line))
+            except ValueError:
+                pass
+        if not trims:
+            return {"not_run": f"`trimrun trim` gave no JSON (exit {p.returncode}): {(p.stderr or p.stdout)[-500:]}"}
+        after_load = run_load(cfg, L.port, max(100, n_req // 10), cfg.rate, os.path.join(outdir, "load-trimprobe-2.json"))
+        out = {"workers": len(pids), "requests_before": n_req, "trims": trims, **out_bin,
+               "released_mb_total": sum(t.get("released", 0) for t in trims) / MiB,
+               "rss_before_mb_total": sum(t.get("rss_before", 0) for t in trims) / MiB,
+               "rss_after_mb_total": sum(t.get("rss_after", 0) for t in trims) / MiB,
+               "pause_us_max": max((t.get("pause_us", 0) for t in trims), default=None),
+               "failed_before": before_load["failed"], "failed_after": after_load["failed"],
+               "p99_after_ms": after_load["p99_ms"]}
+        log(f"trimprobe: released {out['released_mb_total']:.0f} MiB of {out['rss_before_mb_total']:.0f} MiB RSS "
+            f"over {len(pids)} gunicorn workers, max pause {out['pause_us_max']} us, failed after {out['failed_after']}")
+        return out
+    finally:
+        cfg.gunicorn_max_requests = saved
+        L.finish()
+
+
 def phase_master(cfg, outdir):
     out = {"idle": {}, "spawn64": {}}
     for n in cfg.master_workers:
@@ -875,6 +920,21 @@ def markdown(report):
             best = v["best"]
             more = " (ladder exhausted: at least this)" if v.get("ladder_exhausted") else ""
             lines.append(f"| {n} | {best}{more} | {tr} |")
+    tp = report.get("trimprobe")
+    if tp:
+        lines.append("\n### One-shot external trim of loaded gunicorn workers (`trimrun trim --json PID...`)\n")
+        if "not_run" in tp:
+            lines.append(f"not run ({tp['not_run']})")
+        else:
+            lines.append(f"{tp['workers']} gunicorn sync workers (no max-requests) after {tp['requests_before']} requests: "
+                         f"RSS {tp['rss_before_mb_total']:.0f} MiB → {tp['rss_after_mb_total']:.0f} MiB "
+                         f"(released {tp['released_mb_total']:.0f} MiB), longest stop {tp['pause_us_max']} µs; "
+                         f"failed requests after the trim: {tp['failed_after']} (p99 {tp['p99_after_ms']} ms).\n")
+            lines.append("| pid | thread parked in | RSS before (MiB) | RSS after (MiB) | released (MiB) | pause (µs) |")
+            lines.append("|---|---|---|---|---|---|")
+            for t in tp["trims"]:
+                lines.append(f"| {t.get('pid')} | {t.get('syscall')} | {t.get('rss_before', 0) / MiB:.1f} | "
+                             f"{t.get('rss_after', 0) / MiB:.1f} | {t.get('released', 0) / MiB:.1f} | {t.get('pause_us')} |")
     m = report.get("master")
     if m:
         lines.append("\n### Master overhead with idle workers (issue 2)\n")
@@ -916,7 +976,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (minutes in all)")
     ap.add_argument("--contenders", default=",".join(ALL))
-    ap.add_argument("--phases", default="saturation,contenders,density,master")
+    ap.add_argument("--phases", default="saturation,contenders,density,trimprobe,master")
+    ap.add_argument("--trimprobe-requests", type=int, default=None)
     ap.add_argument("--saturation-contenders", default="gunicorn")
     ap.add_argument("--saturation-seconds", type=int, default=None)
     ap.add_argument("--workers", type=int, default=4)
@@ -957,6 +1018,7 @@ def main():
     cfg.contenders = [c for c in cfg.contenders.split(",") if c]
     cfg.saturation_contenders = [c for c in cfg.saturation_contenders.split(",") if c]
     cfg.saturation_seconds = cfg.saturation_seconds or (3 if q else 10)
+    cfg.trimprobe_requests = cfg.trimprobe_requests or (1000 if q else 3000)
     cfg.out = os.path.abspath(cfg.out or os.path.join(BENCH, "out", "quick") if q else cfg.out or os.path.join(BENCH, "results"))
     cfg.rawdir = os.path.join(cfg.out, "raw")
     os.makedirs(cfg.rawdir, exist_ok=True)
@@ -987,6 +1049,9 @@ def main():
         save()
     if "density" in phases:
         report["density"] = phase_density(cfg, cfg.rawdir)
+        save()
+    if "trimprobe" in phases:
+        report["trimprobe"] = phase_trimprobe(cfg, cfg.rawdir)
         save()
     if "master" in phases:
         report["master"] = phase_master(cfg, cfg.rawdir)
