@@ -13,6 +13,10 @@ Phases
               fixed request count; memory/restarts/OOM/out-of-service/latency/master cost.
   density     largest worker count that completes the load inside a 1 GiB v1 memory cgroup with
               0 OOM kills (gunicorn and trimrun).
+  saturation  closed-loop wrk against gunicorn with the same request mix (how far below
+              saturation the fixed rate is).
+  trimprobe   one-shot external trim (`trimrun trim --json PID...`) of loaded gunicorn workers:
+              released bytes and stop time, then more load to check nothing broke.
   master      issue 2: master RSS and CPU with 8 and 64 idle workers (trimrun beside gunicorn),
               and time to spawn 64 workers of `sleep 1000`.
 
