@@ -362,6 +362,16 @@ def service_gaps(lifetimes, loaded, n, t0, t1, tick):
             "episodes_2plus": episodes, "max_out": worst}
 
 
+def master_death_reason(L):
+    import re
+    code = L.proc.returncode
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(L.logpath, errors="replace").read())
+    for line in text.splitlines():
+        if "panicked at" in line or "Traceback" in line or " ERROR " in line:
+            return f"exit {code}: {line.strip()[:200]}"
+    return f"exit {code}"
+
+
 def machine_cpu():
     """(busy jiffies, total jiffies) from /proc/stat."""
     with open("/proc/stat") as f:
@@ -509,6 +519,8 @@ def one_contender(name, cfg, outdir, n, limit, requests, rate, cg_limit=None, ta
         res = analyze(L, load, t_load0, t_load1)
         res["master_alive_at_end"] = master_alive
         res["oom_kills_dmesg"] = dmesg_oom_kills(L.cg.path)
+        if not master_alive:
+            res["master_death"] = master_death_reason(L)
         res["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         # Machine CPU busy during the load (all processes, ours included), in cores.
         res["machine_busy_cores"] = round((cpu1[0] - cpu0[0]) / max(1e-9, cpu1[1] - cpu0[1]) * (os.cpu_count() or 1), 2)
@@ -545,7 +557,11 @@ def phase_density(cfg, outdir):
             out[name] = {"not_run": cfg.trimrun_missing}
             continue
         trials, best = [], None
-        for n in ladder:
+        ladder = list(ladder)
+        k = 0
+        while k < len(ladder):
+            n = ladder[k]
+            k += 1
             limit = cfg.limit
             if name.startswith("trimrun"):
                 limit = (cfg.budget - cfg.density_reserve) // n // MiB * MiB
@@ -564,6 +580,8 @@ def phase_density(cfg, outdir):
             log(f"density {name} n={n}: {'PASS' if ok else 'FAIL'} {trials[-1]}")
             if ok:
                 best = n
+            elif best is None and n == ladder[0] and n > 2:
+                ladder = ladder[:k] + [max(1, n - 2)]   # first rung failed: try one step down
             else:
                 break
         out[name] = {"best": best, "trials": trials, "seconds": cfg.density_seconds,
@@ -837,6 +855,7 @@ MEASURES = [
     ("time with >=2 workers out of service (s)", lambda r: r["service"]["out_2plus_s"]),
     ("episodes with >=2 out of service", lambda r: r["service"]["episodes_2plus"]),
     ("failed requests", lambda r: r["load"]["failed"]),
+    ("master alive at the end of the load", lambda r: "yes" if r["master_alive_at_end"] else "NO"),
     ("p50 latency (ms)", lambda r: r["load"]["p50_ms"]),
     ("p99 latency (ms)", lambda r: r["load"]["p99_ms"]),
     ("max latency (ms)", lambda r: r["load"]["max_ms"]),
@@ -876,6 +895,8 @@ def markdown(report):
             if "not_run" in r:
                 causes.append(f"- **{n}: not run** ({r['not_run']})")
             else:
+                if r.get("master_death"):
+                    causes.append(f"- **{n}: the master died during the run**: {r['master_death']}")
                 causes.append(f"- {n}: restart causes from its log: {r.get('restart_causes')}; "
                               f"startup {r.get('startup_s')} s; worker allocator {r.get('worker_allocator')}" +
                               (f"; trimrun status: { {k: v for k, v in (r.get('trimrun_status') or {}).items() if k != 'raw_last'} }"
@@ -1014,8 +1035,8 @@ def main():
     cfg.density_reserve = parse_size(cfg.density_reserve)
     cfg.density_seconds = cfg.density_seconds or (15 if q else 45)
     cfg.density_rate = cfg.density_rate or 200.0
-    cfg.density_gunicorn = [int(x) for x in (cfg.density_gunicorn or ("8,12" if q else "8,10,12,14")).split(",")]
-    cfg.density_trimrun = [int(x) for x in (cfg.density_trimrun or ("8,12" if q else "10,12,14,16")).split(",")]
+    cfg.density_gunicorn = [int(x) for x in (cfg.density_gunicorn or ("8,12" if q else "10,12,14,16")).split(",")]
+    cfg.density_trimrun = [int(x) for x in (cfg.density_trimrun or ("8,12" if q else "12,14,16,18")).split(",")]
     cfg.density_contenders = cfg.density_contenders.split(",")
     cfg.master_workers = [int(x) for x in cfg.master_workers.split(",")]
     cfg.master_seconds = cfg.master_seconds or (10 if q else 60)
