@@ -60,7 +60,7 @@ CAUSES = {
               "died": "DAMN ! worker"},
     "granian": {"max-rss": "RSS over threshold", "died": r"(?i)unexpected|died"},
     "trimrun": {"recycle (log)": r"recycling worker", "oom (log)": r"(?i)oom.?kill|out of memory",
-                "trim (log)": r"\btrimmed\b", "worker exited (log)": r"worker exited"},
+                "trim (log)": r"trimmed slot=", "worker exited (log)": r"worker exited"},
 }
 CAUSES["gunicorn-jemalloc"] = CAUSES["gunicorn"]
 CAUSES["trimrun-notrim"] = CAUSES["trimrun"]
