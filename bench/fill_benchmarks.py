@@ -23,7 +23,7 @@ def main():
              f"{env.get('mem_total_gib')} GiB, kernel {env.get('kernel')}, {env.get('glibc')}, "
              f"Python {env.get('python')}, cgroup v1 memory controller.",
              f"Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items()) +
-             f"; trimrun: {env.get('trimrun')}.",
+             f"; trimrun: {env.get('trimrun')}, built from {env.get('trimrun_source')}.",
              f"Load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}.",
              "", "Command: `" + " ".join(["bench/.venv/bin/python", "bench/run.py"] +
                                          (["--quick"] if cfg.get("quick") else [])) + "`"
