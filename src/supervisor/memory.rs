@@ -263,6 +263,16 @@ impl Supervisor {
             }
             self.start_recycle(pid, slot, RecycleReason::Reload, Duration::ZERO);
         }
+        // A worker no longer waiting (a trim brought it back under its threshold) runs
+        // unthrottled again.
+        for w in &mut self.workers {
+            if w.memory_high.is_some() && !candidates.iter().any(|c| c.slot == w.slot) {
+                if let Err(e) = w.group.set_high(None) {
+                    debug!(slot = w.slot, error = %e, "cannot reset memory.high");
+                }
+                w.memory_high = None;
+            }
+        }
         if candidates.is_empty() {
             return;
         }
