@@ -207,38 +207,7 @@ pub fn smaps(pid: i32) -> HashMap<String, u64> {
         .collect()
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-pub fn children(pid: i32) -> Vec<i32> {
-    let mut out = vec![];
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
-            }
-        }
-    }
-    out.sort();
-    out
-}
+pub use super::common::pool::{alive, children, free_port};
 
 /// One HTTP/1.0 GET; the body on a 200.
 pub fn get(port: u16, path: &str) -> Result<String, String> {
