@@ -8,6 +8,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 "$here/.venv/bin/python" "$here/test_harness.py"
 out="$here/out/smoke"
 rm -rf "$out"
+mkdir -p "$here/out"
 timeout 120 "$here/.venv/bin/python" "$here/run.py" --quick --phases contenders \
     --contenders gunicorn,trimrun --workers 2 --requests 200 --rate 50 --out "$out" >"$out.log" 2>&1 \
     || { tail -30 "$out.log"; exit 1; }
