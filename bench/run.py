@@ -1039,7 +1039,8 @@ def main():
     cfg.limit = parse_size(cfg.limit)
     cfg.budget = parse_size(cfg.budget)
     cfg.density_reserve = parse_size(cfg.density_reserve)
-    cfg.density_seconds = cfg.density_seconds or (15 if q else 45)
+    # The density measure is 10 minutes of load per trial; --quick is a smoke of it.
+    cfg.density_seconds = cfg.density_seconds or (15 if q else 600)
     cfg.density_rate = cfg.density_rate or 200.0
     cfg.density_gunicorn = [int(x) for x in (cfg.density_gunicorn or ("8,12" if q else "10,12,14,16")).split(",")]
     cfg.density_trimrun = [int(x) for x in (cfg.density_trimrun or ("8,12" if q else "12,14,16,18")).split(",")]
