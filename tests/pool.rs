@@ -174,12 +174,7 @@ fn term_exits_zero_and_leaves_no_process() {
 
 #[test]
 fn worker_ignoring_term_is_killed_after_the_graceful_timeout() {
-    let script = IGNORES_TERM;
-    let mut pool = Pool::start(
-        &["-n", "2", "--graceful-timeout", "1s", "--ready", "notify"],
-        &["python3", "-c", script],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(10));
+    let mut pool = Pool::ignoring_term(2, "1s");
     let workers = pool.workers();
     pool.signal(libc::SIGTERM);
     let t0 = Instant::now();
@@ -203,12 +198,7 @@ fn worker_ignoring_term_is_killed_after_the_graceful_timeout() {
 
 #[test]
 fn second_term_kills_at_once() {
-    let script = IGNORES_TERM;
-    let mut pool = Pool::start(
-        &["-n", "1", "--graceful-timeout", "60s", "--ready", "notify"],
-        &["python3", "-c", script],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(10));
+    let mut pool = Pool::ignoring_term(1, "60s");
     let workers = pool.workers();
     pool.signal(libc::SIGTERM);
     pool.wait_log("graceful shutdown", Duration::from_secs(5));
@@ -226,12 +216,7 @@ fn second_term_kills_at_once() {
 
 #[test]
 fn quit_is_a_fast_shutdown() {
-    let script = IGNORES_TERM;
-    let mut pool = Pool::start(
-        &["-n", "2", "--graceful-timeout", "60s", "--ready", "notify"],
-        &["python3", "-c", script],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(10));
+    let mut pool = Pool::ignoring_term(2, "60s");
     pool.signal(libc::SIGQUIT);
     assert_eq!(
         pool.wait_exit(Duration::from_secs(5)),

@@ -69,6 +69,24 @@ impl Pool {
         p
     }
 
+    /// N workers that ignore SIGTERM, ready by sd_notify once their handler is in place.
+    pub fn ignoring_term(n: usize, graceful_timeout: &str) -> Pool {
+        let n = n.to_string();
+        let pool = Pool::start(
+            &[
+                "-n",
+                &n,
+                "--graceful-timeout",
+                graceful_timeout,
+                "--ready",
+                "notify",
+            ],
+            &["python3", "-c", IGNORES_TERM],
+        );
+        pool.wait_log("all workers ready", Duration::from_secs(10));
+        pool
+    }
+
     /// `trimrun ctl ARGS...` against this pool's control socket: (exit code, output).
     pub fn ctl(&self, args: &[&str]) -> (i32, String) {
         let out = Command::new(BIN)
