@@ -278,6 +278,11 @@ fn seize(pid: i32, tid: i32) -> Result<(), TrimError> {
         Some(libc::EPERM) => {
             let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status"))
                 .unwrap_or_default();
+            // A thread that is exiting (a zombie: killed, not yet reaped) cannot be seized
+            // either: that is a process going away, not a permission problem.
+            if status.is_empty() || exiting(&status) {
+                return Err(TrimError::Gone { pid });
+            }
             match procfs::parse_tracer_pid(&status) {
                 Some(tracer) if tracer != 0 => Err(TrimError::AlreadyTraced { pid, tracer }),
                 _ => Err(TrimError::NotTraceable {
@@ -291,6 +296,14 @@ fn seize(pid: i32, tid: i32) -> Result<(), TrimError> {
             reason: format!("ptrace seize of thread {tid} failed: {e}"),
         }),
     }
+}
+
+/// `State:` of a /proc status file says zombie or dead.
+fn exiting(status: &str) -> bool {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .is_some_and(|v| matches!(v.trim_start().chars().next(), Some('Z' | 'X')))
 }
 
 /// Classification context for a stopped tracee.
@@ -541,5 +554,15 @@ fn call(
                 cont(tid, 0).map_err(|e| err("resume", e))?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zombies_and_dead_threads_are_exiting() {
+        assert!(super::exiting("Name:\tpython3\nState:\tZ (zombie)\n"));
+        assert!(super::exiting("State:\tX (dead)\n"));
+        assert!(!super::exiting("State:\tS (sleeping)\nTracerPid:\t0\n"));
     }
 }
