@@ -97,6 +97,20 @@ pub fn kill_cgroup(dir: &Path) -> Result<(), CgroupError> {
 
 /// rmdir a cgroup, retrying on EBUSY for up to `patience` while the kernel finishes
 /// tearing down processes that were just killed. A missing directory is success.
+/// Create the group `dir` and configure it; a group that cannot be configured is removed
+/// again, so a failed worker start leaves no half-made group behind.
+pub fn create_configured(
+    dir: PathBuf,
+    configure: impl FnOnce(&Path) -> Result<(), CgroupError>,
+) -> Result<PathBuf, CgroupError> {
+    mkdir(&dir)?;
+    if let Err(e) = configure(&dir) {
+        let _ = rmdir_retry(&dir, Duration::from_millis(200));
+        return Err(e);
+    }
+    Ok(dir)
+}
+
 pub fn rmdir_retry(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
     let deadline = Instant::now() + patience;
     let mut pause = Duration::from_millis(2);

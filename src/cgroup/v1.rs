@@ -5,7 +5,6 @@
 //! at the same value (memory + swap = memory: no swap).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use tracing::debug;
 
@@ -30,9 +29,7 @@ pub fn setup(parent: &Path, name: &str) -> Result<PathBuf, CgroupError> {
 }
 
 pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<PathBuf, CgroupError> {
-    let dir = base.join(name);
-    common::mkdir(&dir)?;
-    let configure = || -> Result<(), CgroupError> {
+    common::create_configured(base.join(name), |dir| {
         if let Some(limit) = limit {
             // memsw must stay >= limit: on a new group both are unlimited, so set the
             // memory limit first, then memory+swap to the same value.
@@ -40,12 +37,7 @@ pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<Path
             write_if_exists(&dir.join("memory.memsw.limit_in_bytes"), &limit.to_string())?;
         }
         Ok(())
-    };
-    if let Err(e) = configure() {
-        let _ = common::rmdir_retry(&dir, Duration::from_millis(200));
-        return Err(e);
-    }
-    Ok(dir)
+    })
 }
 
 /// `total_*` keys are hierarchical (this group and its children). `total_rss` is anonymous

@@ -112,9 +112,7 @@ pub fn teardown(parent: &Path, s: &Setup, pid: i32) {
 
 /// `base/name` with `memory.max`, `memory.oom.group=1` and `memory.swap.max=0`.
 pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<PathBuf, CgroupError> {
-    let dir = base.join(name);
-    common::mkdir(&dir)?;
-    let configure = || -> Result<(), CgroupError> {
+    common::create_configured(base.join(name), |dir| {
         if let Some(limit) = limit {
             write(&dir.join("memory.max"), &limit.to_string())?;
         }
@@ -124,12 +122,7 @@ pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<Path
         // Swapping a Python heap is slower than recycling the worker.
         write_if_exists(&dir.join("memory.swap.max"), "0")?;
         Ok(())
-    };
-    if let Err(e) = configure() {
-        let _ = common::rmdir_retry(&dir, Duration::from_millis(200));
-        return Err(e);
-    }
-    Ok(dir)
+    })
 }
 
 pub fn usage(dir: &Path) -> Result<Usage, CgroupError> {
