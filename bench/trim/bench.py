@@ -204,10 +204,11 @@ def main():
     print(f"- gdb stops the whole process {statistics.median(gdb_gap):.0f} µs vs our routine pause {statistics.median(ext_r):.0f} µs of one thread: {ratio:.0f}x (target ≥ 100x): {'met' if ratio >= 100 else 'NOT met'}; first trim {statistics.median(gdb_gap) / max(1, med_self_first):.0f}x the in-process time")
 
 
-try:
-    main()
-finally:
-    for c in CHILDREN:
-        if c.poll() is None:
-            c.kill()
-            c.wait()
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        for c in CHILDREN:
+            if c.poll() is None:
+                c.kill()
+                c.wait()

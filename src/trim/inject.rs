@@ -29,6 +29,7 @@
 //! [`RETURN_ADDR`]: super::arch::RETURN_ADDR
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -134,8 +135,19 @@ fn set_regs(tid: i32, regs: &Regs) -> io::Result<()> {
     pt(libc::PTRACE_SETREGS, tid, 0, regs as *const Regs as usize).map(drop)
 }
 
+/// Size of the thread's XSAVE area as the kernel reports it, learnt from the first read.
+static XSTATE_LEN: AtomicUsize = AtomicUsize::new(0);
+
 fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
-    let mut size = arch::xstate_size();
+    // Ask for one word more than we expect: the kernel truncates to its own size, so a
+    // shorter answer is the whole area, read in one call. (Asking for exactly the expected
+    // size cannot tell "all of it" from "cut short", and cost a second read every time.)
+    let known = XSTATE_LEN.load(Ordering::Relaxed);
+    let mut size = if known > 0 {
+        known
+    } else {
+        arch::xstate_size()
+    } + 8;
     loop {
         let mut buf = vec![0u8; size];
         let mut iov = libc::iovec {
@@ -148,9 +160,9 @@ fn get_xstate(tid: i32) -> io::Result<Vec<u8>> {
             arch::NT_XSTATE as usize,
             &mut iov as *mut libc::iovec as usize,
         )?;
-        // The kernel truncates to our buffer; a full buffer may mean it had more.
         if iov.iov_len < buf.len() || size >= 256 * 1024 {
             buf.truncate(iov.iov_len);
+            XSTATE_LEN.store(buf.len(), Ordering::Relaxed);
             return Ok(buf);
         }
         size *= 2;
@@ -399,12 +411,9 @@ struct Saved {
     regs: Regs,
     xstate: Vec<u8>,
     mask: u64,
-    slot: u64,
-    slot_word: u64,
 }
 
 fn restore(tid: i32, s: &Saved) -> io::Result<()> {
-    poke(tid, s.slot, s.slot_word)?;
     set_regs(tid, &s.regs)?;
     set_xstate(tid, &s.xstate)?;
     set_sigmask(tid, s.mask)
@@ -435,27 +444,26 @@ fn call(
     let (call_regs, slot) = arch::call_frame(regs, func, 0);
     let xstate = get_xstate(tid).map_err(|e| err("read extended registers", e))?;
     let mask = get_sigmask(tid).map_err(|e| err("read signal mask", e))?;
-    let slot_word = match peek(tid, slot) {
-        Ok(w) => w,
+    let saved = Saved {
+        regs: *regs,
+        xstate,
+        mask,
+    };
+    // The return address goes below the red zone, memory the ABI leaves to whoever runs
+    // next (a signal handler would overwrite it too), so its old word is not kept.
+    match poke(tid, slot, arch::RETURN_ADDR) {
+        Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(lost(pid, tid)),
         Err(e) => {
             detach(tid, 0).map_err(|e| err("detach", e))?;
             return Err(TrimError::Deferred {
                 pid,
-                reason: format!("stack of thread {tid} below its red zone is not accessible: {e}"),
+                reason: format!("stack of thread {tid} below its red zone is not writable: {e}"),
             });
         }
-    };
-    let saved = Saved {
-        regs: *regs,
-        xstate,
-        mask,
-        slot,
-        slot_word,
-    };
+    }
     let only_segv = !(1u64 << (libc::SIGSEGV - 1));
-    let setup = poke(tid, slot, arch::RETURN_ADDR)
-        .and_then(|_| set_sigmask(tid, only_segv))
+    let setup = set_sigmask(tid, only_segv)
         .and_then(|_| set_regs(tid, &call_regs))
         .and_then(|_| cont(tid, 0));
     if let Err(e) = setup {
