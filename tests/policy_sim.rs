@@ -87,6 +87,9 @@ struct Scenario {
     lookahead: bool,
     /// cgroup v2's memory.high slows waiting workers (false: v1, or none).
     throttle: bool,
+    /// Keep the spacing even for a worker about to reach its limit
+    /// (`RecycleGate::strict_spacing`, for contrast).
+    strict_spacing: bool,
 }
 
 enum State {
@@ -114,6 +117,8 @@ struct Worker {
 #[derive(Default, Debug)]
 struct Report {
     starts: Vec<Duration>,
+    /// Per start: admitted inside the spacing because the worker could not wait.
+    early: Vec<bool>,
     slots: Vec<usize>,
     reasons: Vec<RecycleReason>,
     waits: Vec<Duration>,
@@ -158,6 +163,9 @@ fn run(sc: &Scenario) -> Report {
     let mut rng = StdRng::seed_from_u64(sc.seed);
     let settings = &sc.settings;
     let mut gate = RecycleGate::new(settings);
+    if sc.strict_spacing {
+        gate = gate.strict_spacing();
+    }
     let recycle_duration = settings.ready_time + sc.drain;
     let mut workers: Vec<Worker> = (0..sc.workers)
         .map(|_| fresh(sc, Duration::ZERO, &mut rng, Backoff::default()))
@@ -292,7 +300,8 @@ fn run(sc: &Scenario) -> Report {
             }
         }
         // The gate. Its timer agrees with its decisions.
-        let opening = gate.next_opening(now, in_progress);
+        let opening = gate.next_opening(now, in_progress, &candidates);
+        let cannot_wait = gate.cannot_wait(now, &candidates);
         let admitted = gate.admit(now, in_progress, &candidates);
         if !candidates.is_empty() {
             assert_eq!(admitted.is_empty(), opening.is_none_or(|t| t > now));
@@ -303,16 +312,20 @@ fn run(sc: &Scenario) -> Report {
                 "{}: admitted beyond max_recycling at {now:?}",
                 sc.name
             );
-            if let Some(prev) = rep.starts.last() {
-                assert!(
-                    now - *prev >= settings.spacing(),
-                    "{}: starts at {prev:?} and {now:?} closer than {:?}",
-                    sc.name,
-                    settings.spacing()
-                );
-            }
+            let early = rep
+                .starts
+                .last()
+                .is_some_and(|p| now - *p < settings.spacing());
+            assert!(
+                !early || cannot_wait,
+                "{}: starts at {:?} and {now:?} closer than {:?} with nobody about to hit the limit",
+                sc.name,
+                rep.starts.last(),
+                settings.spacing()
+            );
             let c = candidates.iter().find(|c| c.slot == slot).unwrap();
             rep.starts.push(now);
+            rep.early.push(early);
             rep.slots.push(slot);
             rep.reasons.push(c.reason);
             rep.waits.push(now - c.waiting_since);
@@ -529,18 +542,32 @@ fn scenario(name: &'static str, leak: Leak, seed: u64) -> Scenario {
         reload_at: None,
         lookahead: true,
         throttle: true,
+        strict_spacing: false,
     }
 }
 
+/// Never more than max_recycling in progress; starts spaced by the spacing, except those
+/// the gate admitted early for a worker that could not wait (`run` checks that each of
+/// those had one). `spaced` demands that no start came early at all.
 fn assert_invariants(sc: &Scenario, rep: &Report) {
+    assert_invariants_with(sc, rep, true)
+}
+
+fn assert_invariants_with(sc: &Scenario, rep: &Report, spaced: bool) {
     let spacing = sc.settings.spacing();
     assert!(rep.max_in_progress <= sc.settings.max_recycling);
-    assert!(
-        gaps(&rep.starts)
-            .iter()
-            .all(|g| *g >= spacing.as_secs_f64())
-    );
-    assert!(max_in_window(&rep.starts, spacing) <= sc.settings.max_recycling);
+    let gaps = gaps(&rep.starts);
+    for (i, g) in gaps.iter().enumerate() {
+        assert!(
+            *g >= spacing.as_secs_f64() || (!spaced && rep.early[i + 1]),
+            "{}: gap {g} s before start {} is shorter than the spacing",
+            sc.name,
+            i + 1
+        );
+    }
+    if spaced {
+        assert!(max_in_window(&rep.starts, spacing) <= sc.settings.max_recycling);
+    }
 }
 
 #[test]
@@ -748,4 +775,56 @@ fn identical_fast_leaks_need_the_lookahead_to_avoid_oom() {
         "the lookahead starts recycles early enough"
     );
     assert!(rep_with.starts.len() >= 16);
+}
+
+#[test]
+fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
+    // What the 10-minute density benchmark hit on a real kernel: a short ready time, so
+    // a recycle takes seconds, but the spacing floor allows one start per 5 s, fewer than
+    // a crowded pool of fast-growing workers needs. With the spacing strict, workers die
+    // in the queue; letting the one that cannot wait start as soon as the previous
+    // recycle is done (still one at a time) serves them all.
+    let mut strict = Scenario {
+        workers: 24,
+        duration: Duration::from_secs(6 * 3600),
+        drain: Duration::from_secs(1),
+        throttle: false,
+        strict_spacing: true,
+        ..scenario(
+            "(g) 24 fast leaks, 1 s ready, strict 5 s spacing",
+            Leak::Random(8.0, 12.0),
+            11,
+        )
+    };
+    strict.settings.ready_time = Duration::from_secs(1);
+    let yielding = Scenario {
+        name: "(g) the same, spacing yields to workers that cannot wait",
+        strict_spacing: false,
+        ..strict.clone()
+    };
+    let demand = demand_per_sec(&strict, 10.0);
+    let by_spacing = 1.0 / strict.settings.spacing().as_secs_f64();
+    let by_duration = 1.0 / (strict.settings.ready_time + strict.drain).as_secs_f64();
+    println!(
+        "\n(g) demand <= {:.0}/h; one start per spacing {:.0}/h; one at a time back to back {:.0}/h",
+        demand * 3600.0,
+        by_spacing * 3600.0,
+        by_duration * 3600.0
+    );
+    let rep_strict = run(&strict);
+    print_report(&strict, &rep_strict);
+    let rep = run(&yielding);
+    print_report(&yielding, &rep);
+    assert_invariants(&strict, &rep_strict);
+    assert!(
+        rep_strict.ooms > 0,
+        "the scenario must overload a strict spacing"
+    );
+    assert_invariants_with(&yielding, &rep, false);
+    assert_eq!(rep.max_in_progress, 1, "still one recycle at a time");
+    assert!(
+        rep.early.iter().any(|e| *e),
+        "some starts came inside the spacing"
+    );
+    assert_eq!(rep.ooms, 0, "no worker dies waiting for the spacing");
 }

@@ -531,6 +531,11 @@ impl WorkerGroup {
         }
     }
 
+    /// Whether [`set_high`](Self::set_high) does anything (cgroup v2 only).
+    pub fn has_memory_high(&self) -> bool {
+        matches!(self.backend, Backend::V2(_))
+    }
+
     /// v2 `memory.high` (None = `max`): throttle and reclaim above it instead of killing.
     /// No-op on v1 and none.
     pub fn set_high(&self, bytes: Option<u64>) -> Result<(), CgroupError> {

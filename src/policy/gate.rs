@@ -45,10 +45,21 @@ pub fn urgency_order(a: &Candidate, b: &Candidate) -> Ordering {
 }
 
 /// The recycle gate of the pool. It remembers the last start it admitted.
+///
+/// The spacing is kept, with one exception: a candidate that would reach its hard limit
+/// before the spacing ends plus a `ready_time` (its replacement could not be ready in
+/// time) may start as soon as a recycle slot is free. The cap of `max_recycling` in
+/// progress still holds, so the pool never replaces more workers at once than it allows;
+/// only the pause *between* one-at-a-time recycles shrinks, and only when the
+/// alternative is the OOM killer. When the pool's recycle demand exceeds one start per
+/// spacing (many workers, a short spacing floor, fast regrowth), this is what keeps
+/// workers from dying in the queue.
 #[derive(Clone, Debug)]
 pub struct RecycleGate {
     max_recycling: usize,
     spacing: Duration,
+    ready: Duration,
+    urgent_override: bool,
     last_start: Option<Duration>,
 }
 
@@ -57,14 +68,24 @@ impl RecycleGate {
         Self {
             max_recycling: settings.max_recycling.max(1),
             spacing: settings.spacing(),
+            ready: settings.ready_time,
+            urgent_override: true,
             last_start: None,
         }
+    }
+
+    /// The same gate, keeping the spacing even for a worker about to reach its limit
+    /// (for comparisons in simulations).
+    pub fn strict_spacing(mut self) -> Self {
+        self.urgent_override = false;
+        self
     }
 
     /// Follow changed settings (e.g. a `ready_time` updated from observed start-ups).
     pub fn update(&mut self, settings: &Settings) {
         self.max_recycling = settings.max_recycling.max(1);
         self.spacing = settings.spacing();
+        self.ready = settings.ready_time;
     }
 
     /// The spacing in force.
@@ -85,16 +106,20 @@ impl RecycleGate {
     }
 
     /// Which waiting candidates may start now, most urgent first: none while
-    /// `in_progress` recycles fill `max_recycling` or the last start is less than the
-    /// spacing ago. The caller must start every slot returned (the gate counts them as
-    /// started at `now`). With a non-zero spacing that is at most one slot per call.
+    /// `in_progress` recycles fill `max_recycling`, or while the last start is less than
+    /// the spacing ago unless some candidate [cannot wait](Self::cannot_wait) for it. The
+    /// caller must start every slot returned (the gate counts them as started at `now`).
+    /// With a non-zero spacing that is at most one slot per call.
     pub fn admit(
         &mut self,
         now: Duration,
         in_progress: usize,
         candidates: &[Candidate],
     ) -> Vec<usize> {
-        if candidates.is_empty() || !self.is_open(now, in_progress) {
+        if candidates.is_empty()
+            || in_progress >= self.max_recycling
+            || !(self.spaced(now) || self.cannot_wait(now, candidates))
+        {
             return Vec::new();
         }
         let free = self.max_recycling - in_progress;
@@ -106,16 +131,41 @@ impl RecycleGate {
         admitted
     }
 
-    fn is_open(&self, now: Duration, in_progress: usize) -> bool {
-        in_progress < self.max_recycling && self.last_start.is_none_or(|t| now >= t + self.spacing)
+    fn spaced(&self, now: Duration) -> bool {
+        self.last_start.is_none_or(|t| now >= t + self.spacing)
     }
 
-    /// When the gate opens next, for the supervisor's timer: `now` if it is open, the end
-    /// of the spacing if only that holds it shut, `None` if all recycle slots are busy
-    /// (it reopens when one finishes, an event the supervisor sees anyway).
-    pub fn next_opening(&self, now: Duration, in_progress: usize) -> Option<Duration> {
+    /// Some waiting candidate would reach its hard limit before its turn: with the gate
+    /// opening after the rest of the spacing and then once per spacing, the k-th most
+    /// urgent (0-based) would have its replacement ready only after
+    /// `rest + k × spacing + ready_time`. Then the most urgent may start now.
+    pub fn cannot_wait(&self, now: Duration, candidates: &[Candidate]) -> bool {
+        let Some(t) = self.last_start.filter(|_| self.urgent_override) else {
+            return false;
+        };
+        let rest = (t + self.spacing).saturating_sub(now);
+        let mut ttls: Vec<Duration> = candidates.iter().filter_map(|c| c.time_to_limit).collect();
+        ttls.sort();
+        ttls.iter()
+            .enumerate()
+            .any(|(k, ttl)| *ttl < rest + self.spacing.saturating_mul(k as u32) + self.ready)
+    }
+
+    /// When the gate opens next for these candidates, for the supervisor's timer: `now`
+    /// if it is open, the end of the spacing if only that holds it shut, `None` if all
+    /// recycle slots are busy (it reopens when one finishes, an event the supervisor sees
+    /// anyway).
+    pub fn next_opening(
+        &self,
+        now: Duration,
+        in_progress: usize,
+        candidates: &[Candidate],
+    ) -> Option<Duration> {
         if in_progress >= self.max_recycling {
             return None;
+        }
+        if self.cannot_wait(now, candidates) {
+            return Some(now);
         }
         Some(self.last_start.map_or(now, |t| (t + self.spacing).max(now)))
     }
@@ -133,7 +183,7 @@ impl RecycleGate {
         let per_start = self
             .spacing
             .max(recycle_duration / self.max_recycling as u32);
-        let first = match self.next_opening(now, in_progress) {
+        let first = match self.next_opening(now, in_progress, &[]) {
             Some(t) => t.saturating_sub(now),
             // All slots busy: the earliest one frees within one recycle duration.
             None => recycle_duration.max(
@@ -190,7 +240,7 @@ mod tests {
         let mut gate = RecycleGate::new(&settings(1, 10));
         assert!(gate.admit(s(0), 0, &[]).is_empty());
         assert_eq!(gate.last_start(), None);
-        assert_eq!(gate.next_opening(s(3), 0), Some(s(3)));
+        assert_eq!(gate.next_opening(s(3), 0, &[]), Some(s(3)));
     }
 
     #[test]
@@ -203,7 +253,7 @@ mod tests {
         assert_eq!(gate.admit(s(0), 0, &cands), vec![1]);
         // Spacing over, but the one slot is still busy.
         assert!(gate.admit(s(60), 1, &cands[1..]).is_empty());
-        assert_eq!(gate.next_opening(s(60), 1), None);
+        assert_eq!(gate.next_opening(s(60), 1, &cands[1..]), None);
         assert_eq!(gate.admit(s(61), 0, &cands[1..]), vec![2]);
     }
 
@@ -215,9 +265,41 @@ mod tests {
             c(2, RecycleReason::Memory, None, 0),
         ];
         assert_eq!(gate.admit(s(100), 0, &cands), vec![1]);
-        assert_eq!(gate.next_opening(s(101), 1), Some(s(110)));
+        assert_eq!(gate.next_opening(s(101), 1, &cands[1..]), Some(s(110)));
         assert!(gate.admit(s(109), 1, &cands[1..]).is_empty());
         assert_eq!(gate.admit(s(110), 1, &cands[1..]), vec![2]);
+    }
+
+    #[test]
+    fn a_worker_that_would_hit_its_limit_in_the_spacing_starts_when_a_slot_is_free() {
+        // Spacing 10 s, ready time 5 s (the default): a start at 100 s.
+        let mut gate = RecycleGate::new(&settings(1, 10));
+        assert_eq!(gate.ready, s(5));
+        gate.admit(s(100), 0, &[c(1, RecycleReason::Memory, None, 0)]);
+        // At 102 s the spacing has 8 s to run: 20 s to the limit can wait, 12 s cannot,
+        // and neither can the second of two 20 s (its turn would come at 18 s + 5 s).
+        let fine = [c(2, RecycleReason::Memory, Some(20), 90)];
+        let doomed = [c(3, RecycleReason::Memory, Some(12), 95)];
+        let crowded = [
+            c(4, RecycleReason::Memory, Some(20), 90),
+            c(5, RecycleReason::Memory, Some(20), 91),
+        ];
+        assert!(gate.cannot_wait(s(102), &crowded));
+        assert!(!gate.cannot_wait(s(102), &fine));
+        assert!(gate.admit(s(102), 0, &fine).is_empty());
+        assert_eq!(gate.next_opening(s(102), 0, &fine), Some(s(110)));
+        assert!(gate.cannot_wait(s(102), &doomed));
+        assert_eq!(gate.next_opening(s(102), 0, &doomed), Some(s(102)));
+        // ...but never beyond max_recycling.
+        assert!(gate.admit(s(102), 1, &doomed).is_empty());
+        assert_eq!(gate.next_opening(s(102), 1, &doomed), None);
+        assert_eq!(gate.admit(s(102), 0, &doomed), vec![3]);
+        assert_eq!(gate.last_start(), Some(s(102)));
+        // Strict spacing: it waits.
+        let mut strict = RecycleGate::new(&settings(1, 10)).strict_spacing();
+        strict.admit(s(100), 0, &[c(1, RecycleReason::Memory, None, 0)]);
+        assert!(!strict.cannot_wait(s(102), &doomed));
+        assert!(strict.admit(s(102), 0, &doomed).is_empty());
     }
 
     #[test]

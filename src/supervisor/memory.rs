@@ -305,7 +305,7 @@ impl Supervisor {
             if let Some(w) = self
                 .workers
                 .iter_mut()
-                .find(|w| w.slot == slot && w.recycling.is_none())
+                .find(|w| w.slot == slot && w.recycling.is_none() && w.group.has_memory_high())
             {
                 let high = w.policy.memory_high(now_d, Some(wait));
                 if high != w.memory_high {
