@@ -187,8 +187,8 @@ pub struct RunArgs {
         help_heading = "Recycling"
     )]
     pub max_recycling: usize,
-    /// Least time between the starts of two recycles, unless a waiting worker would reach
-    /// its limit first [default: derived from the ready time]
+    /// Least time between the starts of two recycles, shortened only when workers would
+    /// otherwise reach their limits first [default: derived from the ready time]
     #[arg(long, env = "TRIMRUN_RECYCLE_SPACING", value_parser = parse_duration, help_heading = "Recycling")]
     pub recycle_spacing: Option<Duration>,
 

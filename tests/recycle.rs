@@ -193,6 +193,90 @@ fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
     assert!(log.contains("reason=memory"), "recycled for memory:\n{log}");
 }
 
+/// Seconds since midnight of each log line that contains `needle` (the log's RFC 3339 time).
+fn log_times(log: &str, needle: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.get(11..26).map(str::to_string))
+        .map(|t| {
+            let p: Vec<f64> = t.split(':').filter_map(|x| x.parse().ok()).collect();
+            p.iter().fold(0.0, |a, x| a * 60.0 + x)
+        })
+        .collect()
+}
+
+#[test]
+fn spacing_yields_when_waiting_workers_would_reach_their_limits_first() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    let app = example("app.py");
+    // Four workers leaking ~2 MiB/s each under 96 MiB reach their limits within a minute
+    // of each other, while --recycle-spacing 60s allows one start a minute: kept strictly,
+    // the spacing would leave three of them to the OOM killer. The gate shortens the
+    // spacing in force as far as the projections need, still one recycle at a time.
+    let mut pool = Pool::start_env(
+        &[
+            "-n",
+            "4",
+            "--limit",
+            "96M",
+            "--ready",
+            "delay:1s",
+            "--recycle-spacing",
+            "60s",
+            "--graceful-timeout",
+            "10s",
+        ],
+        &["python3", &app],
+        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "48")],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return;
+    }
+    let load = Load::start(pool.port, 4, Duration::from_millis(20));
+    wait_for(Duration::from_secs(120), || {
+        (pool.count_log("recycle complete") >= 4).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let (ok, failures) = load.finish();
+    let status = pool.status();
+    pool.signal(libc::SIGTERM);
+    assert_eq!(pool.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = pool.log();
+    let starts = log_times(&log, "recycling worker");
+    let gaps: Vec<f64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    println!(
+        "{ok} requests, {} recycles completed, gaps between starts (s): {gaps:.1?}, oom_kills={}",
+        log.matches("recycle complete").count(),
+        status["oom_kills"]
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(
+        log.matches("recycle complete").count() >= 4,
+        "fewer than 4 recycles:\n{log}"
+    );
+    assert!(!log.contains("OOM-killed"), "an OOM kill happened:\n{log}");
+    assert_eq!(status["oom_kills"], 0);
+    assert_eq!(
+        max_concurrent_recycles(&log),
+        1,
+        "two recycles overlapped:\n{log}"
+    );
+    assert!(
+        gaps.iter().any(|g| *g < 60.0) && log.contains("recycle spacing shortened"),
+        "no start came inside the 60 s spacing:\n{log}"
+    );
+}
+
 #[test]
 fn replacement_that_never_gets_ready_leaves_the_old_worker_serving_and_is_retried() {
     let app = example("app.py");

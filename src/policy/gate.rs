@@ -46,20 +46,22 @@ pub fn urgency_order(a: &Candidate, b: &Candidate) -> Ordering {
 
 /// The recycle gate of the pool. It remembers the last start it admitted.
 ///
-/// The spacing is kept, with one exception: a candidate that would reach its hard limit
-/// before the spacing ends plus a `ready_time` (its replacement could not be ready in
-/// time) may start as soon as a recycle slot is free. The cap of `max_recycling` in
-/// progress still holds, so the pool never replaces more workers at once than it allows;
-/// only the pause *between* one-at-a-time recycles shrinks, and only when the
-/// alternative is the OOM killer. When the pool's recycle demand exceeds one start per
-/// spacing (many workers, a short spacing floor, fast regrowth), this is what keeps
-/// workers from dying in the queue.
+/// The configured spacing is a preference, the OOM killer is not: before each decision the
+/// supervisor shows the gate every worker's projected time to its limit
+/// ([`yield_to`](Self::yield_to)), and when one start per spacing could not replace them
+/// all in time the gate shortens the spacing in force to the longest one that can (never
+/// below a `ready_time`). `max_recycling` still holds, so the pool never replaces more
+/// workers at once than it allows; only the pause *between* recycles shrinks, and only as
+/// far as needed, so restarts stay spread as evenly as the demand permits.
 #[derive(Clone, Debug)]
 pub struct RecycleGate {
     max_recycling: usize,
+    /// `Settings::spacing`.
+    configured: Duration,
+    /// The spacing in force: `configured`, or shorter while the pool is behind.
     spacing: Duration,
     ready: Duration,
-    urgent_override: bool,
+    adaptive: bool,
     last_start: Option<Duration>,
 }
 
@@ -67,30 +69,47 @@ impl RecycleGate {
     pub fn new(settings: &Settings) -> Self {
         Self {
             max_recycling: settings.max_recycling.max(1),
+            configured: settings.spacing(),
             spacing: settings.spacing(),
             ready: settings.ready_time,
-            urgent_override: true,
+            adaptive: true,
             last_start: None,
         }
     }
 
-    /// The same gate, keeping the spacing even for a worker about to reach its limit
-    /// (for comparisons in simulations).
+    /// The same gate keeping the configured spacing whatever happens (for comparisons in
+    /// simulations).
     pub fn strict_spacing(mut self) -> Self {
-        self.urgent_override = false;
+        self.adaptive = false;
         self
     }
 
     /// Follow changed settings (e.g. a `ready_time` updated from observed start-ups).
     pub fn update(&mut self, settings: &Settings) {
         self.max_recycling = settings.max_recycling.max(1);
-        self.spacing = settings.spacing();
+        self.configured = settings.spacing();
+        self.spacing = self.configured;
         self.ready = settings.ready_time;
+    }
+
+    /// Set the spacing in force from the projected times to the limit of the workers that
+    /// may need a recycle (waiting or not): the configured spacing, or
+    /// [`feasible_cadence`] when that is shorter, but at least one `ready_time`.
+    pub fn yield_to(&mut self, times_to_limit: &[Duration]) {
+        self.spacing = match feasible_cadence(times_to_limit, self.ready) {
+            Some(c) if self.adaptive => c.max(self.ready).min(self.configured),
+            _ => self.configured,
+        };
     }
 
     /// The spacing in force.
     pub fn spacing(&self) -> Duration {
         self.spacing
+    }
+
+    /// The configured spacing (`--recycle-spacing` or derived).
+    pub fn configured_spacing(&self) -> Duration {
+        self.configured
     }
 
     /// When it last admitted a start.
@@ -106,20 +125,16 @@ impl RecycleGate {
     }
 
     /// Which waiting candidates may start now, most urgent first: none while
-    /// `in_progress` recycles fill `max_recycling`, or while the last start is less than
-    /// the spacing ago unless some candidate [cannot wait](Self::cannot_wait) for it. The
-    /// caller must start every slot returned (the gate counts them as started at `now`).
-    /// With a non-zero spacing that is at most one slot per call.
+    /// `in_progress` recycles fill `max_recycling` or the last start is less than the
+    /// spacing in force ago. The caller must start every slot returned (the gate counts
+    /// them as started at `now`). With a non-zero spacing that is at most one slot per call.
     pub fn admit(
         &mut self,
         now: Duration,
         in_progress: usize,
         candidates: &[Candidate],
     ) -> Vec<usize> {
-        if candidates.is_empty()
-            || in_progress >= self.max_recycling
-            || !(self.spaced(now) || self.cannot_wait(now, candidates))
-        {
+        if candidates.is_empty() || !self.is_open(now, in_progress) {
             return Vec::new();
         }
         let free = self.max_recycling - in_progress;
@@ -131,41 +146,16 @@ impl RecycleGate {
         admitted
     }
 
-    fn spaced(&self, now: Duration) -> bool {
-        self.last_start.is_none_or(|t| now >= t + self.spacing)
+    fn is_open(&self, now: Duration, in_progress: usize) -> bool {
+        in_progress < self.max_recycling && self.last_start.is_none_or(|t| now >= t + self.spacing)
     }
 
-    /// Some waiting candidate would reach its hard limit before its turn: with the gate
-    /// opening after the rest of the spacing and then once per spacing, the k-th most
-    /// urgent (0-based) would have its replacement ready only after
-    /// `rest + k × spacing + ready_time`. Then the most urgent may start now.
-    pub fn cannot_wait(&self, now: Duration, candidates: &[Candidate]) -> bool {
-        let Some(t) = self.last_start.filter(|_| self.urgent_override) else {
-            return false;
-        };
-        let rest = (t + self.spacing).saturating_sub(now);
-        let mut ttls: Vec<Duration> = candidates.iter().filter_map(|c| c.time_to_limit).collect();
-        ttls.sort();
-        ttls.iter()
-            .enumerate()
-            .any(|(k, ttl)| *ttl < rest + self.spacing.saturating_mul(k as u32) + self.ready)
-    }
-
-    /// When the gate opens next for these candidates, for the supervisor's timer: `now`
-    /// if it is open, the end of the spacing if only that holds it shut, `None` if all
-    /// recycle slots are busy (it reopens when one finishes, an event the supervisor sees
-    /// anyway).
-    pub fn next_opening(
-        &self,
-        now: Duration,
-        in_progress: usize,
-        candidates: &[Candidate],
-    ) -> Option<Duration> {
+    /// When the gate opens next, for the supervisor's timer: `now` if it is open, the end
+    /// of the spacing if only that holds it shut, `None` if all recycle slots are busy
+    /// (it reopens when one finishes, an event the supervisor sees anyway).
+    pub fn next_opening(&self, now: Duration, in_progress: usize) -> Option<Duration> {
         if in_progress >= self.max_recycling {
             return None;
-        }
-        if self.cannot_wait(now, candidates) {
-            return Some(now);
         }
         Some(self.last_start.map_or(now, |t| (t + self.spacing).max(now)))
     }
@@ -183,7 +173,7 @@ impl RecycleGate {
         let per_start = self
             .spacing
             .max(recycle_duration / self.max_recycling as u32);
-        let first = match self.next_opening(now, in_progress, &[]) {
+        let first = match self.next_opening(now, in_progress) {
             Some(t) => t.saturating_sub(now),
             // All slots busy: the earliest one frees within one recycle duration.
             None => recycle_duration.max(
@@ -193,6 +183,20 @@ impl RecycleGate {
         };
         first + per_start * position as u32
     }
+}
+
+/// The longest cadence at which starting recycles soonest-to-limit first, the first one
+/// cadence from now and one more per cadence, has every replacement ready (`ready` after
+/// its start) before its worker's limit: `min over k of (ttl_k - ready) / (k + 1)` with the
+/// times sorted (the same one-cadence margin as [`behind_schedule`]). `None` without
+/// projections.
+pub fn feasible_cadence(times_to_limit: &[Duration], ready: Duration) -> Option<Duration> {
+    let mut t = times_to_limit.to_vec();
+    t.sort();
+    t.iter()
+        .enumerate()
+        .map(|(k, ttl)| ttl.saturating_sub(ready) / (k as u32 + 1))
+        .min()
 }
 
 /// Earliest-deadline lookahead. The gate starts at most one recycle per `spacing`, and a
@@ -240,7 +244,7 @@ mod tests {
         let mut gate = RecycleGate::new(&settings(1, 10));
         assert!(gate.admit(s(0), 0, &[]).is_empty());
         assert_eq!(gate.last_start(), None);
-        assert_eq!(gate.next_opening(s(3), 0, &[]), Some(s(3)));
+        assert_eq!(gate.next_opening(s(3), 0), Some(s(3)));
     }
 
     #[test]
@@ -253,7 +257,7 @@ mod tests {
         assert_eq!(gate.admit(s(0), 0, &cands), vec![1]);
         // Spacing over, but the one slot is still busy.
         assert!(gate.admit(s(60), 1, &cands[1..]).is_empty());
-        assert_eq!(gate.next_opening(s(60), 1, &cands[1..]), None);
+        assert_eq!(gate.next_opening(s(60), 1), None);
         assert_eq!(gate.admit(s(61), 0, &cands[1..]), vec![2]);
     }
 
@@ -265,41 +269,46 @@ mod tests {
             c(2, RecycleReason::Memory, None, 0),
         ];
         assert_eq!(gate.admit(s(100), 0, &cands), vec![1]);
-        assert_eq!(gate.next_opening(s(101), 1, &cands[1..]), Some(s(110)));
+        assert_eq!(gate.next_opening(s(101), 1), Some(s(110)));
         assert!(gate.admit(s(109), 1, &cands[1..]).is_empty());
         assert_eq!(gate.admit(s(110), 1, &cands[1..]), vec![2]);
     }
 
     #[test]
-    fn a_worker_that_would_hit_its_limit_in_the_spacing_starts_when_a_slot_is_free() {
-        // Spacing 10 s, ready time 5 s (the default): a start at 100 s.
-        let mut gate = RecycleGate::new(&settings(1, 10));
-        assert_eq!(gate.ready, s(5));
-        gate.admit(s(100), 0, &[c(1, RecycleReason::Memory, None, 0)]);
-        // At 102 s the spacing has 8 s to run: 20 s to the limit can wait, 12 s cannot,
-        // and neither can the second of two 20 s (its turn would come at 18 s + 5 s).
-        let fine = [c(2, RecycleReason::Memory, Some(20), 90)];
-        let doomed = [c(3, RecycleReason::Memory, Some(12), 95)];
-        let crowded = [
-            c(4, RecycleReason::Memory, Some(20), 90),
-            c(5, RecycleReason::Memory, Some(20), 91),
-        ];
-        assert!(gate.cannot_wait(s(102), &crowded));
-        assert!(!gate.cannot_wait(s(102), &fine));
-        assert!(gate.admit(s(102), 0, &fine).is_empty());
-        assert_eq!(gate.next_opening(s(102), 0, &fine), Some(s(110)));
-        assert!(gate.cannot_wait(s(102), &doomed));
-        assert_eq!(gate.next_opening(s(102), 0, &doomed), Some(s(102)));
-        // ...but never beyond max_recycling.
-        assert!(gate.admit(s(102), 1, &doomed).is_empty());
-        assert_eq!(gate.next_opening(s(102), 1, &doomed), None);
-        assert_eq!(gate.admit(s(102), 0, &doomed), vec![3]);
-        assert_eq!(gate.last_start(), Some(s(102)));
-        // Strict spacing: it waits.
-        let mut strict = RecycleGate::new(&settings(1, 10)).strict_spacing();
-        strict.admit(s(100), 0, &[c(1, RecycleReason::Memory, None, 0)]);
-        assert!(!strict.cannot_wait(s(102), &doomed));
-        assert!(strict.admit(s(102), 0, &doomed).is_empty());
+    fn spacing_in_force_shrinks_only_as_far_as_the_projections_need() {
+        let secs = |v: &[u64]| v.iter().map(|x| s(*x)).collect::<Vec<_>>();
+        assert_eq!(feasible_cadence(&[], s(1)), None);
+        // Four workers 40-43 s from their limits, 1 s to get a replacement ready: one start
+        // per 10.5 s serves them all (the 4th: 4 × 10.5 + 1 = 43).
+        assert_eq!(
+            feasible_cadence(&secs(&[43, 40, 42, 41]), s(1)),
+            Some(Duration::from_millis(10_500))
+        );
+        let mut gate = RecycleGate::new(&settings(1, 60));
+        gate.ready = s(1);
+        gate.yield_to(&secs(&[40, 41, 42, 43]));
+        assert_eq!(gate.spacing(), Duration::from_millis(10_500));
+        assert_eq!(gate.configured_spacing(), s(60));
+        gate.admit(s(100), 0, &[c(1, RecycleReason::Memory, Some(40), 0)]);
+        assert_eq!(
+            gate.next_opening(s(101), 0),
+            Some(Duration::from_millis(110_500))
+        );
+        // Far from their limits: the configured spacing again.
+        gate.yield_to(&secs(&[900, 1000]));
+        assert_eq!(gate.spacing(), s(60));
+        // Never below a ready time, never above the configured spacing.
+        gate.yield_to(&secs(&[1, 1, 1]));
+        assert_eq!(gate.spacing(), s(1));
+        // max_recycling still holds.
+        assert!(
+            gate.admit(s(200), 1, &[c(2, RecycleReason::Memory, Some(1), 0)])
+                .is_empty()
+        );
+        // Strict: the configured spacing whatever the projections.
+        let mut strict = RecycleGate::new(&settings(1, 60)).strict_spacing();
+        strict.yield_to(&secs(&[40, 41, 42, 43]));
+        assert_eq!(strict.spacing(), s(60));
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub use backoff::{
     BACKOFF_BASE, BACKOFF_CAP, BACKOFF_RESET_AFTER, Backoff, OOM_RESTART_MAX, OOM_RESTART_MIN,
     oom_restart_delay,
 };
-pub use gate::{Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, urgency_order};
+pub use gate::{
+    Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, feasible_cadence, urgency_order,
+};
 pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
 pub use worker::{GROWTH_WINDOW, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX, WorkerPolicy};

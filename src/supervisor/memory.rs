@@ -232,6 +232,8 @@ impl Supervisor {
             .filter_map(|w| w.policy.time_to_limit(now_d).map(|t| (t, w.slot)))
             .collect();
         let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
+        // The spacing in force: shorter than configured only if the projections need it.
+        self.gate.yield_to(&times);
         // One start per spacing, and with --max-recycling 1 no faster than a recycle takes
         // (ready time plus a short drain).
         let cadence = self.gate.spacing().max(
@@ -277,6 +279,14 @@ impl Supervisor {
             return;
         }
         let admitted = self.gate.admit(now_d, self.in_progress(), &candidates);
+        if !admitted.is_empty() && self.gate.spacing() < self.gate.configured_spacing() {
+            info!(
+                slot = admitted[0],
+                spacing_s = self.gate.spacing().as_secs_f64(),
+                configured_s = self.gate.configured_spacing().as_secs_f64(),
+                "recycle spacing shortened: with the configured spacing, waiting workers would reach their limits first"
+            );
+        }
         for slot in &admitted {
             let Some(c) = candidates.iter().find(|c| c.slot == *slot) else {
                 continue;
