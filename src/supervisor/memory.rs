@@ -107,7 +107,7 @@ impl Supervisor {
                         w.stats.last_pause_us = Some(rep.pause_us);
                         info!(
                             slot = w.slot, pid = rep.pid, tid = rep.tid, released, pause_us = rep.pause_us,
-                            rss_before = rep.rss_before, rss_after = rep.rss_after, syscall = %rep.syscall,
+                            call_us = rep.call_us, rss_before = rep.rss_before, rss_after = rep.rss_after, syscall = %rep.syscall,
                             "trimmed"
                         );
                         if let Some(m) = &metrics {

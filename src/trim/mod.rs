@@ -17,7 +17,9 @@
 //! [`ptrace_lock`] and `spawn_blocking` in the supervisor.
 //!
 //! Caveat: if trimrun itself dies while a call is running, the kernel detaches the thread
-//! with the call frame in place and it faults at the return address.
+//! with the call frame in place and it faults at the return address. `trimrun trim` holds
+//! back the signals that would end it while a thread is attached; only SIGKILL (or a
+//! crash of trimrun) can still do this.
 
 #[cfg(target_arch = "x86_64")]
 mod arch_x86_64;
@@ -70,6 +72,9 @@ pub struct TrimReport {
     pub ret: i32,
     /// How long the thread was stopped, from interrupt to detach.
     pub pause_us: u64,
+    /// Of the pause, how long the thread ran the call (from resuming it into
+    /// `malloc_trim` until its return was seen); the rest is ptrace overhead.
+    pub call_us: u64,
     pub rss_before: u64,
     pub rss_after: u64,
     pub anon_before: u64,
@@ -158,12 +163,12 @@ pub fn ptrace_lock() -> &'static Mutex<()> {
 /// Blocking: the whole seize..detach happens on the calling OS thread (ptrace requires
 /// it). Run it with `spawn_blocking`.
 pub fn trim_pid(pid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
-    trim_impl(pid, None, opts).map(|(r, _)| r)
+    trim_impl(pid, None, opts)
 }
 
 /// Like [`trim_pid`], but only ever use thread `tid` (tests, benchmarks, debugging).
 pub fn trim_thread(pid: i32, tid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
-    trim_impl(pid, Some(tid), opts).map(|(r, _)| r)
+    trim_impl(pid, Some(tid), opts)
 }
 
 /// Trim every process of a worker group, one after the other.
@@ -172,11 +177,7 @@ pub fn trim_pids(pids: &[i32], opts: &TrimOptions) -> Vec<(i32, Result<TrimRepor
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn trim_impl(
-    _pid: i32,
-    _tid: Option<i32>,
-    _opts: &TrimOptions,
-) -> Result<(TrimReport, Duration), TrimError> {
+fn trim_impl(_pid: i32, _tid: Option<i32>, _opts: &TrimOptions) -> Result<TrimReport, TrimError> {
     Err(TrimError::Unsupported(format!(
         "trimming from outside is not implemented on {} (only x86_64)",
         std::env::consts::ARCH
@@ -184,12 +185,7 @@ fn trim_impl(
 }
 
 #[cfg(target_arch = "x86_64")]
-/// The trim, and how long the call itself ran (the rest of the pause is ptrace overhead).
-fn trim_impl(
-    pid: i32,
-    only: Option<i32>,
-    opts: &TrimOptions,
-) -> Result<(TrimReport, Duration), TrimError> {
+fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
     use tracing::debug;
 
     if pid <= 0 {
@@ -255,6 +251,7 @@ fn trim_impl(
                     syscall: syscall.to_string(),
                     ret,
                     pause_us: pause.as_micros() as u64,
+                    call_us: call.as_micros() as u64,
                     rss_before: before.rss,
                     rss_after: after.rss,
                     anon_before: before.anon,
@@ -267,12 +264,12 @@ fn trim_impl(
                     tid,
                     released = report.released(),
                     pause_us = report.pause_us,
-                    call_us = call.as_micros() as u64,
+                    call_us = report.call_us,
                     syscall,
                     ret,
                     "trimmed"
                 );
-                return Ok((report, call));
+                return Ok(report);
             }
             inject::Attempt::NotParked(reason) => {
                 debug!(pid, tid, %reason, libc = %libc.path, "thread not parked after all");
@@ -369,12 +366,12 @@ pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
     let opts = TrimOptions { timeout };
     let mut code = 0;
     for &pid in pids {
+        let _held = HeldSignals::hold();
         match trim_impl(pid, None, &opts) {
-            Ok((r, call)) => {
+            Ok(r) => {
                 if json {
                     let mut v = serde_json::to_value(&r).expect("report serializes");
                     v["ok"] = true.into();
-                    v["call_us"] = (call.as_micros() as u64).into();
                     v["released"] = r.released().into();
                     println!("{v}");
                 } else {
@@ -407,6 +404,49 @@ pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
         }
     }
     code
+}
+
+/// Signals whose default action would end `trimrun trim`, held back (blocked) while one
+/// pid is trimmed and its result printed. Were trimrun to die while a thread runs the
+/// injected call, the kernel would release that thread with our frame on its stack and it
+/// would crash when `malloc_trim` returns: Ctrl-C, `timeout(1)` or a TERM would kill the
+/// process being trimmed. Held, they take effect the moment the guard drops, after the
+/// thread has been restored. (SIGKILL cannot be held: see the module caveat.)
+struct HeldSignals(Option<nix::sys::signal::SigSet>);
+
+impl HeldSignals {
+    fn hold() -> HeldSignals {
+        use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+        let mut set = SigSet::empty();
+        for sig in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+            Signal::SIGTSTP,
+            Signal::SIGTTIN,
+            Signal::SIGTTOU,
+            Signal::SIGALRM,
+            Signal::SIGUSR1,
+            Signal::SIGUSR2,
+        ] {
+            set.add(sig);
+        }
+        let mut old = SigSet::empty();
+        match pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)) {
+            Ok(()) => HeldSignals(Some(old)),
+            Err(_) => HeldSignals(None),
+        }
+    }
+}
+
+impl Drop for HeldSignals {
+    fn drop(&mut self) {
+        use nix::sys::signal::{SigmaskHow, pthread_sigmask};
+        if let Some(old) = self.0.take() {
+            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        }
+    }
 }
 
 fn human(bytes: i64) -> String {
@@ -511,6 +551,7 @@ mod tests {
             syscall: "poll".into(),
             ret: 1,
             pause_us: 10,
+            call_us: 5,
             rss_before: 100,
             rss_after: 150,
             anon_before: 0,
