@@ -5,7 +5,8 @@
 //! running `malloc_trim` on it is like the application calling it there. Everything else
 //! is refused: user code (could be inside malloc), `futex` (a lock or condition wait — it
 //! may be the arena lock itself, or a thread that holds one), `brk`/`mmap`/`madvise`
-//! (malloc growing or shrinking its heap). `read`/`recv*` count only on a socket or a pipe:
+//! (malloc growing or shrinking its heap). `read`/`recv*` count only on a socket or a pipe
+//! (named or not):
 //! glibc reads a /proc file with an arena lock held when it shrinks a heap.
 //!
 //! Syscalls that swap in a temporary signal mask (`ppoll`, `pselect6`, `epoll_pwait*`
@@ -84,7 +85,13 @@ pub fn classify(
                 _ => "recvmsg",
             };
             match ctx.fd_target(args[0]) {
-                Some(t) if t.starts_with("socket:") || t.starts_with("pipe:") => Ok(name),
+                Some(t)
+                    if t.starts_with("socket:")
+                        || t.starts_with("pipe:")
+                        || t.starts_with("fifo:") =>
+                {
+                    Ok(name)
+                }
                 Some(t) => Err(format!(
                     "{name} on fd {} ({t}), not a socket or pipe",
                     args[0]
@@ -116,6 +123,7 @@ mod tests {
                 3 => Some("socket:[991]".into()),
                 4 => Some("pipe:[12]".into()),
                 5 => Some("/proc/sys/vm/overcommit_memory".into()),
+                6 => Some("fifo:/run/app/control".into()),
                 _ => None,
             }
         }
@@ -151,10 +159,11 @@ mod tests {
     }
 
     #[test]
-    fn reads_are_safe_only_on_sockets_and_pipes() {
+    fn reads_are_safe_only_on_sockets_and_pipes_named_or_not() {
         assert_eq!(c(nr::READ, [3, 0, 0, 0, 0, 0]), Ok("read"));
         assert_eq!(c(nr::RECVFROM, [3, 0, 0, 0, 0, 0]), Ok("recvfrom"));
         assert_eq!(c(nr::READ, [4, 0, 0, 0, 0, 0]), Ok("read"));
+        assert_eq!(c(nr::READ, [6, 0, 0, 0, 0, 0]), Ok("read"), "a named pipe");
         assert!(
             c(nr::READ, [5, 0, 0, 0, 0, 0])
                 .unwrap_err()

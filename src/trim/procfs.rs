@@ -190,11 +190,19 @@ pub fn list_tasks(pid: i32) -> Result<Vec<i32>, TrimError> {
     Ok(tids)
 }
 
-/// The target of `/proc/PID/fd/N` (`socket:[123]`, `pipe:[45]`, a path...).
+/// The target of `/proc/PID/fd/N` (`socket:[123]`, `pipe:[45]`, a path...). A named
+/// pipe links to its path, so it is reported as `fifo:PATH`: it is a pipe all the same.
 pub fn fd_target(pid: i32, fd: u64) -> Option<String> {
-    std::fs::read_link(proc_path(pid, &format!("fd/{fd}")))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
+    use std::os::unix::fs::FileTypeExt;
+    let link = proc_path(pid, &format!("fd/{fd}"));
+    let target = std::fs::read_link(&link)
+        .ok()?
+        .to_string_lossy()
+        .into_owned();
+    if target.starts_with('/') && std::fs::metadata(&link).is_ok_and(|m| m.file_type().is_fifo()) {
+        return Some(format!("fifo:{target}"));
+    }
+    Some(target)
 }
 
 #[cfg(test)]
