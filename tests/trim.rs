@@ -560,6 +560,104 @@ fn cli_trims_a_python_process_and_keeps_its_signal_handlers_and_mask() {
 }
 
 #[test]
+fn process_reading_a_named_fifo_is_trimmed() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("control");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let mut p = Proc::spawn(
+        Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import sys; print('ready', flush=True); f = open(sys.argv[1], 'rb'); \
+         print('opened', flush=True); f.read()",
+            )
+            .arg(&fifo),
+    );
+    assert_eq!(p.line(), "ready");
+    // Opening the read end waits for a writer.
+    let writer = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    assert_eq!(p.line(), "opened");
+    let r = trim_when_parked(|| trim_pid(p.pid(), &opts())).expect("trim of a fifo reader");
+    assert_eq!(r.syscall, "read");
+    assert!(p.alive());
+    drop(writer);
+}
+
+#[test]
+fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
+    use std::os::unix::process::ExitStatusExt;
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bin = build_c(dir.path(), "lockheld", &[]).expect("compile lockheld.c");
+    let mut cmd = Command::new(bin);
+    cmd.stderr(Stdio::piped());
+    let mut p = Proc::spawn(&mut cmd);
+    let stderr = p.child.stderr.take().unwrap();
+    let (lines, _) = p.until("ready");
+    let stats = field(lines.iter().find(|l| l.starts_with("stats")).unwrap(), 1);
+    let pid = p.pid();
+    let blocked = wait_for(Duration::from_secs(5), || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{stats}/syscall")).ok()?;
+        s.starts_with("1 ").then_some(())
+    });
+    assert!(
+        blocked.is_some(),
+        "malloc_stats thread not blocked in write"
+    );
+    // The CLI picks the sleeper (in nanosleep; the main thread waits for stderr's lock in
+    // futex); the malloc_trim it injects waits for the arena lock malloc_stats holds, for
+    // the whole --timeout. A Ctrl-C then arrives while the thread is running our call.
+    let trim = Command::new(env!("CARGO_BIN_EXE_trimrun"))
+        .args(["trim", "--timeout", "1s", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tracer = trim.id().to_string();
+    let attached = wait_for(Duration::from_secs(10), || {
+        let traced = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .any(|t| {
+                let s =
+                    std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+                s.lines()
+                    .any(|l| l.strip_prefix("TracerPid:").map(str::trim) == Some(tracer.as_str()))
+            });
+        traced.then_some(())
+    });
+    assert!(attached.is_some(), "trimrun trim never attached");
+    std::thread::sleep(Duration::from_millis(100));
+    let interrupted = Instant::now();
+    // SAFETY: kill has no memory preconditions; the pid is our own child.
+    unsafe { libc::kill(trim.id() as i32, libc::SIGINT) };
+    let out = trim.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGINT), "{err}");
+    assert!(err.contains("did not return in time"), "{err}");
+    assert!(
+        interrupted.elapsed() >= Duration::from_millis(500),
+        "the CLI exited before the call was abandoned"
+    );
+    // Release the lock: the restored sleeper must still be sleeping correctly.
+    let drain = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+    });
+    assert_eq!(p.until("done").1, "done");
+    p.send("stop");
+    let (_, res) = p.until("result");
+    assert!(field(&res, 1) > 0, "{res}");
+    assert_eq!(field(&res, 2), 0, "the restored sleeper misbehaved: {res}");
+    assert!(p.child.wait().unwrap().success());
+    drop(p);
+    drain.join().unwrap();
+}
+
+#[test]
 fn cli_rejects_bad_input_with_exit_2() {
     for args in [
         &[][..],
@@ -691,6 +789,16 @@ fn cli_reports_already_traced_target() {
                   else:\n    sys.stdin.read(); os.kill(pid, 9); os.waitpid(pid, 0)\n";
     let mut p = Proc::spawn(Command::new("python3").args(["-c", script]));
     let traced: i32 = p.line().parse().unwrap();
+    // Killing the parent (Proc's drop) would orphan the traced child, asleep for 10
+    // minutes with our stdout; it is killed here whatever the asserts say.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _child = KillOnDrop(traced);
     let (code, _, err) = cli(&[&traced.to_string()]);
     assert_eq!(code, 1);
     assert!(
@@ -700,6 +808,10 @@ fn cli_reports_already_traced_target() {
     let stat = std::fs::read_to_string(format!("/proc/{traced}/stat")).unwrap();
     assert!(stat.contains(") S "), "traced child disturbed: {stat}");
     drop(p.stdin.take());
+    assert!(
+        p.child.wait().unwrap().success(),
+        "the tracer did not end cleanly"
+    );
 }
 
 // Keep the helper types used even when some tests are skipped.
