@@ -26,7 +26,7 @@ def main():
              f"; trimrun: {env.get('trimrun')}, built from {env.get('trimrun_source')}.",
              f"Load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}.",
              "", "Command: `" + " ".join(["bench/.venv/bin/python", "bench/run.py"] +
-                                         (["--quick"] if cfg.get("quick") else [])) + "`"
+                                         report.get("argv", ["--quick"] if cfg.get("quick") else [])) + "`"
              + (" with `TRIMRUN=" + str(env["trimrun"]["path"]) + "`" if isinstance(env.get("trimrun"), dict) else ""),
              ""]
     lines.append(tables)

@@ -1060,7 +1060,7 @@ def main():
     phases = cfg.phases.split(",")
 
     report = {"config": {k: v for k, v in vars(cfg).items() if k not in ("out", "rawdir")},
-              "environment": environment(cfg)}
+              "environment": environment(cfg), "argv": sys.argv[1:]}
     report["config"]["limit_mb"] = cfg.limit // MiB
     log(f"out {cfg.out}; trimrun: {cfg.trimrun or cfg.trimrun_missing}; load {open('/proc/loadavg').read().strip()}")
 
