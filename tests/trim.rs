@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -443,13 +443,11 @@ fn process_with_only_futex_and_busy_threads_is_deferred_and_untouched() {
     assert!(status.contains("TracerPid:\t0"), "left attached");
 }
 
-#[test]
-fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
-    if unsupported() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let bin = build_c(dir.path(), "lockheld", &[]).expect("compile lockheld.c");
+/// tests/progs/lockheld.c with its malloc_stats thread blocked writing to the full stderr
+/// pipe, holding the main arena lock: the process, that pipe (see [`release_the_arena`])
+/// and the tid of its sleeper thread.
+fn lockheld_with_the_arena_locked(dir: &Path) -> (Proc, ChildStderr, i32) {
+    let bin = build_c(dir, "lockheld", &[]).expect("compile lockheld.c");
     let mut cmd = Command::new(bin);
     cmd.stderr(Stdio::piped());
     let mut p = Proc::spawn(&mut cmd);
@@ -459,9 +457,7 @@ fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
         let l = lines.iter().find(|l| l.starts_with(name)).unwrap();
         field(l, 1) as i32
     };
-    let (sleeper, stats) = (tid("sleeper"), tid("stats"));
-    let pid = p.pid();
-    // malloc_stats is blocked writing to the full pipe, holding the main arena lock.
+    let (sleeper, stats, pid) = (tid("sleeper"), tid("stats"), p.pid());
     let blocked = wait_for(Duration::from_secs(5), || {
         let s = std::fs::read_to_string(format!("/proc/{pid}/task/{stats}/syscall")).ok()?;
         s.starts_with("1 ").then_some(())
@@ -470,16 +466,34 @@ fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
         blocked.is_some(),
         "malloc_stats thread not blocked in write"
     );
+    (p, stderr, sleeper)
+}
+
+/// Drain the pipe malloc_stats is blocked on and wait until it returned: the arena lock
+/// is free again. Join the handle once the process is gone.
+fn release_the_arena(p: &mut Proc, stderr: ChildStderr) -> std::thread::JoinHandle<()> {
+    let drain = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
+    });
+    assert_eq!(p.until("done").1, "done");
+    drain
+}
+
+#[test]
+fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
+    if unsupported() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, stderr, sleeper) = lockheld_with_the_arena_locked(dir.path());
+    let pid = p.pid();
     let short = TrimOptions {
         timeout: Duration::from_millis(300),
     };
     let r = trim_when_parked(|| trim_thread(pid, sleeper, &short));
     assert!(matches!(r, Err(TrimError::TimedOut { .. })), "{r:?}");
     // Unblock malloc_stats: the lock is released and the process carries on.
-    let drain = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
-    });
-    assert_eq!(p.until("done").1, "done");
+    let drain = release_the_arena(&mut p, stderr);
     let r = trim_when_parked(|| trim_thread(pid, sleeper, &opts())).expect("trim after unlock");
     assert_eq!(r.ret, r.ret.clamp(0, 1));
     p.send("stop");
@@ -593,22 +607,8 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let bin = build_c(dir.path(), "lockheld", &[]).expect("compile lockheld.c");
-    let mut cmd = Command::new(bin);
-    cmd.stderr(Stdio::piped());
-    let mut p = Proc::spawn(&mut cmd);
-    let stderr = p.child.stderr.take().unwrap();
-    let (lines, _) = p.until("ready");
-    let stats = field(lines.iter().find(|l| l.starts_with("stats")).unwrap(), 1);
+    let (mut p, stderr, _) = lockheld_with_the_arena_locked(dir.path());
     let pid = p.pid();
-    let blocked = wait_for(Duration::from_secs(5), || {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{stats}/syscall")).ok()?;
-        s.starts_with("1 ").then_some(())
-    });
-    assert!(
-        blocked.is_some(),
-        "malloc_stats thread not blocked in write"
-    );
     // The CLI picks the sleeper (in nanosleep; the main thread waits for stderr's lock in
     // futex); the malloc_trim it injects waits for the arena lock malloc_stats holds, for
     // the whole --timeout. A Ctrl-C then arrives while the thread is running our call.
@@ -644,10 +644,7 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
         "the CLI exited before the call was abandoned"
     );
     // Release the lock: the restored sleeper must still be sleeping correctly.
-    let drain = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut BufReader::new(stderr), &mut std::io::sink());
-    });
-    assert_eq!(p.until("done").1, "done");
+    let drain = release_the_arena(&mut p, stderr);
     p.send("stop");
     let (_, res) = p.until("result");
     assert!(field(&res, 1) > 0, "{res}");
