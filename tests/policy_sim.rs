@@ -13,6 +13,10 @@
 //!   and the rest stays as permanent fragmentation, so trimming slows a leak but never
 //!   stops it;
 //! - 10% of trim attempts are deferred (no thread parked in a safe syscall);
+//! - with `refault` (a fragmented heap, what CPython's usually is), the pages a trim
+//!   released hold free chunks that the next allocations reuse: they are touched again at
+//!   [`REFAULT_RATE`] and count as reclaimable garbage again, so a trim buys seconds, not
+//!   a lower working set for good;
 //! - a recycle: the replacement becomes ready after `ready_time`, the old worker drains
 //!   for `drain`, keeps growing meanwhile (and can still be OOM killed); then the slot
 //!   holds a fresh worker at its base working set with a freshly drawn threshold;
@@ -53,6 +57,8 @@ const TICK: Duration = Duration::from_secs(1);
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const RECLAIMABLE: f64 = 0.4;
 const DEFER_PROBABILITY: f64 = 0.1;
+/// How fast a refaulting worker touches the pages of its last trim again, bytes/s.
+const REFAULT_RATE: f64 = 40.0 * MIB;
 
 #[derive(Clone, Copy, Debug)]
 enum Leak {
@@ -60,6 +66,10 @@ enum Leak {
     Identical(f64),
     /// Each worker (each generation) draws its rate uniformly in this range, MiB/s.
     Random(f64, f64),
+    /// Fast growth (MiB/s) until the heap reaches `plateau` MiB above the base, then a
+    /// slow leak: the shape of a fragmenting CPython worker (bench/app.py grows from 15 to
+    /// ~100 MiB in its first few thousand requests, then hardly at all).
+    Plateau { fast: f64, plateau: f64, slow: f64 },
     /// A base rate, plus per-worker bursts (probability per second, size range in MiB,
     /// 70% of a burst is garbage), plus one pool-wide spike of this size range at noon.
     Bursts {
@@ -90,6 +100,8 @@ struct Scenario {
     /// Keep the spacing even for a worker about to reach its limit
     /// (`RecycleGate::strict_spacing`, for contrast).
     strict_spacing: bool,
+    /// Released pages are touched again (see the module docs).
+    refault: bool,
 }
 
 enum State {
@@ -108,6 +120,8 @@ struct Worker {
     policy: WorkerPolicy,
     ws: f64,
     garbage: f64,
+    /// Released by trims, to be touched again (refault scenarios).
+    refault_debt: f64,
     rate: f64,
     state: State,
     alive: bool,
@@ -137,6 +151,7 @@ fn draw_rate(leak: Leak, rng: &mut StdRng) -> f64 {
         Leak::Identical(r) => r * MIB,
         Leak::Random(lo, hi) => rng.random_range(lo..=hi) * MIB,
         Leak::Bursts { rate, .. } => rate * MIB,
+        Leak::Plateau { fast, .. } => fast * MIB,
     }
 }
 
@@ -152,6 +167,7 @@ fn fresh(sc: &Scenario, now: Duration, rng: &mut StdRng, backoff: Backoff) -> Wo
         policy,
         ws,
         garbage: 0.0,
+        refault_debt: 0.0,
         rate: draw_rate(sc.leak, rng),
         state: State::Running,
         alive: true,
@@ -199,7 +215,16 @@ fn run(sc: &Scenario) -> Report {
             if !w.alive {
                 continue;
             }
-            let mut grow = w.rate * TICK.as_secs_f64() + noise.next() * 0.2 * MIB;
+            let rate = match sc.leak {
+                // The heap's own size (what it would be without trims) decides the phase.
+                Leak::Plateau { plateau, slow, .. }
+                    if w.ws + w.refault_debt - BASE >= plateau * MIB =>
+                {
+                    slow * MIB
+                }
+                _ => w.rate,
+            };
+            let mut grow = rate * TICK.as_secs_f64() + noise.next() * 0.2 * MIB;
             let mut garbage = RECLAIMABLE * grow.max(0.0);
             if let Leak::Bursts {
                 per_sec,
@@ -226,6 +251,12 @@ fn run(sc: &Scenario) -> Report {
                 grow *= 0.1;
                 garbage *= 0.1;
                 rep.throttled_secs += 1;
+            }
+            if sc.refault {
+                let back = w.refault_debt.min(REFAULT_RATE * TICK.as_secs_f64());
+                w.refault_debt -= back;
+                grow += back;
+                garbage += back;
             }
             w.ws = (w.ws + grow).max(BASE * 0.5);
             w.garbage += garbage;
@@ -257,6 +288,9 @@ fn run(sc: &Scenario) -> Report {
                     let released = w.garbage * rng.random_range(0.5..=1.0);
                     w.ws -= released;
                     w.garbage = 0.0;
+                    if sc.refault {
+                        w.refault_debt += released;
+                    }
                     w.policy.trimmed(now, w.ws as u64);
                     rep.trims += 1;
                 }
@@ -545,6 +579,7 @@ fn scenario(name: &'static str, leak: Leak, seed: u64) -> Scenario {
         lookahead: true,
         throttle: true,
         strict_spacing: false,
+        refault: false,
     }
 }
 
@@ -829,4 +864,44 @@ fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
         "some starts came inside the spacing"
     );
     assert_eq!(rep.ooms, 0, "no worker dies waiting for the spacing");
+}
+
+#[test]
+fn trims_that_refault_do_not_trigger_early_recycles() {
+    // What the benchmark app does on a real kernel: it grows fast to a plateau (here 830
+    // MiB, between trim_at 768 MiB and the lowest threshold 870 MiB) and then leaks
+    // slowly; each trim releases tens of MiB and the next requests touch those pages
+    // again within seconds. Counting every release as growth projects such workers to
+    // their limit in seconds, and the lookahead replaces them as soon as trimming starts,
+    // long before their thresholds. The same pool with trimming off recycles only at its
+    // thresholds: trimming must not multiply that.
+    let leak = Leak::Plateau {
+        fast: 2.0,
+        plateau: 580.0,
+        slow: 0.02,
+    };
+    let trimmed = Scenario {
+        refault: true,
+        duration: Duration::from_secs(6 * 3600),
+        ..scenario("(h) 64 plateauing workers whose trims refault", leak, 13)
+    };
+    let mut untrimmed = Scenario {
+        name: "(h) the same with --trim off",
+        ..trimmed.clone()
+    };
+    untrimmed.settings.trim = false;
+    let rep = run(&trimmed);
+    print_report(&trimmed, &rep);
+    let base = run(&untrimmed);
+    print_report(&untrimmed, &base);
+    assert_invariants(&trimmed, &rep);
+    assert_eq!(rep.ooms, 0);
+    assert_eq!(base.ooms, 0);
+    assert!(rep.trims > 1000, "{}", rep.trims);
+    assert!(
+        rep.starts.len() <= base.starts.len() * 5 / 4 + 8,
+        "{} recycles with trimming against {} without: early recycles",
+        rep.starts.len(),
+        base.starts.len()
+    );
 }

@@ -232,6 +232,7 @@ impl Supervisor {
             .filter_map(|w| w.policy.time_to_limit(now_d).map(|t| (t, w.slot)))
             .collect();
         let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
+        let mut ahead = None;
         // The spacing in force: shorter than configured only if the projections need it.
         self.gate.yield_to(&times);
         // One start per spacing, and with --max-recycling 1 no faster than a recycle takes
@@ -257,13 +258,14 @@ impl Supervisor {
                 time_to_limit: Some(ttl),
                 waiting_since: now_d,
             });
+            ahead = Some((slot, ttl));
         }
         reloads.sort();
         for (slot, pid) in reloads {
             if self.in_progress() >= self.cfg.max_recycling {
                 break;
             }
-            self.start_recycle(pid, slot, RecycleReason::Reload, Duration::ZERO);
+            self.start_recycle(pid, slot, RecycleReason::Reload, Duration::ZERO, None);
         }
         // A worker no longer waiting (a trim brought it back under its threshold) runs
         // unthrottled again.
@@ -299,7 +301,14 @@ impl Supervisor {
             else {
                 continue;
             };
-            self.start_recycle(pid, *slot, c.reason, now_d.saturating_sub(c.waiting_since));
+            let early = ahead.filter(|a| a.0 == *slot).map(|a| a.1);
+            self.start_recycle(
+                pid,
+                *slot,
+                c.reason,
+                now_d.saturating_sub(c.waiting_since),
+                early,
+            );
         }
         // Those still waiting: slow them down on v2 rather than let them be OOM-killed.
         let order = self.gate.order(&candidates);
@@ -336,7 +345,16 @@ impl Supervisor {
         }
     }
 
-    fn start_recycle(&mut self, pid: i32, slot: usize, reason: RecycleReason, waited: Duration) {
+    /// `ahead`: started by the lookahead before its threshold, projected this far from
+    /// its limit.
+    fn start_recycle(
+        &mut self,
+        pid: i32,
+        slot: usize,
+        reason: RecycleReason,
+        waited: Duration,
+        ahead: Option<Duration>,
+    ) {
         let Some(w) = self.worker_mut(pid) else {
             return;
         };
@@ -344,10 +362,17 @@ impl Supervisor {
         let usage = w.usage.as_ref().map(|u| u.working_set);
         let threshold = w.policy.recycle_threshold();
         let limit = self.limit;
-        info!(
-            slot, pid, reason = %reason, usage, limit, threshold, waited_s = waited.as_secs_f64(),
-            "recycling worker: starting its replacement"
-        );
+        if let Some(ttl) = ahead {
+            info!(
+                slot, pid, reason = %reason, usage, limit, threshold, projected_limit_in_s = ttl.as_secs_f64(),
+                "recycling worker ahead of its threshold (the queue would reach it after its limit): starting its replacement"
+            );
+        } else {
+            info!(
+                slot, pid, reason = %reason, usage, limit, threshold, waited_s = waited.as_secs_f64(),
+                "recycling worker: starting its replacement"
+            );
+        }
         if let Some(m) = &self.metrics {
             m.recycled(slot, &reason.to_string());
         }
