@@ -42,4 +42,7 @@ pub use gate::{
 };
 pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
-pub use worker::{GROWTH_WINDOW, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX, WorkerPolicy};
+pub use worker::{
+    GROWTH_WINDOW, PROJECTION_MIN_SPAN, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX,
+    WorkerPolicy,
+};
