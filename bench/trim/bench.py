@@ -58,16 +58,21 @@ def cmd(p, c):
     return p.stdout.readline().split()
 
 
-def ext_trim(pid):
-    """One `trimrun trim --json PID`, retried while deferred (thread not parked yet)."""
+def until_parked(attempt):
+    """Call `attempt()` (one trim, its JSON answer) again while deferred (thread not parked)."""
     for _ in range(500):
-        out = subprocess.run([TRIMRUN, "trim", "--json", str(pid)], capture_output=True, text=True)
-        r = json.loads(out.stdout)
+        r = attempt()
         if r["ok"]:
             return r
         assert r["error"] == "deferred", r
         time.sleep(0.01)
     raise RuntimeError("never parked")
+
+
+def ext_trim(pid):
+    """One `trimrun trim --json PID` (a new process per trim), retried while deferred."""
+    run = lambda: subprocess.run([TRIMRUN, "trim", "--json", str(pid)], capture_output=True, text=True)
+    return until_parked(lambda: json.loads(run().stdout))
 
 
 class Loop:
@@ -77,15 +82,12 @@ class Loop:
         self.p = spawn([TRIM_LOOP, str(pid)])
 
     def trim(self):
-        for _ in range(500):
-            self.p.stdin.write("\n")
-            self.p.stdin.flush()
-            r = json.loads(self.p.stdout.readline())
-            if r["ok"]:
-                return r
-            assert r["error"] == "deferred", r
-            time.sleep(0.01)
-        raise RuntimeError("never parked")
+        return until_parked(self.once)
+
+    def once(self):
+        self.p.stdin.write("\n")
+        self.p.stdin.flush()
+        return json.loads(self.p.stdout.readline())
 
     def close(self):
         kill(self.p)

@@ -20,10 +20,10 @@ const GROWTH_NOISE: f64 = 1024.0;
 /// worker was ready spanning at least this long.
 ///
 /// It fits them twice, over the whole [`GROWTH_WINDOW`] and over its recent half, and
-/// takes the recent rate when it is under half the whole one. Why: a worker's memory climbs fastest in its first
-/// seconds (imports, then caches filling with its first requests: bench/app.py goes from
-/// 5 to 55 MiB in 4 s, then to 85 MiB in 30 s), and a straight line through all of a
-/// young worker's readings projects that surge on and on. Projected so, every young
+/// takes the recent rate when it is under half the whole one. Why: a worker's memory
+/// climbs fastest in its first seconds (imports, then caches filling with its first
+/// requests: bench/app.py goes from 5 to 55 MiB in 4 s, then to 85 MiB in 30 s), and a
+/// straight line through all of a young worker's readings projects that surge on and on. Projected so, every young
 /// worker looked seconds from its limit, the lookahead replaced it, and its replacement
 /// surged in turn: 4 benchmark workers lived 7 s each where their thresholds would have
 /// let them live 30. Growth that slows down reads slower in the recent half; a steady
@@ -454,15 +454,14 @@ impl WorkerPolicy {
     /// `None`: limit unknown, too young, or not growing. Zero: at or past the limit.
     pub fn time_to_limit(&self, now: Duration) -> Option<Duration> {
         let limit = self.limit?;
+        let last = self.samples.back()?.0;
         let ws = self.envelope;
-        self.samples.back()?;
         if ws >= limit {
             return Some(Duration::ZERO);
         }
         let from = now.saturating_sub(GROWTH_WINDOW).max(self.warm_from);
         let whole = self.fit(from, PROJECTION_MIN_SPAN)?;
         let first = self.samples[self.samples.partition_point(|s| s.0 < from)].0;
-        let last = self.samples.back()?.0;
         let recent = self.fit(first + (last - first) / 2, PROJECTION_MIN_SPAN / 2)?;
         // Only growth that clearly slowed down reads from the recent half: the lower of
         // two noisy estimates would err late for a steady leak.
@@ -470,8 +469,7 @@ impl WorkerPolicy {
         if rate <= 0.0 {
             return None;
         }
-        let last_t = self.samples.back().map_or(now, |s| s.0);
-        let elapsed = now.saturating_sub(last_t).as_secs_f64();
+        let elapsed = now.saturating_sub(last).as_secs_f64();
         let secs = ((limit - ws) as f64 / rate - elapsed).max(0.0);
         Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
     }
@@ -504,9 +502,8 @@ impl WorkerPolicy {
     /// added back, so the fit follows the growth underneath (lagging by that one interval:
     /// right after such a trim the rate reads low, for at most one [`GROWTH_WINDOW`]).
     /// Other drops are the envelope of noisy readings moving on (a large response's
-    /// transient allocations come and go), and are not growth.
-    /// Workers trimmed every interval grow at their net rate, which is what the peaks
-    /// do. (Adding back *every* released byte, as this estimate once did, counted each
+    /// transient allocations come and go), and are not growth. Workers trimmed every
+    /// interval grow at their net rate, which is what the peaks do. (Adding back *every* released byte, as this estimate once did, counted each
     /// trim of a refaulting heap as new growth, projected the workers of a plateauing app
     /// to their limits in seconds, and had them replaced long before their thresholds:
     /// 77 recycles in 3 minutes of 4 benchmark workers, where gunicorn made 32.)

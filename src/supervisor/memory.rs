@@ -232,7 +232,6 @@ impl Supervisor {
             .filter_map(|w| w.policy.time_to_limit(now_d).map(|t| (t, w.slot)))
             .collect();
         let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
-        let mut ahead = None;
         // The spacing in force: shorter than configured only if the projections need it.
         self.gate.yield_to(&times);
         // One start per spacing, and with --max-recycling 1 no faster than a recycle takes
@@ -241,6 +240,7 @@ impl Supervisor {
             (self.settings.ready_time + Duration::from_secs(2))
                 / self.cfg.max_recycling.max(1) as u32,
         );
+        let mut ahead = None;
         if policy::behind_schedule(&times, cadence, self.settings.ready_time)
             && let Some(&(ttl, slot)) = ttls
                 .iter()
@@ -362,17 +362,12 @@ impl Supervisor {
         let usage = w.usage.as_ref().map(|u| u.working_set);
         let threshold = w.policy.recycle_threshold();
         let limit = self.limit;
-        if let Some(ttl) = ahead {
-            info!(
-                slot, pid, reason = %reason, usage, limit, threshold, projected_limit_in_s = ttl.as_secs_f64(),
-                "recycling worker ahead of its threshold (the queue would reach it after its limit): starting its replacement"
-            );
-        } else {
-            info!(
-                slot, pid, reason = %reason, usage, limit, threshold, waited_s = waited.as_secs_f64(),
-                "recycling worker: starting its replacement"
-            );
-        }
+        info!(
+            slot, pid, reason = %reason, usage, limit, threshold, waited_s = waited.as_secs_f64(),
+            ahead_of_threshold = ahead.is_some(),
+            projected_limit_in_s = ahead.map(|t| t.as_secs_f64()),
+            "recycling worker: starting its replacement"
+        );
         if let Some(m) = &self.metrics {
             m.recycled(slot, &reason.to_string());
         }
