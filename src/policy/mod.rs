@@ -29,6 +29,7 @@
 
 mod backoff;
 mod gate;
+mod pool;
 mod settings;
 mod throttle;
 mod worker;
@@ -39,6 +40,10 @@ pub use backoff::{
 };
 pub use gate::{
     Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, feasible_cadence, urgency_order,
+};
+pub use pool::{
+    Decisions, FAST_TICK, PoolPolicy, PoolView, RecycleOrder, Role, SLOW_TICK, StartMode,
+    TrimOrder, WorkerView, default_ceiling, pool_memory_high,
 };
 pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
 pub use throttle::{WAIT_MARGIN, memory_high_for};

@@ -200,20 +200,20 @@ impl WorkerPolicy {
     pub fn observe(&mut self, now: Duration, working_set: u64) {
         self.last_ws = Some(working_set);
         self.recycle.observe(now, working_set);
-        self.growth.record(now, working_set);
+        self.growth.observe(now, working_set);
         self.trim.observe(working_set);
     }
 
     /// Whether to trim it now.
     pub fn should_trim(&self, settings: &Settings, now: Duration) -> bool {
-        self.trim.due(settings, now, self.last_ws, || {
-            // Over the recycle threshold with no trim since crossing it: only a fresh
-            // trim can decide the recycle, and the headroom to the hard limit may be
-            // seconds, so it cannot wait a whole --trim-interval.
-            self.last_ws
-                .is_some_and(|ws| self.recycle.crossed_untrimmed(ws))
-                || (self.is_waiting(settings, now)
-                    && self.growth_rate(now).is_some_and(|r| r > 0.0))
+        // Over the recycle threshold with no trim since crossing it: only a fresh trim can
+        // decide the recycle, and the headroom to the hard limit may be seconds, so it
+        // cannot wait a whole --trim-interval.
+        let crossed = self
+            .last_ws
+            .is_some_and(|ws| self.recycle.crossed_untrimmed(ws));
+        self.trim.due(settings, now, self.last_ws, crossed, || {
+            self.is_waiting(settings, now) && self.growth_rate(now).is_some_and(|r| r > 0.0)
         })
     }
 
@@ -288,7 +288,52 @@ impl WorkerPolicy {
     /// recent half if growth clearly slowed down (see [`PROJECTION_MIN_SPAN`]).
     /// `None`: limit unknown, too young, or not growing. Zero: at or past the limit.
     pub fn time_to_limit(&self, now: Duration) -> Option<Duration> {
-        self.growth.time_to_limit(self.limit?, now)
+        self.growth
+            .time_to_limit(self.limit?, self.trim.trim_at(), now)
+    }
+
+    /// Its deadline for the recycle queue: [`time_to_limit`](Self::time_to_limit), or zero
+    /// when a transient peak as large as `transient` (a request that allocates and frees
+    /// tens of MiB: pass the largest seen, by this worker or by any worker of the same
+    /// app) would no longer fit under its limit: the next such request may come at any
+    /// moment. A worker plateaued just under its limit does not grow, so without this it
+    /// would wait behind every worker that does.
+    ///
+    /// `eager`: project from [`NEAR_MIN_SPAN`](growth::NEAR_MIN_SPAN) of readings even far
+    /// from the limit (for apps whose workers reach their limits sooner than a normal
+    /// projection needs, see [`super::PoolPolicy`]).
+    pub fn deadline(&self, now: Duration, transient: u64, eager: bool) -> Option<Duration> {
+        let limit = self.limit?;
+        let ws = self.last_ws?;
+        let transient = transient.max(self.growth.transient(now));
+        if transient > 0 && ws.saturating_add(transient) >= limit {
+            return Some(Duration::ZERO);
+        }
+        let near = if eager { Some(0) } else { self.trim.trim_at() };
+        self.growth.time_to_limit(limit, near, now)
+    }
+
+    /// Whether it is still young enough that [`time_to_limit`](Self::time_to_limit) may
+    /// not project it yet for want of readings.
+    pub fn is_young(&self, now: Duration) -> bool {
+        self.growth.is_young(now)
+    }
+
+    /// The highest transient peak of the last hour, bytes.
+    pub fn transient(&self, now: Duration) -> u64 {
+        self.growth.transient(now)
+    }
+
+    /// The upper envelope of its readings (highest of the last `trim_interval`).
+    pub fn peak(&self) -> u64 {
+        self.growth.envelope()
+    }
+
+    /// What a trim could give back now, roughly: what it grew since its last trim's
+    /// result (all of it if never trimmed).
+    pub fn give_back(&self) -> u64 {
+        let ws = self.last_ws.unwrap_or(0);
+        ws.saturating_sub(self.trim.last_after().unwrap_or(0))
     }
 
     /// The `memory.high` to set for it now (see [`super::memory_high_for`]);
