@@ -10,8 +10,52 @@ accepted TCP connection (``uvicorn --fd`` takes any fd for a unix socket and doe
 import signal
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import sdnotify
+
+# How long a connection that has sent nothing yet may take to send its first request once
+# the worker is stopping.
+FRESH_GRACE = 5.0
+
+
+class _FreshConnectionsFinish:
+    """uvicorn closes, at shutdown, every connection with no request in progress, even one
+    accepted a moment ago whose first request is on its way: that request would fail. Here
+    such a connection may still send its first request (answered, then closed) within
+    ``FRESH_GRACE``; keep-alive connections between requests are closed at once."""
+
+    _draining = False
+
+    def shutdown(self):
+        self._draining = True
+        if self.cycle is None and not self.transport.is_closing():
+            self.loop.call_later(FRESH_GRACE, self._close_if_still_fresh)
+            return
+        super().shutdown()
+
+    def _close_if_still_fresh(self):
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def data_received(self, data):
+        super().data_received(data)
+        if self._draining and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+
+class _H11(_FreshConnectionsFinish, H11Protocol):
+    pass
+
+
+def _protocol_class():
+    """uvicorn's choice ("auto": httptools when installed, else h11), made draining."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        return type("_HttpTools", (_FreshConnectionsFinish, HttpToolsProtocol), {})
+    except ImportError:
+        return _H11
 
 
 class _Server(uvicorn.Server):
@@ -37,6 +81,7 @@ def serve(app, socks, graceful_timeout=25.0, backlog=4096, access_log=False,
     config = uvicorn.Config(
         app,
         interface="asgi3",
+        http=_protocol_class(),
         lifespan=lifespan,
         access_log=access_log,
         log_level=log_level,

@@ -51,6 +51,8 @@ def main(argv=None):
         level=args.log_level.upper(),
         format=f"%(asctime)s [worker {slot} pid %(process)d] %(levelname)s %(name)s: %(message)s",
     )
+    # "Task queue depth is N" on every busy moment: noise, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     try:
         app = appmod.load(args.app, factory=args.factory, app_dir=args.app_dir)
     except appmod.AppError as e:

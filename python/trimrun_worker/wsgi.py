@@ -5,15 +5,18 @@ itself. On the stop signal it:
 
 1. stops accepting: the listeners leave the loop and this process closes its copies (the
    sockets stay open in trimrun and the other workers, so queued connections go to them);
-2. closes keep-alive connections that are idle (no request read or in progress, nothing
-   left to send);
+2. closes keep-alive connections that are idle: they served a request, have none in
+   progress, nothing left to send and no bytes of a next request waiting to be read;
 3. lets requests in flight finish, answering each with ``Connection: close`` so the client
-   does not send another request on that connection;
+   does not send another request on that connection; a connection accepted but with no
+   request yet gets ``FRESH_GRACE`` seconds to send its first one (the client is almost
+   always sending it right now: closing it would fail a request that was never late);
 4. exits once no connection is left, or when ``graceful_timeout`` has passed.
 """
 
 import logging
 import signal
+import socket
 import time
 
 from waitress import wasyncore
@@ -29,6 +32,9 @@ log = logging.getLogger("trimrun_worker")
 
 # The event loop's poll timeout: how soon a stop signal is acted on.
 POLL_SECONDS = 0.2
+# How long a connection that has sent nothing yet may take to send its first request once
+# the worker is stopping.
+FRESH_GRACE = 5.0
 
 
 class _Drain:
@@ -48,14 +54,31 @@ class _DrainingTask(WSGITask):
 
 class _DrainingChannel(HTTPChannel):
     task_class = _DrainingTask
+    served = False
+
+    def service(self):
+        super().service()
+        self.served = True
+
+    def _bytes_waiting(self):
+        """True when the client sent something not read yet (or closed its side)."""
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) is not None
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def idle(self):
+        """Safe to close now: between requests of a keep-alive connection."""
         return (
-            not self.requests
+            self.served
+            and not self.requests
             and self.request is None
             and not self.total_outbufs_len
             and not self.will_close
             and not self.close_when_flushed
+            and not self._bytes_waiting()
         )
 
 
@@ -101,10 +124,15 @@ def serve(app, socks, threads=4, graceful_timeout=25.0, backlog=4096, connection
         lst.del_channel()
         lst.socket.close()
     deadline = stop_at[0] + graceful_timeout
+    fresh_until = stop_at[0] + FRESH_GRACE
     while True:
+        # Read what has arrived first, so no request that is already here is cut off.
+        wasyncore.loop(timeout=0, map=smap, use_poll=True, count=1)
         channels = [d for d in list(smap.values()) if isinstance(d, _DrainingChannel)]
+        now = time.monotonic()
         for ch in channels:
-            if ch.idle():
+            if ch.idle() or (not ch.served and not ch.requests and ch.request is None
+                             and now >= fresh_until):
                 ch.will_close = True  # closed by the loop's next handle_write
         if not channels:
             break
