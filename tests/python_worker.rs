@@ -45,26 +45,29 @@ fn have_python_deps(modules: &str) -> bool {
     ok
 }
 
-/// A pool of `n` trimrun_worker processes serving `app` (MODULE:ATTR in tests/apps).
-fn worker_pool(n: usize, app: &str, extra: &[&str]) -> Pool {
-    let n = n.to_string();
-    let mut args = vec!["-n", &n, "--ready", "notify", "--graceful-timeout", "20s"];
-    args.extend_from_slice(extra);
+/// `python3 -m trimrun_worker` serving `app` (MODULE:ATTR in tests/apps).
+fn trimrun_worker(app: &str) -> Vec<String> {
     let apps = apps_dir();
-    let pool = Pool::start_env(
-        &args,
-        &[
-            "python3",
-            "-m",
-            "trimrun_worker",
-            "--app-dir",
-            &apps,
-            "--graceful-timeout",
-            "15",
-            app,
-        ],
-        &[("PYTHONPATH", &python_dir())],
-    );
+    [
+        "python3",
+        "-m",
+        "trimrun_worker",
+        "--app-dir",
+        &apps,
+        "--graceful-timeout",
+        "15",
+        app,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A pool of `n` workers running `cmd`, ready by sd_notify.
+fn worker_pool(n: usize, cmd: &[String]) -> Pool {
+    let n = n.to_string();
+    let args = ["-n", &n, "--ready", "notify", "--graceful-timeout", "20s"];
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let pool = Pool::start_env(&args, &cmd, &[("PYTHONPATH", &python_dir())]);
     pool.wait_log("all workers ready", Duration::from_secs(30));
     pool
 }
@@ -290,8 +293,8 @@ impl Load {
 }
 
 /// HUP, a recycle, scale down and back up, all under load: not one request fails.
-fn restarts_under_load_lose_nothing(app: &str) {
-    let pool = worker_pool(2, app, &[]);
+fn restarts_under_load_lose_nothing(app: &str, cmd: &[String]) {
+    let pool = worker_pool(2, cmd);
     let load = Load::start(
         pool.port,
         &[
@@ -363,7 +366,8 @@ fn restarts_under_load_lose_nothing(app: &str) {
         &failures[..failures.len().min(10)],
         pool.log()
     );
-    // The initial 2, 2 from the HUP, 1 recycle, 1 from scaling back up.
+    // The initial 2, 2 from the HUP, 1 recycle, 1 from scaling back up (gunicorn: the pids
+    // of its own workers, one per master).
     assert!(
         pids >= 5,
         "only {pids} workers answered: the restarts did not happen"
@@ -381,7 +385,7 @@ fn flask_under_trimrun_worker_loses_no_request_to_hup_recycle_or_scale() {
     if !have_python_deps("flask, waitress, trimrun_worker") {
         return;
     }
-    restarts_under_load_lose_nothing("flask_app:app");
+    restarts_under_load_lose_nothing("flask_app:app", &trimrun_worker("flask_app:app"));
 }
 
 #[test]
@@ -389,7 +393,28 @@ fn starlette_under_trimrun_worker_loses_no_request_to_hup_recycle_or_scale() {
     if !have_python_deps("starlette, uvicorn, trimrun_worker") {
         return;
     }
-    restarts_under_load_lose_nothing("starlette_app:app");
+    restarts_under_load_lose_nothing("starlette_app:app", &trimrun_worker("starlette_app:app"));
+}
+
+/// The README's gunicorn recipe: no `--bind` (gunicorn adopts the sockets in `LISTEN_FDS`
+/// itself, since `LISTEN_PID` is its pid; `--bind fd://3` on top made it use fd 3 twice).
+#[test]
+fn gunicorn_recipe_from_the_readme_loses_no_request() {
+    if !have_python_deps("flask, gunicorn") {
+        return;
+    }
+    let apps = apps_dir();
+    let cmd = [
+        "gunicorn",
+        "-w",
+        "1",
+        "--no-control-socket",
+        "--chdir",
+        &apps,
+        "flask_app:app",
+    ]
+    .map(String::from);
+    restarts_under_load_lose_nothing("gunicorn flask_app:app", &cmd);
 }
 
 /// The interface is detected from the app, and an app that cannot be imported is a clear
