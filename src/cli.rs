@@ -138,6 +138,11 @@ pub struct RunArgs {
     /// A starting worker not ready after this long is stopped and retried with backoff
     #[arg(long, env = "TRIMRUN_READY_TIMEOUT", default_value = "60s", value_parser = parse_duration, help_heading = "Lifecycle")]
     pub ready_timeout: Duration,
+    /// Run the command once as a zygote that imports the app, and fork every worker from it
+    /// (pages shared copy-on-write; the command must speak the protocol of docs/preload.md,
+    /// as `python -m trimrun_worker` does)
+    #[arg(long, env = "TRIMRUN_PRELOAD", help_heading = "Lifecycle")]
+    pub preload: bool,
 
     /// Memory limit per worker: a size (512M, 1.5G) or `auto` (trimrun's own allowance divided among the workers)
     #[arg(long, env = "TRIMRUN_LIMIT", help_heading = "Memory")]

@@ -84,6 +84,8 @@ pub struct Config {
     pub stop_signal: Signal,
     pub ready: Ready,
     pub ready_timeout: Duration,
+    /// `--preload`: workers are forked from a zygote (crate::zygote).
+    pub preload: bool,
     pub limit: Limit,
     pub cgroup: String,
     pub trim: bool,
@@ -175,6 +177,7 @@ impl Config {
             stop_signal: parse_signal(&a.stop_signal)?,
             ready: a.ready.parse()?,
             ready_timeout: a.ready_timeout,
+            preload: a.preload,
             limit,
             cgroup,
             trim: a.trim == OnOff::On,

@@ -19,6 +19,7 @@ pub mod spawn;
 pub mod status;
 pub mod supervisor;
 pub mod trim;
+pub mod zygote;
 
 use std::str::FromStr;
 
