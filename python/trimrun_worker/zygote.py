@@ -46,6 +46,17 @@ def _set_pdeathsig():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
 
 
+def _preimport(interface):
+    """Import the server here too, so that workers share it instead of importing it each."""
+    if interface == "asgi":
+        from . import asgi  # noqa: F401
+        import uvicorn.lifespan.on  # noqa: F401
+        import uvicorn.loops.asyncio  # noqa: F401
+        import uvicorn.protocols.http.h11_impl  # noqa: F401
+    else:
+        from . import wsgi  # noqa: F401
+
+
 def run(app, interface, args):
     """Serve fork requests until trimrun closes the channel or stops the zygote."""
     fd = int(os.environ.pop("TRIMRUN_ZYGOTE_FD"))
@@ -53,6 +64,7 @@ def run(app, interface, args):
     chan.set_inheritable(False)
     supervisor = os.getppid()
     started = time.monotonic()
+    _preimport(interface)
     gc.collect()
     gc.freeze()
     _send(chan, {"type": "ready", "pid": os.getpid(), "interface": interface,
