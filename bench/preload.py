@@ -68,22 +68,19 @@ def command(name, args, port, control):
     return argv + ["big_app:app"]
 
 
-def environ_of(pid):
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-    except OSError:
-        return {}
-
-
-def workers_and_helper(name, root):
+def workers_and_helper(name, root, trimrun=None, control=None):
     """(worker pids, the master's or zygote's pid)."""
     kids = procs.children_of(procs.ppid_map(), root)
     if name.startswith("gunicorn"):
         return kids, root
-    workers = [k for k in kids if b"TRIMRUN_WORKER_ID" in environ_of(k)]
-    zyg = [k for k in kids if b"TRIMRUN_ZYGOTE_FD" in environ_of(k)]
-    return workers, (zyg[0] if zyg else None)
+    out = subprocess.run([trimrun, "status", "--json", "--control", control],
+                         capture_output=True, text=True, timeout=10)
+    try:
+        s = json.loads(out.stdout)
+    except ValueError:
+        return [], None
+    workers = [w["pid"] for w in s.get("workers", []) if w["pid"] in kids]
+    return workers, (s.get("zygote") or {}).get("pid")
 
 
 def serves(port):
@@ -127,7 +124,7 @@ def one(name, args, outdir):
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            w, _ = workers_and_helper(name, p.pid)
+            w, _ = workers_and_helper(name, p.pid, args.trimrun, control)
             if len(w) == args.workers and serves(port):
                 if not name.startswith("trimrun") or "all workers ready" in open(logpath).read():
                     break
@@ -135,10 +132,10 @@ def one(name, args, outdir):
         else:
             raise RuntimeError(f"{name} never served: see {logpath}")
         startup_s = time.monotonic() - t0
-        before = set(workers_and_helper(name, p.pid)[0])
+        before = set(workers_and_helper(name, p.pid, args.trimrun, control)[0])
         seen = set(before)
         result = wrk(port, args.duration, args.connections)
-        workers, helper = workers_and_helper(name, p.pid)
+        workers, helper = workers_and_helper(name, p.pid, args.trimrun, control)
         seen |= set(workers)
         pss = {w: (procs.smaps_rollup(w) or {}).get("pss", 0) for w in workers}
         rss = {w: (procs.smaps_rollup(w) or {}).get("rss", 0) for w in workers}

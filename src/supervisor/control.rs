@@ -26,6 +26,7 @@ impl Supervisor {
             }
         }
         info!(workers = pids.len(), trigger = why, "rolling restart");
+        self.launcher.reload();
         self.notifier.reloading();
         self.reloading = true;
     }
@@ -199,6 +200,7 @@ impl Supervisor {
             recycles_in_progress: self.in_progress(),
             trims: self.workers.iter().map(|w| w.stats.trims).sum(),
             released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
+            zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",
                 Phase::Running if self.reloading => "reloading",

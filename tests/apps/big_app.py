@@ -15,7 +15,12 @@ IMPORT_SECONDS = time.monotonic() - _t0
 
 def app(environ, start_response):
     path = environ.get("PATH_INFO", "/")
-    if path == "/lookup":
+    if path == "/env":
+        env = os.environ
+        body = (f"{os.getpid()} LISTEN_PID={env.get('LISTEN_PID')} "
+                f"TRIMRUN_WORKER_ID={env.get('TRIMRUN_WORKER_ID')} "
+                f"TRIMRUN_ZYGOTE_FD={env.get('TRIMRUN_ZYGOTE_FD')}\n")
+    elif path == "/lookup":
         k = int(environ.get("QUERY_STRING", "k=0").partition("=")[2] or 0)
         body = f"{TABLE.get(k, ('missing', 0.0))[0]} {os.getpid()}\n"
     else:
