@@ -280,6 +280,7 @@ impl Supervisor {
             fd_names: &self.fd_names,
             cgroup_procs: procs.as_ref(),
             notify_socket: notify_path.as_deref(),
+            watchdog: None,
         };
         let pid = match spawn::spawn(&self.program, &spec) {
             Ok(pid) => pid,
