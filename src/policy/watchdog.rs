@@ -6,7 +6,8 @@
 //! becomes ready (before that, `--ready-timeout` watches it), and every keep-alive restarts
 //! it. A worker that hangs right after each start is replaced after a growing, jittered
 //! delay (the slot's [`Backoff`]), so a broken deploy never turns into a restart loop; the
-//! delay starts over only once a worker kept its watchdog for [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER).
+//! delay starts over only once a worker kept its watchdog for
+//! [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER).
 
 use std::time::Duration;
 
@@ -63,10 +64,12 @@ pub fn kept_alive_for(ready_at: Duration, last_keepalive: Option<Duration>) -> D
 
 /// Delay before the replacement of a worker that hung after keeping its watchdog for
 /// `kept_alive` starts: the slot's next backoff delay (equal jitter, doubling, capped),
-/// started over first if the worker had been healthy for [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER).
+/// started over first if the worker had been healthy for
+/// [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER).
 ///
 /// Measured from keep-alives rather than from the worker's age, so that with a timeout
-/// longer than [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER) a worker that hangs at every start still backs off.
+/// longer than [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER) a worker that hangs at
+/// every start still backs off.
 pub fn replacement_delay(
     backoff: &mut Backoff,
     kept_alive: Duration,
@@ -78,7 +81,7 @@ pub fn replacement_delay(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{BACKOFF_BASE, BACKOFF_CAP};
+    use crate::policy::{BACKOFF_BASE, BACKOFF_CAP, BACKOFF_RESET_AFTER};
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
