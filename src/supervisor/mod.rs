@@ -892,6 +892,7 @@ impl Supervisor {
             restarts: self.totals.restarts,
             recycles: self.totals.recycles,
             recycles_in_progress: self.in_progress(),
+            timeouts: 0,
             trims: self.workers.iter().map(|w| w.stats.trims).sum(),
             released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
             state: match self.phase {

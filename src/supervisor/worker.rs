@@ -164,6 +164,7 @@ impl Worker {
                 .map(|r| r.to_string())
                 .or_else(|| self.stats.last_reason.clone()),
             recycle_threshold: self.policy.recycle_threshold(),
+            timeouts: 0,
         }
     }
 }
