@@ -183,7 +183,11 @@ impl Supervisor {
         let mut workers: Vec<_> = self
             .workers
             .iter()
-            .map(|w| w.snapshot(self.limit, self.recycling(w)))
+            .map(|w| {
+                let mut s = w.snapshot(self.limit, self.recycling(w));
+                s.timeouts = self.slots.get(w.slot).map_or(0, |s| s.timeouts);
+                s
+            })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.generation));
         Snapshot {
