@@ -265,3 +265,147 @@ fn worker_that_hangs_at_every_start_is_backed_off_with_jitter() {
     assert_ne!(d[&0][1..5], d[&1][1..5], "{d:?}");
     assert!(log.contains("never sent WATCHDOG=1"), "{log}");
 }
+
+// ----- trimrun_worker (python/) ------------------------------------------------------------
+
+fn python_dir() -> String {
+    format!("{}/python", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// True when python3 can import `modules`; else says why (a skip, or a failure under CI).
+fn have_python_deps(modules: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        common::cannot_run(&format!(
+            "python3 with {modules} (scripts/install-test-deps.sh installs them)"
+        ));
+    }
+    ok
+}
+
+/// One `python -m trimrun_worker` worker serving tests/apps/stuck_app.py's `attr`.
+fn stuck_app_pool(timeout: &str, interface: &str, attr: &str) -> Pool {
+    let apps = format!("{}/tests/apps", env!("CARGO_MANIFEST_DIR"));
+    let app = format!("stuck_app:{attr}");
+    let pool = Pool::start_env(
+        &["-n", "1", "--timeout", timeout, "--ready", "notify"],
+        &[
+            "python3",
+            "-m",
+            "trimrun_worker",
+            "--app-dir",
+            &apps,
+            "--interface",
+            interface,
+            "--threads",
+            "2",
+            &app,
+        ],
+        &[("PYTHONPATH", &python_dir())],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    pool
+}
+
+/// Requests that never get an answer from a stuck worker, sent from threads (each fails
+/// once its worker is killed).
+fn send_and_forget(port: u16, path: &'static str, n: usize) {
+    for _ in 0..n {
+        std::thread::spawn(move || {
+            let _ = get(port, path);
+        });
+    }
+}
+
+#[test]
+fn trimrun_worker_keepalive_logic_unit_tests_pass() {
+    let out = std::process::Command::new("python3")
+        .args(["-m", "unittest", "discover", "-s"])
+        .arg(format!("{}/tests", python_dir()))
+        .env("PYTHONPATH", python_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// WSGI: every request thread stuck → the event loop stops sending WATCHDOG=1 → replaced,
+/// with every thread's stack in the log.
+#[test]
+fn trimrun_worker_whose_every_request_thread_is_stuck_is_replaced() {
+    if !have_python_deps("waitress") {
+        return;
+    }
+    let pool = stuck_app_pool("1s", "wsgi", "app");
+    let first = pool.workers();
+    // Keep-alives flow while it serves.
+    for _ in 0..20 {
+        get(pool.port, "/").unwrap();
+    }
+    send_and_forget(pool.port, "/stuck", 2);
+    pool.wait_log("missed its watchdog", Duration::from_secs(30));
+    let answered = wait_for(Duration::from_secs(30), || {
+        get(pool.port, "/")
+            .ok()
+            .filter(|b| !b.contains(&first[0].to_string()))
+    });
+    assert!(answered.is_some(), "no new worker answers:\n{}", pool.log());
+    let log = pool.log();
+    // faulthandler (enabled by trimrun_worker) dumped both stuck threads.
+    assert!(
+        log.matches("in stuck_forever").count() >= 2,
+        "both stuck threads in the dump:\n{log}"
+    );
+}
+
+/// WSGI: one stuck thread among healthy ones is NOT a hang (documented limit): the other
+/// thread keeps finishing requests, so the keep-alives go on.
+#[test]
+fn trimrun_worker_with_one_stuck_thread_among_healthy_ones_keeps_running() {
+    if !have_python_deps("waitress") {
+        return;
+    }
+    let pool = stuck_app_pool("400ms", "wsgi", "app");
+    let first = pool.workers();
+    send_and_forget(pool.port, "/stuck", 1);
+    // Several timeouts long, serving on the other thread.
+    let load = Load::start(pool.port, 1);
+    load.wait_ok(100, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, failures) = load.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        !pool.log().contains("missed its watchdog"),
+        "{}",
+        pool.log()
+    );
+    assert_eq!(pool.workers(), first);
+}
+
+/// ASGI: a blocked event loop stops uvicorn's ticks, so the keep-alives → replaced.
+#[test]
+fn trimrun_worker_whose_event_loop_is_blocked_is_replaced() {
+    if !have_python_deps("uvicorn") {
+        return;
+    }
+    let pool = stuck_app_pool("1s", "asgi", "asgi");
+    let first = pool.workers();
+    get(pool.port, "/").unwrap();
+    send_and_forget(pool.port, "/block", 1);
+    pool.wait_log("missed its watchdog", Duration::from_secs(30));
+    let answered = wait_for(Duration::from_secs(30), || {
+        get(pool.port, "/")
+            .ok()
+            .filter(|b| !b.contains(&first[0].to_string()))
+    });
+    assert!(answered.is_some(), "no new worker answers:\n{}", pool.log());
+    assert!(pool.log().contains("in block_forever"), "{}", pool.log());
+}
