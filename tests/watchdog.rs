@@ -346,10 +346,16 @@ fn trimrun_worker_whose_every_request_thread_is_stuck_is_replaced() {
     }
     let pool = stuck_app_pool("1s", "wsgi", "app");
     let first = pool.workers();
-    // Keep-alives flow while it serves.
+    // Keep-alives flow while it serves, and while it idles: several timeouts long.
     for _ in 0..20 {
         get(pool.port, "/").unwrap();
     }
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !pool.log().contains("missed its watchdog"),
+        "{}",
+        pool.log()
+    );
     send_and_forget(pool.port, "/stuck", 2);
     pool.wait_log("missed its watchdog", Duration::from_secs(30));
     let answered = wait_for(Duration::from_secs(30), || {
@@ -399,6 +405,12 @@ fn trimrun_worker_whose_event_loop_is_blocked_is_replaced() {
     let pool = stuck_app_pool("1s", "asgi", "asgi");
     let first = pool.workers();
     get(pool.port, "/").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !pool.log().contains("missed its watchdog"),
+        "{}",
+        pool.log()
+    );
     send_and_forget(pool.port, "/block", 1);
     pool.wait_log("missed its watchdog", Duration::from_secs(30));
     let answered = wait_for(Duration::from_secs(30), || {
