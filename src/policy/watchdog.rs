@@ -4,8 +4,10 @@
 //! The protocol is systemd's `WatchdogSec=`: a worker gets `WATCHDOG_USEC` and must send
 //! `WATCHDOG=1` on its notify socket at least that often. The clock starts when the worker
 //! becomes ready (before that, `--ready-timeout` watches it), and every keep-alive restarts
-//! it. A worker that hangs right after each start is replaced after a growing, jittered
-//! delay (the slot's [`Backoff`]), so a broken deploy never turns into a restart loop; the
+//! it. The first hang of a healthy slot is replaced at once (the hung worker serves nothing:
+//! waiting gains nothing); a worker that hangs again right after each start is replaced
+//! after a growing, jittered delay (the slot's [`Backoff`]), so a broken deploy never turns
+//! into a restart loop; the
 //! delay starts over only once a worker kept its watchdog for
 //! [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER).
 
@@ -63,9 +65,10 @@ pub fn kept_alive_for(ready_at: Duration, last_keepalive: Option<Duration>) -> D
 }
 
 /// Delay before the replacement of a worker that hung after keeping its watchdog for
-/// `kept_alive` starts: the slot's next backoff delay (equal jitter, doubling, capped),
-/// started over first if the worker had been healthy for
-/// [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER).
+/// `kept_alive` starts. The slot's backoff starts over if the worker had been healthy for
+/// [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER); then the first hang is replaced at
+/// once (zero), and each further one after the slot's next backoff delay (equal jitter,
+/// doubling from twice the base, capped).
 ///
 /// Measured from keep-alives rather than from the worker's age, so that with a timeout
 /// longer than [`BACKOFF_RESET_AFTER`](super::BACKOFF_RESET_AFTER) a worker that hangs at
@@ -75,7 +78,12 @@ pub fn replacement_delay(
     kept_alive: Duration,
     rng: &mut impl Rng,
 ) -> Duration {
-    backoff.failure_after(kept_alive, rng)
+    if kept_alive >= super::BACKOFF_RESET_AFTER {
+        backoff.success();
+    }
+    let first = backoff.failures() == 0;
+    let delay = backoff.failure(rng);
+    if first { Duration::ZERO } else { delay }
 }
 
 #[cfg(test)]
@@ -142,8 +150,10 @@ mod tests {
             .map(|_| replacement_delay(&mut b, kept_alive_for(S, None), &mut rng))
             .collect();
         for d in [&da, &db] {
-            // Every delay within [e/2, e] for the doubling ceiling e: never a tight loop.
-            for (n, x) in d.iter().enumerate() {
+            // The first at once; then every delay within [e/2, e] for the doubling ceiling
+            // e: never a tight loop.
+            assert_eq!(d[0], Duration::ZERO);
+            for (n, x) in d.iter().enumerate().skip(1) {
                 let e = (BACKOFF_BASE * 2u32.pow(n as u32)).min(BACKOFF_CAP);
                 assert!(
                     *x >= e / 2 && *x <= e,
@@ -154,7 +164,7 @@ mod tests {
             assert!(d[11] >= BACKOFF_CAP / 2);
         }
         // Two slots hanging together are not replaced in lockstep.
-        assert!(da.iter().zip(&db).filter(|(x, y)| x != y).count() >= 11);
+        assert_eq!(da.iter().zip(&db).filter(|(x, y)| x != y).count(), 11);
     }
 
     #[test]
@@ -168,9 +178,11 @@ mod tests {
         // BACKOFF_RESET_AFTER) keeps backing off.
         let never = kept_alive_for(S, None);
         assert!(replacement_delay(&mut b, never, &mut rng) >= BACKOFF_BASE * 32);
-        // One that kept it for long enough starts over at the base delay.
+        // One that kept it for long enough starts over: replaced at once, and the next
+        // hang right after waits the first step again.
         let long = kept_alive_for(S, Some(S + BACKOFF_RESET_AFTER));
-        assert!(replacement_delay(&mut b, long, &mut rng) <= BACKOFF_BASE);
-        assert_eq!(b.failures(), 1);
+        assert_eq!(replacement_delay(&mut b, long, &mut rng), Duration::ZERO);
+        let next = replacement_delay(&mut b, Duration::ZERO, &mut rng);
+        assert!(next >= BACKOFF_BASE && next <= 2 * BACKOFF_BASE, "{next:?}");
     }
 }
