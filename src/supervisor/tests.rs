@@ -255,10 +255,15 @@ async fn a_recycle_starts_the_replacement_before_stopping_the_old_worker() {
             .iter()
             .any(|w| w.pid == new && w.state == "ready" && w.recycles == 1)
     );
-    assert!(
-        p.groups.get(0, 0).unwrap().removed,
-        "the old group is removed"
-    );
+    // The group is removed on the blocking pool, after the exit.
+    let t0 = Instant::now();
+    while !p.groups.get(0, 0).unwrap().removed {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the old group is not removed"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
     p.stop().await;
 }
 
