@@ -157,6 +157,7 @@ impl Zygote {
             cgroup_procs: None,
             notify_socket: None,
             zygote_channel: Some(theirs.as_raw_fd()),
+            watchdog: None,
         };
         let pid = spawn::spawn(program, &spec)?;
         drop(theirs);

@@ -1,6 +1,7 @@
 """``python -m trimrun_worker [OPTIONS] MODULE:APP``: the command line."""
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -59,6 +60,9 @@ def configure_logging(level):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    # A stack dump of every thread on SIGABRT (trimrun's --timeout-signal), SIGSEGV, ...
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     configure_logging(args.log_level)
     try:
         app = appmod.load(args.app, factory=args.factory, app_dir=args.app_dir)

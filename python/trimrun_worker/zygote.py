@@ -14,7 +14,8 @@ requests one at a time:
     A -> trimrun       {"type": "forked", "slot": 3, "generation": 7, "pid": B}
     B                  own process group; waits until it is trimrun's child (A exited:
                        trimrun is a child subreaper); PR_SET_PDEATHSIG(SIGKILL); applies
-                       "env" and LISTEN_PID=its pid; serves the app.
+                       "env", LISTEN_PID=its pid (and WATCHDOG_PID with WATCHDOG_USEC);
+                       serves the app.
 
 B is born inside its cgroup, so every page it copies or allocates is charged there.
 """
@@ -150,6 +151,8 @@ def _become_worker(chan, req, procs, supervisor, a, app, interface, args):
         os.environ.update({str(k): str(v) for k, v in env.items()})
         if "LISTEN_FDS" in os.environ:
             os.environ["LISTEN_PID"] = str(os.getpid())
+        if "WATCHDOG_USEC" in os.environ:
+            os.environ["WATCHDOG_PID"] = str(os.getpid())
         sdnotify.reset()
         from .cli import configure_logging, serve
 

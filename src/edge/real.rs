@@ -126,6 +126,7 @@ impl Launcher for ForkExec {
             cgroup_procs: procs.as_ref(),
             notify_socket: req.notify_socket,
             zygote_channel: None,
+            watchdog: req.watchdog,
         };
         spawn::spawn(&self.program, &spec)
     }

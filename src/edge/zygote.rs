@@ -148,6 +148,10 @@ impl Launcher for Zygotes {
         if let Some(p) = &notify {
             env.push(("NOTIFY_SOCKET", p));
         }
+        let watchdog = req.watchdog.map(|d| d.as_micros().max(1).to_string());
+        if let Some(usec) = &watchdog {
+            env.push(("WATCHDOG_USEC", usec));
+        }
         let z = self.ready(slot)?;
         let started = Instant::now();
         match z.fork(slot, generation, &env, procs.as_ref(), FORK_TIMEOUT) {
