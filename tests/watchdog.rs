@@ -421,3 +421,34 @@ fn trimrun_worker_whose_event_loop_is_blocked_is_replaced() {
     assert!(answered.is_some(), "no new worker answers:\n{}", pool.log());
     assert!(pool.log().contains("in block_forever"), "{}", pool.log());
 }
+
+/// trimrun under systemd's `WatchdogSec=`: its own loop sends WATCHDOG=1 to its manager;
+/// the workers do not inherit the manager's watchdog.
+#[test]
+fn trimrun_keeps_its_own_managers_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let pool = Pool::start_env(
+        &["-n", "1", "--ready", "delay:200ms"],
+        &["python3", &prog()],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "300000"),
+        ],
+    );
+    let mut keepalives = 0;
+    let mut ready = false;
+    while keepalives < 5 || !ready {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification from trimrun");
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        keepalives += msg.lines().filter(|l| *l == "WATCHDOG=1").count();
+        ready |= msg.contains("READY=1");
+    }
+    let v = env_of(pool.port);
+    assert!(v["WATCHDOG_USEC"].is_null(), "{v}");
+    assert!(v["NOTIFY_SOCKET"].is_null(), "{v}");
+}
