@@ -667,3 +667,20 @@ async fn with_ready_by_delay_the_watchdog_uses_the_same_socket_and_ready_1_chang
     .await;
     p.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_keeping_its_watchdog_runs_indefinitely() {
+    let p = pool(&["-n", "1", "--ready", "notify", "--timeout", "1s"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    notify(&p, 0, 0, b"READY=1");
+    p.until(Duration::from_secs(1), "ready", all_ready(1)).await;
+    // Half an hour of keep-alives every 0.9 s, each just inside the timeout.
+    for _ in 0..2000 {
+        notify(&p, 0, 0, b"WATCHDOG=1");
+        p.run_for(Duration::from_millis(900)).await;
+    }
+    let s = p.status().await;
+    assert!(p.launcher.signals().is_empty());
+    assert_eq!((s.timeouts, p.launched(0).len()), (0, 1));
+    p.stop().await;
+}
