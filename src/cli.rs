@@ -168,6 +168,17 @@ pub struct RunArgs {
     /// Memory limit per worker: a size (512M, 1.5G) or `auto` (trimrun's own allowance divided among the workers)
     #[arg(long, env = "TRIMRUN_LIMIT", help_heading = "Memory")]
     pub limit: Option<String>,
+    /// Memory budget of the whole pool: a size (1G) or `auto` (trimrun's own allowance less
+    /// a reserve). The pool's cgroup is the hard cap; each worker's own limit becomes a
+    /// ceiling above its fair share (--limit, or twice budget/workers), so one worker's
+    /// burst can use room the others leave [default: none]
+    #[arg(
+        long,
+        env = "TRIMRUN_POOL_LIMIT",
+        value_name = "SIZE|auto",
+        help_heading = "Memory"
+    )]
+    pub pool_limit: Option<String>,
     /// Cgroup backend: auto, v2, v1 or none
     #[arg(
         long,

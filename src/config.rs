@@ -115,6 +115,8 @@ pub struct Config {
     pub timeout: Option<Duration>,
     pub timeout_signal: Signal,
     pub limit: Limit,
+    /// `--pool-limit`: the pool's budget (`Limit::None`: no budget).
+    pub pool_limit: Limit,
     pub cgroup: String,
     pub trim: bool,
     pub trim_at: f64,
@@ -176,6 +178,12 @@ impl Config {
             .map(Limit::from_str)
             .transpose()?
             .unwrap_or(Limit::None);
+        let pool_limit = a
+            .pool_limit
+            .as_deref()
+            .map(|s| Limit::from_str(s).map_err(|e| e.replacen("--limit", "--pool-limit", 1)))
+            .transpose()?
+            .unwrap_or(Limit::None);
         let cgroup = a.cgroup.trim().to_ascii_lowercase();
         if !["auto", "v2", "v1", "none"].contains(&cgroup.as_str()) {
             return Err(format!(
@@ -215,6 +223,7 @@ impl Config {
             timeout_signal: parse_signal(&a.timeout_signal)
                 .map_err(|e| format!("--timeout-signal: {e}"))?,
             limit,
+            pool_limit,
             cgroup,
             trim: a.trim == OnOff::On,
             trim_at: a.trim_at,

@@ -25,7 +25,7 @@ pub mod zygote;
 
 use std::str::FromStr;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -66,6 +66,24 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         cgroups.teardown();
         bad_input(e)
     })?;
+    let budget =
+        startup::resolve_pool_limit(cfg.pool_limit, cfg.workers, &cgroups).map_err(|e| {
+            cgroups.teardown();
+            bad_input(e)
+        })?;
+    let limit = startup::worker_ceiling(limit, budget, cfg.workers);
+    if let Some(b) = budget {
+        match cgroups.set_pool_limit(b) {
+            Ok(()) => info!(
+                budget = b,
+                ceiling = limit,
+                "pool budget {} (the pool's cgroup is the hard cap); each worker's ceiling {}",
+                size::human_bytes(b),
+                limit.map_or("none".into(), size::human_bytes)
+            ),
+            Err(e) => warn!(error = %e, "the pool budget is not enforced by the kernel"),
+        }
+    }
     // A current-thread runtime: the supervisor, and so every fork, stays on the main
     // thread, which lives as long as trimrun (PR_SET_PDEATHSIG follows the forking thread).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -125,6 +143,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             config: cfg,
             settings,
             limit,
+            budget,
             groups: Box::new(cgroups),
             launcher,
             injector: std::sync::Arc::new(edge::Ptrace::default()),

@@ -36,6 +36,14 @@ impl Groups for cgroup::Manager {
     fn teardown(&self) {
         cgroup::Manager::teardown(self)
     }
+
+    fn set_pool_limit(&self, budget: u64) -> Result<(), CgroupError> {
+        cgroup::Manager::set_pool_limit(self, budget)
+    }
+
+    fn pool_usage(&self) -> Option<u64> {
+        cgroup::Manager::pool_usage(self).map(|u| u.working_set)
+    }
 }
 
 impl Group for cgroup::WorkerGroup {
