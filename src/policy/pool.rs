@@ -593,3 +593,185 @@ pub fn default_ceiling(budget: u64, workers: usize) -> u64 {
         .saturating_mul(2)
         .min(budget)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const MIB: u64 = 1 << 20;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            recycle_jitter: 0.0,
+            ready_time: s(1),
+            ..Settings::default()
+        }
+    }
+
+    fn views(ws: &[WorkerPolicy]) -> Vec<WorkerView<'_>> {
+        ws.iter()
+            .enumerate()
+            .map(|(slot, p)| WorkerView {
+                slot,
+                role: Role::Serving,
+                policy: p,
+                usage: p.working_set(),
+                may_trim: true,
+                may_recycle: true,
+                memory_high: None,
+                has_memory_high: false,
+            })
+            .collect()
+    }
+
+    /// Workers under `ceiling`, observed once a second until `until` at `ws(slot, t)`.
+    fn workers(
+        n: usize,
+        ceiling: u64,
+        until: u64,
+        ws: impl Fn(usize, u64) -> u64,
+    ) -> Vec<WorkerPolicy> {
+        let st = settings();
+        let mut rng = StdRng::seed_from_u64(1);
+        (0..n)
+            .map(|slot| {
+                let mut p = WorkerPolicy::new(&st, Some(ceiling), Duration::ZERO, &mut rng);
+                for t in 0..=until {
+                    p.observe(s(t), ws(slot, t));
+                }
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replacement_that_would_not_fit_under_the_budget_is_stop_first() {
+        // 4 workers at 92-95 MiB under a 400 MiB budget (ceilings 200 MiB, so none is near
+        // its own threshold): the pool is over 90% of its budget, and a 70 MiB start-up
+        // beside them would pass the budget's memory.high.
+        let st = Settings {
+            trim: false,
+            ..settings()
+        };
+        let budget = 400 * MIB;
+        let ws = workers(4, default_ceiling(budget, 4), 30, |slot, _| {
+            (92 + slot as u64) * MIB
+        });
+        let mut pool = PoolPolicy::new(&st, Some(budget));
+        pool.started(70 * MIB, s(1));
+        let v = views(&ws);
+        let mut recycles = vec![];
+        for t in 30..40 {
+            let d = pool.decide(&PoolView {
+                now: s(t),
+                workers: &v,
+                in_progress: 0,
+                pool_usage: None,
+            });
+            recycles.extend(d.recycles);
+            if !recycles.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(recycles.len(), 1, "{recycles:?}");
+        let r = recycles[0];
+        assert_eq!(r.worker, 3, "the largest goes first");
+        assert!(r.for_budget);
+        assert_eq!(r.mode, StartMode::StopFirst);
+        // With room beside them, the same recycle starts its replacement first.
+        let mut roomy = PoolPolicy::new(&st, Some(2 * budget));
+        roomy.started(70 * MIB, s(1));
+        assert_eq!(
+            roomy.mode(380 * MIB, 0.0, s(3)),
+            StartMode::ReplacementFirst
+        );
+        assert_eq!(pool.mode(300 * MIB, 0.0, s(3)), StartMode::ReplacementFirst);
+        assert_eq!(pool.mode(320 * MIB, 0.0, s(3)), StartMode::StopFirst);
+    }
+
+    #[test]
+    fn near_the_budget_those_with_most_to_give_back_are_trimmed_first() {
+        let budget = 1024 * MIB;
+        // The pool at ~80% of its budget (trim_at 75%), no worker near its own trim_at
+        // (75% of a 512 MiB ceiling = 384 MiB).
+        let sizes = [150u64, 260, 200, 210];
+        let ws = workers(4, default_ceiling(budget, 4), 20, |slot, _| {
+            sizes[slot] * MIB
+        });
+        let mut pool = PoolPolicy::new(&settings(), Some(budget));
+        let v = views(&ws);
+        let d = pool.decide(&PoolView {
+            now: s(20),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        });
+        assert!(d.trims.iter().all(|t| t.for_budget), "{:?}", d.trims);
+        assert_eq!(d.trims.first().map(|t| t.worker), Some(1), "{:?}", d.trims);
+        assert!(!d.trims.iter().any(|t| t.worker == 0), "{:?}", d.trims);
+        // The same pool without a budget: nobody is trimmed.
+        let mut free = PoolPolicy::new(&settings(), None);
+        let d = free.decide(&PoolView {
+            now: s(20),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        });
+        assert!(d.trims.is_empty());
+    }
+
+    #[test]
+    fn memory_is_read_faster_near_a_limit_and_once_a_second_otherwise() {
+        let mut pool = PoolPolicy::new(&settings(), None);
+        let flat = workers(2, 96 * MIB, 20, |_, _| 40 * MIB);
+        let v = views(&flat);
+        let view = |now| PoolView {
+            now,
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        };
+        assert_eq!(pool.decide(&view(s(20))).next_tick, SLOW_TICK);
+        // 1 MiB/s, 8 s from its limit: read every 0.8 s; the recycle it asks for starts.
+        let growing = workers(1, 96 * MIB, 20, |_, t| (68 + t) * MIB);
+        let v = views(&growing);
+        let d = pool.decide(&PoolView {
+            now: s(20),
+            workers: &v,
+            in_progress: 1,
+            pool_usage: None,
+        });
+        assert!(d.next_tick < SLOW_TICK && d.next_tick >= FAST_TICK, "{d:?}");
+    }
+
+    #[test]
+    fn a_worker_that_reaches_its_limit_within_a_ready_time_is_beyond_any_schedule() {
+        let mut pool = PoolPolicy::new(&settings(), None);
+        pool.started(20 * MIB, s(2));
+        assert!(pool.ready_time() > s(1), "learned from the start-up");
+        assert!(pool.oom_unavoidable(Duration::from_millis(900)));
+        assert!(!pool.oom_unavoidable(s(5)));
+    }
+
+    #[test]
+    fn a_worker_whose_headroom_no_longer_holds_the_pools_transients_goes_first() {
+        // Worker 0 grows slowly towards its limit; worker 1 sits flat at 80 of 96 MiB, but
+        // worker 2 once held 30 MiB for a second: the same request on worker 1 would pass
+        // its limit, so its deadline is now.
+        let ws = workers(3, 96 * MIB, 60, |slot, t| match slot {
+            0 => (40 + t / 2) * MIB,
+            1 => 80 * MIB,
+            _ => (20 + if t == 30 { 30 } else { 0 }) * MIB,
+        });
+        let d1 = ws[1].deadline(s(60), ws[2].transient(s(60)), false);
+        assert_eq!(d1, Some(Duration::ZERO));
+        assert_eq!(ws[1].deadline(s(60), 0, false), None, "flat: no projection");
+        assert_eq!(ws[2].transient(s(60)), 30 * MIB);
+    }
+}
