@@ -323,6 +323,8 @@ impl PoolPolicy {
         // The pool budget: trim those with most to give back, then recycle the one whose
         // replacement frees the most.
         let mut pool_candidate = None;
+        // The worker whose deadline is the pool's (the budget's, not its own).
+        let mut pool_carrier = None;
         let pool_rate: f64 = view
             .workers
             .iter()
@@ -396,8 +398,15 @@ impl PoolPolicy {
                     .is_some_and(|t| now >= t + SLOW_TICK * POOL_OVER_GRACE_TICKS);
                 if let Some(d) = pool_deadline {
                     match deadlines.iter_mut().find(|x| x.1 == i) {
-                        Some(x) => x.0 = x.0.min(d),
-                        None => deadlines.push((d, i)),
+                        Some(x) if x.0 <= d => {}
+                        Some(x) => {
+                            x.0 = d;
+                            pool_carrier = Some(i);
+                        }
+                        None => {
+                            deadlines.push((d, i));
+                            pool_carrier = Some(i);
+                        }
                     }
                 }
                 if over_long_enough || (!s.trim && self.pool_over_since.is_some()) {
@@ -521,7 +530,7 @@ impl PoolPolicy {
                     reason: c.reason,
                     waited: now.saturating_sub(c.waiting_since),
                     ahead: ahead.filter(|a| a.0 == i).map(|a| a.1),
-                    for_budget: for_budget == Some(i),
+                    for_budget: for_budget == Some(i) || pool_carrier == Some(i),
                     mode: self.mode(pool_usage, pool_rate, recycle_time),
                 });
             }
