@@ -171,11 +171,6 @@ pub fn trim_thread(pid: i32, tid: i32, opts: &TrimOptions) -> Result<TrimReport,
     trim_impl(pid, Some(tid), opts)
 }
 
-/// Trim every process of a worker group, one after the other.
-pub fn trim_pids(pids: &[i32], opts: &TrimOptions) -> Vec<(i32, Result<TrimReport, TrimError>)> {
-    pids.iter().map(|&pid| (pid, trim_pid(pid, opts))).collect()
-}
-
 #[cfg(not(target_arch = "x86_64"))]
 fn trim_impl(_pid: i32, _tid: Option<i32>, _opts: &TrimOptions) -> Result<TrimReport, TrimError> {
     Err(TrimError::Unsupported(format!(
@@ -461,87 +456,9 @@ fn human(bytes: i64) -> String {
     }
 }
 
-/// Parse a duration such as `2s`, `500ms`, `1.5s`, `250us` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 2s, 500ms, 250us"))?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "m" | "min" => value * 60.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: expected s, ms, us or min"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("invalid duration {s:?}: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Temporary argument parsing for `trimrun trim` until the clap CLI calls [`run_cli`].
-pub fn cli_main(args: &[String]) -> i32 {
-    let mut json = false;
-    let mut timeout = TrimOptions::default().timeout;
-    let mut pids = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let parsed = match a.as_str() {
-            "--json" => {
-                json = true;
-                Ok(())
-            }
-            "--timeout" => match it.next().map(|v| parse_duration(v)) {
-                Some(Ok(d)) => {
-                    timeout = d;
-                    Ok(())
-                }
-                Some(Err(e)) => Err(e),
-                None => Err("--timeout needs a value, e.g. --timeout 2s".into()),
-            },
-            p => match p.parse::<i32>() {
-                Ok(pid) if pid > 0 => {
-                    pids.push(pid);
-                    Ok(())
-                }
-                _ => Err(format!("invalid pid {p:?}: expected a positive number")),
-            },
-        };
-        if let Err(e) = parsed {
-            eprintln!("trimrun trim: {e}");
-            return 2;
-        }
-    }
-    run_cli(&pids, json, timeout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_durations_and_explains_bad_ones() {
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert!(parse_duration("2h").unwrap_err().contains("expected s, ms"));
-        assert!(
-            parse_duration("fast")
-                .unwrap_err()
-                .contains("expected e.g.")
-        );
-        assert!(parse_duration("0s").is_err());
-    }
 
     #[test]
     fn released_is_signed() {
