@@ -993,7 +993,7 @@ def environment(cfg):
     except Exception as e:  # noqa: BLE001
         env["error"] = str(e)
     env["trimrun"] = {"path": cfg.trimrun, "version": trimrun_version(cfg.trimrun)} if cfg.trimrun else cfg.trimrun_missing
-    src = os.environ.get("TRIMRUN_SRC", "/work/main")
+    src = os.environ.get("TRIMRUN_SRC", REPO)
     try:
         env["trimrun_source"] = src + " at " + subprocess.run(
             ["git", "-C", src, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=5).stdout.strip()
