@@ -76,10 +76,29 @@ pub struct Snapshot {
     pub restarts: u64,
     pub recycles: u64,
     pub recycles_in_progress: usize,
+    /// Workers that missed their watchdog (`--timeout`) since the pool started.
+    pub timeouts: u64,
     pub trims: u64,
     pub released_bytes: u64,
     /// `starting`, `running`, `reloading` or `stopping`.
     pub state: String,
+    /// The zygote workers are forked from (`--preload`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zygote: Option<ZygoteSnapshot>,
+}
+
+/// The zygote of `--preload`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct ZygoteSnapshot {
+    pub pid: i32,
+    /// Counts the zygotes of this pool (a HUP or a restart makes a new one).
+    pub generation: u64,
+    /// `starting` (importing the app) or `ready`.
+    pub state: String,
+    pub age_secs: f64,
+    /// Workers forked by all zygotes of this pool.
+    pub forks: u64,
 }
 
 /// One worker (one slot of the pool, one generation of that slot).
@@ -89,7 +108,7 @@ pub struct WorkerSnapshot {
     pub slot: usize,
     pub pid: i32,
     pub generation: u64,
-    /// `starting`, `ready` or `draining`.
+    /// `starting`, `ready`, `draining`, or `hung` (missed its watchdog, being killed).
     pub state: String,
     pub age_secs: f64,
     /// Bytes: cgroup working set (current − inactive_file), or the smaps sum without cgroups.
@@ -108,6 +127,8 @@ pub struct WorkerSnapshot {
     pub last_reason: Option<String>,
     /// Working set above which this worker asks to be recycled (its own jittered draw).
     pub recycle_threshold: Option<u64>,
+    /// Watchdog timeouts of this slot so far (all generations).
+    pub timeouts: u64,
 }
 
 impl Snapshot {

@@ -26,6 +26,7 @@ impl Supervisor {
             }
         }
         info!(workers = pids.len(), trigger = why, "rolling restart");
+        self.launcher.reload();
         self.notifier.reloading();
         self.reloading = true;
     }
@@ -183,7 +184,11 @@ impl Supervisor {
         let mut workers: Vec<_> = self
             .workers
             .iter()
-            .map(|w| w.snapshot(self.limit, self.recycling(w)))
+            .map(|w| {
+                let mut s = w.snapshot(self.limit, self.recycling(w));
+                s.timeouts = self.slots.get(w.slot).map_or(0, |s| s.timeouts);
+                s
+            })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.generation));
         Snapshot {
@@ -197,8 +202,10 @@ impl Supervisor {
             restarts: self.totals.restarts,
             recycles: self.totals.recycles,
             recycles_in_progress: self.in_progress(),
+            timeouts: self.totals.timeouts,
             trims: self.workers.iter().map(|w| w.stats.trims).sum(),
             released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
+            zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",
                 Phase::Running if self.reloading => "reloading",

@@ -27,6 +27,7 @@ mod memory;
 mod recycle;
 mod run;
 mod timers;
+mod watchdog;
 mod worker;
 
 #[cfg(test)]
@@ -92,6 +93,10 @@ enum Event {
         pid: i32,
         text: String,
     },
+    /// `WATCHDOG=trigger`: the worker asks to be handled as hung.
+    WatchdogTrigger {
+        pid: i32,
+    },
     Trimmed {
         pid: i32,
         results: Vec<Result<trim::TrimReport, trim::TrimError>>,
@@ -124,6 +129,10 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// A recycle of this slot failed (replacement never ready): not before this.
     retry_recycle_at: Option<Instant>,
+    /// The hung worker whose replacement waits for `respawn_at` (`--timeout`).
+    hung: Option<i32>,
+    /// Watchdog timeouts of this slot so far.
+    timeouts: u64,
 }
 
 impl Slot {
@@ -133,6 +142,8 @@ impl Slot {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
             respawn_at: None,
             retry_recycle_at: None,
+            hung: None,
+            timeouts: 0,
         }
     }
 }
@@ -142,6 +153,7 @@ struct Totals {
     restarts: u64,
     oom_kills: u64,
     recycles: u64,
+    timeouts: u64,
 }
 
 pub struct Supervisor {
@@ -221,8 +233,10 @@ impl Supervisor {
     /// it is draining because its replacement is ready. What counts against
     /// `--max-recycling`.
     fn recycling(&self, w: &Worker) -> Option<RecycleReason> {
-        if let Some(Why::Replaced(r)) = w.state.why() {
-            return Some(r);
+        match w.state.why() {
+            Some(Why::Replaced(r)) => return Some(r),
+            Some(Why::Hung) => return Some(RecycleReason::Timeout),
+            _ => {}
         }
         self.workers
             .iter()
@@ -231,11 +245,23 @@ impl Supervisor {
             .map(|r| r.reason)
     }
 
-    /// Recycles in progress.
+    /// Recycles in progress: workers being replaced, plus replacements of hung workers
+    /// that are gone already (a timeout recycle lasts until its replacement is ready).
     fn in_progress(&self) -> usize {
-        self.workers
+        let being_replaced = self
+            .workers
             .iter()
             .filter(|w| self.recycling(w).is_some())
-            .count()
+            .count();
+        let after_hung = self
+            .workers
+            .iter()
+            .filter(|w| {
+                matches!(w.state, State::Starting { replaces: Some(r) }
+                    if r.reason == RecycleReason::Timeout
+                        && !self.workers.iter().any(|o| o.pid == r.pid))
+            })
+            .count();
+        being_replaced + after_hung
     }
 }
