@@ -131,24 +131,6 @@ pub struct Usage {
     pub pids: Vec<i32>,
 }
 
-/// `512 MiB`-style text for messages.
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else if (v - v.round()).abs() < 0.005 {
-        format!("{} {}", v.round(), UNITS[u])
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
 /// `--limit auto`: share what trimrun may use (`available`, see
 /// [`Manager::available_memory`]) minus `reserve` (trimrun itself, the surge worker's
 /// start-up, the kernel) equally among `workers`, rounded down to whole pages.

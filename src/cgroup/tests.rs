@@ -160,13 +160,6 @@ fn auto_limit_divides_after_the_reserve_and_rejects_tiny_shares() {
     );
 }
 
-#[test]
-fn human_sizes() {
-    assert_eq!(human(512), "512 B");
-    assert_eq!(human(64 << 20), "64 MiB");
-    assert_eq!(human(1536 << 20), "1.50 GiB");
-}
-
 /// A temp tree shaped like a hybrid or unified cgroupfs, with its own mountinfo and
 /// /proc/self/cgroup.
 struct Fake {
