@@ -36,13 +36,14 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+pub use crate::procfs::parse_smaps_rollup;
 pub use detect::Roots;
 pub use error::CgroupError;
 pub use none::tree_pids;
 pub use parse::{
     CgroupLine, MemoryEvents, Mount, OomControl, SmapsRollup, parse_flat_keyed, parse_limit,
     parse_meminfo_total, parse_memory_events, parse_memory_stat, parse_mountinfo,
-    parse_oom_control, parse_proc_self_cgroup, parse_smaps_rollup,
+    parse_oom_control, parse_proc_self_cgroup,
 };
 
 /// The smallest per-worker limit we accept: a Python interpreter with a web framework

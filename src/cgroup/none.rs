@@ -63,11 +63,11 @@ pub fn usage(proc: &Path, root: Option<i32>, limit: Option<u64>) -> Usage {
         let Ok(text) = fs::read_to_string(proc.join(pid.to_string()).join("smaps_rollup")) else {
             continue;
         };
-        let s = parse::parse_smaps_rollup(&text);
-        let anon = s.pss_anon.unwrap_or(s.anonymous);
+        let s = crate::procfs::parse_smaps_rollup(&text).unwrap_or_default();
+        let anon = s.pss_anon.unwrap_or(s.anon);
         let file = match (s.pss_file, s.pss_shmem) {
             (Some(f), sh) => f + sh.unwrap_or(0),
-            (None, _) => s.rss.saturating_sub(s.anonymous),
+            (None, _) => s.rss.saturating_sub(s.anon),
         };
         u.current += if s.pss > 0 { s.pss } else { s.rss };
         u.anon += anon;

@@ -101,15 +101,15 @@ fn parses_mountinfo_cgroup_mounts_and_escapes() {
 
 #[test]
 fn parses_smaps_rollup_in_bytes() {
-    let s = parse_smaps_rollup(V1_SMAPS);
+    let s = parse_smaps_rollup(V1_SMAPS).unwrap();
     assert_eq!(s.rss, 34024 * 1024);
     assert_eq!(s.pss, 32599 * 1024);
-    assert_eq!(s.anonymous, 27360 * 1024);
+    assert_eq!(s.anon, 27360 * 1024);
     assert_eq!(s.pss_anon, Some(27360 * 1024));
     assert_eq!(s.pss_file, Some(5239 * 1024));
     assert_eq!(s.pss_shmem, Some(0));
     // The v1 group held only this process: its anon charge equals Anonymous exactly.
-    assert_eq!(parse_memory_stat(V1_STAT)["total_rss"], s.anonymous);
+    assert_eq!(parse_memory_stat(V1_STAT)["total_rss"], s.anon);
 }
 
 #[test]
