@@ -126,7 +126,7 @@ struct Totals {
 impl Supervisor {
     pub fn new(setup: Setup) -> Result<Supervisor, String> {
         let cfg = setup.config;
-        let rundir = RunDir::create().map_err(|e| {
+        let rundir = RunDir::create(cfg.credentials.is_some()).map_err(|e| {
             format!(
                 "cannot create trimrun's run directory: {e} (check $XDG_RUNTIME_DIR or $TMPDIR)"
             )
@@ -261,7 +261,7 @@ impl Supervisor {
         let notify_path =
             (self.cfg.ready == Ready::Notify).then(|| self.rundir.notify_path(slot, generation));
         let notify_sock = match &notify_path {
-            Some(p) => match notify::bind_worker_socket(p) {
+            Some(p) => match notify::bind_worker_socket(p, self.cfg.credentials.as_ref()) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     error!(slot, path = %p.display(), error = %e, "cannot bind the worker's notify socket");
@@ -280,6 +280,7 @@ impl Supervisor {
             fd_names: &self.fd_names,
             cgroup_procs: procs.as_ref(),
             notify_socket: notify_path.as_deref(),
+            credentials: self.cfg.credentials.as_ref(),
         };
         let pid = match spawn::spawn(&self.program, &spec) {
             Ok(pid) => pid,
