@@ -169,10 +169,44 @@ pub fn process_start_time(proc: &Path, pid: i32) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(btime) + since_boot)
 }
 
-/// A `trimrun-<pid>[-instance]` group is stale when its creator is gone: the pid is dead, or
-/// it has been reused by a process that started after the group was created (kernfs keeps
-/// a directory's mtime at its creation time).
+/// Create the directory of trimrun's own group and take its lock: a running pool holds
+/// an `flock` on `trimrun-<pid>/` for its whole life, and the kernel drops it however the
+/// pool ends (SIGKILL included). A lock we cannot take means another start is removing a
+/// group it judged stale (it was created a moment ago): an error, never a shared tree.
+pub fn mkdir_locked(path: &Path) -> Result<GroupLock, CgroupError> {
+    mkdir(path)?;
+    try_lock(path)?.ok_or_else(|| {
+        CgroupError::io(
+            "lock",
+            path,
+            io::Error::other("another trimrun holds the lock of this new group"),
+        )
+    })
+}
+
+/// The lock of a pool's group (see [`mkdir_locked`]).
+pub type GroupLock = nix::fcntl::Flock<fs::File>;
+
+/// Take the lock of `dir` without waiting: None when someone holds it.
+pub fn try_lock(dir: &Path) -> Result<Option<GroupLock>, CgroupError> {
+    let f = fs::File::open(dir).map_err(|e| CgroupError::io("open", dir, e))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(CgroupError::io("lock", dir, e.into())),
+    }
+}
+
+/// A `trimrun-<pid>[-instance]` group is stale when no live pool holds its lock (see
+/// [`mkdir_locked`]): a clock step cannot fake that. Groups without a lock holder are also
+/// judged the way trimruns before the lock made them, so that a pool of such a version is
+/// not taken for dead: kept while their pid is alive and started before the group was
+/// created (kernfs keeps a directory's mtime at its creation time).
 pub fn group_is_stale(proc: &Path, dir: &Path, pid: i32) -> bool {
+    match try_lock(dir) {
+        Ok(Some(_free)) => {}
+        Ok(None) | Err(_) => return false,
+    }
     let Some(started) = process_start_time(proc, pid) else {
         return true;
     };
