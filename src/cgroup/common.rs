@@ -77,22 +77,27 @@ pub fn kill_pids(pids: &[i32]) {
 }
 
 /// Kill every process in the cgroup at `dir`: through `cgroup.kill` (v2, Linux 5.14+) when
-/// it exists, else by SIGKILLing the listed pids a few rounds (to catch forks in between).
+/// it exists, else by SIGKILLing the listed pids once (no waiting: this runs on the
+/// supervisor's thread; [`destroy_tree`] repeats it before each rmdir attempt, which
+/// catches what forked meanwhile). A group already removed (by a concurrent teardown) has
+/// nothing left to kill: success.
 pub fn kill_cgroup(dir: &Path) -> Result<(), CgroupError> {
+    let gone = |e: &CgroupError| e.raw_os_error() == Some(libc::ENOENT);
     let kill_file = dir.join("cgroup.kill");
     if kill_file.exists() {
-        return write(&kill_file, "1");
+        return match write(&kill_file, "1") {
+            Err(e) if gone(&e) => Ok(()),
+            r => r,
+        };
     }
-    let procs = dir.join("cgroup.procs");
-    for _ in 0..20 {
-        let pids = read_pids(&procs)?;
-        if pids.is_empty() {
-            break;
+    match read_pids(&dir.join("cgroup.procs")) {
+        Ok(pids) => {
+            kill_pids(&pids);
+            Ok(())
         }
-        kill_pids(&pids);
-        std::thread::sleep(Duration::from_millis(5));
+        Err(e) if gone(&e) => Ok(()),
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
 /// rmdir a cgroup, retrying on EBUSY for up to `patience` while the kernel finishes
@@ -105,7 +110,8 @@ pub fn create_configured(
 ) -> Result<PathBuf, CgroupError> {
     mkdir(&dir)?;
     if let Err(e) = configure(&dir) {
-        let _ = rmdir_retry(&dir, Duration::from_millis(200));
+        // Nothing ever ran in it: it goes at once, no retry needed.
+        let _ = rmdir_retry(&dir, Duration::ZERO);
         return Err(e);
     }
     Ok(dir)
@@ -141,15 +147,27 @@ pub fn child_dirs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Kill everything in a cgroup tree and remove it bottom-up.
+/// Kill everything in a cgroup tree and remove it bottom-up, killing again between rmdir
+/// attempts (a process may have forked while the first kill ran). Blocks up to `patience`
+/// per group: call it off the supervisor's thread, or with a zero patience.
 pub fn destroy_tree(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
     for child in child_dirs(dir) {
         destroy_tree(&child, patience)?;
     }
-    if dir.join("cgroup.procs").exists() {
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(2);
+    loop {
         kill_cgroup(dir)?;
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(CgroupError::io("remove cgroup", dir, e)),
+        }
     }
-    rmdir_retry(dir, patience)
 }
 
 /// When a process started, as wall-clock time (from `/proc/<pid>/stat` and `btime`).

@@ -410,8 +410,10 @@ impl Manager {
     ) -> Result<PathBuf, CgroupError> {
         let dir = base.join(name);
         if dir.exists() {
+            // One attempt, no waiting (this runs on the supervisor's thread): a leftover that
+            // is still busy fails this start, and the slot retries after its backoff.
             warn!(group = %dir.display(), "replacing a leftover worker cgroup");
-            common::destroy_tree(&dir, REMOVE_PATIENCE)?;
+            common::destroy_tree(&dir, Duration::ZERO)?;
         }
         create(base, name)
     }
@@ -624,11 +626,12 @@ impl WorkerGroup {
         }
     }
 
-    /// rmdir the group, retrying briefly while the kernel finishes its teardown (a group
-    /// is busy until its last process has exited). No-op for none.
+    /// Kill what is left and rmdir the group, retrying while the kernel finishes its
+    /// teardown (a group is busy until its last process has exited): blocks, so call it on
+    /// a blocking thread. No-op for none.
     pub fn remove(&self) -> Result<(), CgroupError> {
         match self.path() {
-            Some(d) => common::rmdir_retry(d, REMOVE_PATIENCE),
+            Some(d) => common::destroy_tree(d, REMOVE_PATIENCE),
             None => Ok(()),
         }
     }

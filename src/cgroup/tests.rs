@@ -465,3 +465,16 @@ fn none_counts_a_process_with_unreadable_smaps_by_its_statm_rss() {
     left.sort();
     assert_eq!(left, vec![100, 101]);
 }
+
+/// Teardown and a worker's own removal can race: the loser finds the group gone, which is
+/// success, not "cgroup.procs: No such file or directory".
+#[test]
+fn killing_or_destroying_a_group_removed_meanwhile_is_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("worker-0-0");
+    common::kill_cgroup(&gone).unwrap();
+    common::destroy_tree(&gone, std::time::Duration::ZERO).unwrap();
+    // A group whose cgroup.procs vanishes between the check and the read.
+    fs::create_dir(&gone).unwrap();
+    common::kill_cgroup(&gone).unwrap();
+}
