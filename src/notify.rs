@@ -6,6 +6,8 @@
 //!
 //! Down: with `--ready notify` each worker gets its own datagram socket as `NOTIFY_SOCKET`,
 //! so a `READY=1` can only come from that worker (or its children), never from a neighbour.
+//! The same socket carries the watchdog (`--timeout`): `WATCHDOG=1` keep-alives and
+//! `WATCHDOG=trigger`, as under systemd's `WatchdogSec=`.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -61,6 +63,36 @@ pub fn parse(msg: &[u8]) -> Vec<(String, String)> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect()
+}
+
+/// What one datagram from a worker says: the sd_notify(3) assignments trimrun acts on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// `READY=1`.
+    pub ready: bool,
+    /// `WATCHDOG=1`: the worker's keep-alive.
+    pub watchdog: bool,
+    /// `WATCHDOG=trigger`: the worker asks to be handled as if it had missed its watchdog.
+    pub watchdog_trigger: bool,
+    /// The last `STATUS=` line.
+    pub status: Option<String>,
+}
+
+impl Notification {
+    /// Read a datagram. Unknown keys and values are ignored, as systemd does.
+    pub fn read(msg: &[u8]) -> Notification {
+        let mut n = Notification::default();
+        for (k, v) in parse(msg) {
+            match (k.as_str(), v.as_str()) {
+                ("READY", "1") => n.ready = true,
+                ("WATCHDOG", "1") => n.watchdog = true,
+                ("WATCHDOG", "trigger") => n.watchdog_trigger = true,
+                ("STATUS", _) => n.status = Some(v),
+                _ => {}
+            }
+        }
+        n
+    }
 }
 
 /// True when a datagram says `READY=1`.
@@ -247,6 +279,37 @@ mod tests {
         let (pa, pb) = (a.path.clone(), b.path.clone());
         drop((a, b));
         assert!(!pa.exists() && !pb.exists());
+    }
+
+    #[test]
+    fn watchdog_keepalives_and_triggers_are_read_with_readiness() {
+        let n = Notification::read(b"READY=1\nWATCHDOG=1\nSTATUS=serving 3 requests\n");
+        assert!(n.ready && n.watchdog && !n.watchdog_trigger);
+        assert_eq!(n.status.as_deref(), Some("serving 3 requests"));
+        assert_eq!(
+            Notification::read(b"WATCHDOG=1"),
+            Notification {
+                watchdog: true,
+                ..Default::default()
+            }
+        );
+        let t = Notification::read(b"WATCHDOG=trigger");
+        assert!(t.watchdog_trigger && !t.watchdog);
+        // Not keep-alives: other values, other keys, a value inside another assignment,
+        // and systemd's WATCHDOG_USEC= (a request to change the interval, not a ping).
+        for msg in [
+            &b"WATCHDOG=0"[..],
+            b"WATCHDOG=yes",
+            b"watchdog=1",
+            b"STATUS=WATCHDOG=1",
+            b"WATCHDOG_USEC=5000000",
+            b"WATCHDOG",
+            b"",
+            b"\xff\xfe",
+        ] {
+            let n = Notification::read(msg);
+            assert!(!n.watchdog && !n.watchdog_trigger && !n.ready, "{msg:?}");
+        }
     }
 
     #[test]
