@@ -48,23 +48,6 @@ fn bad_input(message: impl std::fmt::Display) -> Fatal {
     }
 }
 
-/// A per-worker limit above what trimrun may use at all would make every worker start
-/// fail (and the pool run with none, forever): refused at start.
-fn check_limit_fits(limit: Option<u64>, cgroups: &cgroup::Manager) -> Result<(), String> {
-    let Some(l) = limit else { return Ok(()) };
-    let (available, source) = cgroups
-        .available_memory_from()
-        .map_err(|e| format!("cannot check --limit against the memory available: {e}"))?;
-    if l > available {
-        return Err(format!(
-            "--limit {} is above the {} available to trimrun ({source}): no worker could start; give a smaller --limit, or `auto`",
-            size::human_bytes(l),
-            size::human_bytes(available)
-        ));
-    }
-    Ok(())
-}
-
 /// Run the pool described by the command line. Blocks until it stops.
 pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     let cfg = config::Config::from_args(args).map_err(bad_input)?;
@@ -78,12 +61,10 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     }
     let choice = cgroup::Choice::from_str(&cfg.cgroup).map_err(bad_input)?;
     let cgroups = cgroup::Manager::setup(choice).map_err(bad_input)?;
-    let limit = startup::resolve_limit(cfg.limit, cfg.workers, &cgroups)
-        .and_then(|l| check_limit_fits(l, &cgroups).map(|()| l))
-        .map_err(|e| {
-            cgroups.teardown();
-            bad_input(e)
-        })?;
+    let limit = startup::resolve_limit(cfg.limit, cfg.workers, &cgroups).map_err(|e| {
+        cgroups.teardown();
+        bad_input(e)
+    })?;
     // A current-thread runtime: the supervisor, and so every fork, stays on the main
     // thread, which lives as long as trimrun (PR_SET_PDEATHSIG follows the forking thread).
     let rt = tokio::runtime::Builder::new_current_thread()

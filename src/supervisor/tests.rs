@@ -55,7 +55,7 @@ fn pool(args: &[&str], limit: Option<u64>) -> Pool {
         groups: Box::new(groups.clone()),
         launcher: Box::new(launcher.clone()),
         injector: Arc::new(injector.clone()),
-        rundir: RunDir::create_in(dir.path(), false).unwrap(),
+        rundir: RunDir::existing(dir.path().to_path_buf()),
         signals: sig_rx,
         control_rx: Some(ctl_rx),
         metrics: None,
