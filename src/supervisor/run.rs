@@ -69,9 +69,12 @@ impl Supervisor {
             limit = ?self.limit,
             "starting pool"
         );
+        // Every slot is due now; the timers start them a batch at a time (see START_BATCH).
+        let now = Instant::now();
         for slot in 0..self.target {
-            self.start_worker(slot, None);
+            self.slots[slot].respawn_at = Some(now);
         }
+        self.on_timers(now);
         let mut next_tick = Instant::now() + TICK;
         loop {
             let deadline = self.next_deadline().map_or(next_tick, |d| d.min(next_tick));
@@ -97,6 +100,11 @@ impl Supervisor {
             self.on_timers(now);
             if self.phase.stopping() && self.workers.is_empty() {
                 return self.finish(Outcome::Stopped).await;
+            }
+            if self.next_deadline().is_some_and(|d| d <= now) {
+                // More is due at once (a batch of starts): let the control server and the
+                // signal task run first, so their messages are in the queues we select on.
+                tokio::task::yield_now().await;
             }
         }
     }

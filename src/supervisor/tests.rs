@@ -642,3 +642,56 @@ async fn watchdog_trigger_is_a_hang_now_and_without_timeout_silence_is_fine() {
     assert_eq!(p.status().await.timeouts, 0);
     p.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn ctl_scale_is_bounded_like_n_and_never_overflows() {
+    use crate::status::ScaleTo;
+    let p = pool(&["-n", "2", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    for to in [
+        ScaleTo::Up(usize::MAX),
+        ScaleTo::Up(4095),
+        ScaleTo::Exactly(100_000),
+        ScaleTo::Exactly(0),
+    ] {
+        let e = p.ask(Request::Scale { to: to.clone() }).await.unwrap_err();
+        assert!(
+            e.contains("at most 4096") || e.contains("at least 1"),
+            "{to}: {e}"
+        );
+    }
+    let s = p.status().await;
+    assert_eq!((s.target_workers, s.workers.len()), (2, 2));
+    p.ask(Request::Scale {
+        to: ScaleTo::Down(usize::MAX),
+    })
+    .await
+    .unwrap();
+    p.until(Duration::from_secs(2), "down to one", |s| {
+        s.workers.len() == 1
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_supervisor_answers_while_it_starts_many_workers() {
+    let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    p.ask(Request::Scale {
+        to: crate::status::ScaleTo::Exactly(1000),
+    })
+    .await
+    .unwrap();
+    let s = p.status().await;
+    assert!(
+        s.workers.len() < 1000,
+        "status was answered only after all {} starts",
+        s.workers.len()
+    );
+    p.until(Duration::from_secs(30), "all started", |s| {
+        s.workers.len() == 1000
+    })
+    .await;
+    p.stop().await;
+}
