@@ -380,3 +380,77 @@ fn notify_sockets_live_in_a_fresh_private_dir_and_a_killed_runs_dir_is_cleaned()
     );
     let _ = std::fs::Permissions::from_mode(0o700);
 }
+
+/// Processes whose command line is exactly `sleep <arg>`.
+fn sleeps_with(arg: &str) -> Vec<i32> {
+    let want = format!("sleep\0{arg}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want.as_bytes())
+                && alive(*p)
+        })
+        .collect()
+}
+
+/// `--cgroup none`: a daemon a worker started in its own session (`setsid ... &`) dies when
+/// its worker is recycled, and the next one's when trimrun stops.
+#[test]
+fn a_workers_daemonized_child_dies_with_it_without_a_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("{}", 60000 + std::process::id() % 5000);
+    let script = format!("setsid sleep {tag} & exec sleep 300");
+    let mut child = spawn_pool(
+        dir.path(),
+        &[
+            "-n",
+            "1",
+            "--ready",
+            "delay:200ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let first = wait_for(Duration::from_secs(20), || {
+        read_log(dir.path())
+            .contains("all workers ready")
+            .then_some(())?;
+        sleeps_with(&tag).first().copied()
+    })
+    .unwrap_or_else(|| panic!("no daemon: {}", read_log(dir.path())));
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(dir.path().join("ctl.sock"))
+        .args(["recycle", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dead = wait_for(Duration::from_secs(20), || (!alive(first)).then_some(()));
+    let second = wait_for(Duration::from_secs(20), || {
+        sleeps_with(&tag).into_iter().find(|p| *p != first)
+    });
+    // SAFETY: kill(2) of the trimrun this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+    let left = wait_for(Duration::from_secs(10), || {
+        sleeps_with(&tag).is_empty().then_some(())
+    });
+    for p in sleeps_with(&tag) {
+        // SAFETY: kill(2) of a process this test's pool started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let log = read_log(dir.path());
+    assert!(
+        dead.is_some(),
+        "the recycled worker's daemon {first} survived: {log}"
+    );
+    assert!(second.is_some(), "the new worker started no daemon: {log}");
+    assert_eq!(code.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
+}

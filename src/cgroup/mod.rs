@@ -39,6 +39,11 @@ use tracing::{info, warn};
 pub use detect::Roots;
 pub use error::CgroupError;
 pub use none::tree_pids;
+
+/// The children of `pid` (from `/proc/<pid>/task/*/children`; empty when unreadable).
+pub fn children_of(proc: &Path, pid: i32) -> Vec<i32> {
+    none::children_of(proc, pid).unwrap_or_default()
+}
 pub use parse::{
     CgroupLine, MemoryEvents, Mount, OomControl, SmapsRollup, parse_flat_keyed, parse_limit,
     parse_meminfo_total, parse_memory_events, parse_memory_stat, parse_mountinfo,

@@ -16,7 +16,7 @@ use super::parse;
 
 /// The children of `pid` from `/proc/<pid>/task/*/children` (every thread can have forked);
 /// None when the kernel offers no such file (built without `CONFIG_PROC_CHILDREN`).
-fn children_of(proc: &Path, pid: i32) -> Option<Vec<i32>> {
+pub(super) fn children_of(proc: &Path, pid: i32) -> Option<Vec<i32>> {
     let tasks = fs::read_dir(proc.join(pid.to_string()).join("task")).ok()?;
     let mut out = vec![];
     let mut any = false;

@@ -276,6 +276,11 @@ impl Supervisor {
         let slot = w.slot;
         // Anything the worker left behind in its group (children in other process groups).
         let _ = w.group.kill_all(pid);
+        // Without a cgroup, its daemons were re-parented to us: kill those that no live
+        // worker's tree ever held.
+        if self.groups.kind() == crate::cgroup::Kind::None {
+            self.kill_orphans();
+        }
         let group = w.group;
         // rmdir may have to wait for the kernel to finish tearing the group down: not on
         // the supervisor's thread.

@@ -137,6 +137,18 @@ impl Supervisor {
         }
     }
 
+    /// SIGKILL processes re-parented to trimrun that belong to no live worker.
+    pub(super) fn kill_orphans(&self) {
+        let keep: Vec<i32> = self
+            .workers
+            .iter()
+            .flat_map(|w| std::iter::once(w.pid).chain(w.group.left_behind()))
+            .collect();
+        for pid in self.launcher.kill_orphans(&keep) {
+            info!(pid, "killed a process a worker left behind");
+        }
+    }
+
     /// Collect exited children (the launcher's).
     fn reap(&mut self) {
         for (pid, exit) in self.launcher.reap() {
@@ -160,6 +172,8 @@ impl Supervisor {
         for w in &self.workers {
             warn!(slot = w.slot, pid = w.pid, "worker still present at exit");
         }
+        // What workers left behind outside any cgroup (re-parented daemons) goes with us.
+        self.kill_orphans();
         self.groups.teardown();
         info!("trimrun stopped");
         outcome
