@@ -206,6 +206,23 @@ impl Supervisor {
             ready_ms = took.as_millis() as u64,
             "worker ready"
         );
+        if self.cfg.ready == crate::config::Ready::Notify {
+            // The policy's ready time (recycle spacing and cadence) follows what start-ups
+            // really take, instead of a fixed guess.
+            if self.ready_times.len() == policy::READY_SAMPLES {
+                self.ready_times.pop_front();
+            }
+            self.ready_times.push_back(took);
+            let measured = policy::ready_time(self.ready_times.iter().copied());
+            if measured != self.settings.ready_time {
+                debug!(
+                    ready_ms = measured.as_millis() as u64,
+                    "ready time from start-ups"
+                );
+                self.settings.ready_time = measured;
+                self.gate.update(&self.settings);
+            }
+        }
         if let Some(r) = replaces {
             let until = Instant::now() + self.cfg.graceful_timeout;
             let sig = self.cfg.stop_signal;

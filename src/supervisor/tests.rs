@@ -695,3 +695,26 @@ async fn the_supervisor_answers_while_it_starts_many_workers() {
     .await;
     p.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn backoff_starts_over_only_after_a_minute_of_life_as_documented() {
+    let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    let mut delays = vec![];
+    for (generation, life) in [(0u64, 30), (1, 30), (2, 30), (3, 61)] {
+        p.run_for(Duration::from_secs(life)).await;
+        let pid = p.launched(0).last().unwrap().pid;
+        p.launcher.exit(pid, Exit::Code(1));
+        let t0 = Instant::now();
+        while p.launched(0).len() as u64 != generation + 2 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no restart");
+            sleep(Duration::from_millis(1)).await;
+        }
+        delays.push(t0.elapsed());
+    }
+    // 30 s is not a healthy life: the third crash in a row waits 200-400 ms...
+    assert!(delays[2] >= Duration::from_millis(200), "{delays:?}");
+    // ...and after a minute up, the slot starts over (no delay).
+    assert!(delays[3] < Duration::from_millis(10), "{delays:?}");
+    p.stop().await;
+}
