@@ -109,6 +109,8 @@ pub struct Config {
     pub stop_signal: Signal,
     pub ready: Ready,
     pub ready_timeout: Duration,
+    /// `--preload`: workers are forked from a zygote (crate::zygote).
+    pub preload: bool,
     /// `--timeout`: the watchdog interval, None when off.
     pub timeout: Option<Duration>,
     pub timeout_signal: Signal,
@@ -206,6 +208,11 @@ impl Config {
         }
         let credentials =
             crate::spawn::Credentials::resolve(a.user.as_deref(), a.group.as_deref())?;
+        if credentials.is_some() && a.preload {
+            return Err(
+                "--user/--group with --preload is not supported yet: the zygote would run as root; drop one of them".into(),
+            );
+        }
         Ok(Config {
             credentials,
             cmd: a.cmd.clone(),
@@ -216,6 +223,7 @@ impl Config {
             stop_signal: parse_signal(&a.stop_signal)?,
             ready,
             ready_timeout: a.ready_timeout,
+            preload: a.preload,
             timeout: a
                 .timeout
                 .as_deref()

@@ -2,7 +2,9 @@
 //!
 //! Up: trimrun tells its own service manager (`NOTIFY_SOCKET`, set by systemd for
 //! `Type=notify` units) `READY=1` once the initial workers are ready, `STATUS=` lines,
-//! `RELOADING=1` with `MONOTONIC_USEC` during a rolling restart, and `STOPPING=1`.
+//! `RELOADING=1` with `MONOTONIC_USEC` during a rolling restart, and `STOPPING=1`; under
+//! `WatchdogSec=` (`WATCHDOG_USEC`), `WATCHDOG=1` every half interval from the pool's loop,
+//! so a stuck supervisor is caught by systemd as a stuck worker is by trimrun.
 //!
 //! Down: with `--ready notify` each worker gets its own datagram socket as `NOTIFY_SOCKET`,
 //! so a `READY=1` can only come from that worker (or its children), never from a neighbour.
@@ -16,6 +18,8 @@ use std::path::{Path, PathBuf};
 /// A connection to the service manager's notify socket, if trimrun was given one.
 pub struct Notifier {
     sock: Option<(UnixDatagram, SocketAddr)>,
+    /// Half of the manager's `WATCHDOG_USEC` for trimrun, if it set one.
+    keepalive_every: Option<std::time::Duration>,
 }
 
 impl Notifier {
@@ -29,7 +33,20 @@ impl Notifier {
             };
             Some((UnixDatagram::unbound().ok()?, addr))
         });
-        Notifier { sock }
+        let keepalive_every = own_watchdog(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        );
+        Notifier {
+            keepalive_every: keepalive_every.filter(|_| sock.is_some()),
+            sock,
+        }
+    }
+
+    /// How often to send `WATCHDOG=1` to the manager: None without a manager's watchdog.
+    pub fn keepalive_every(&self) -> Option<std::time::Duration> {
+        self.keepalive_every
     }
 
     pub fn is_active(&self) -> bool {
@@ -52,6 +69,18 @@ impl Notifier {
             .unwrap_or(0);
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={now}"));
     }
+}
+
+/// Half of the watchdog interval the service manager set for trimrun (`WATCHDOG_USEC`), as
+/// `sd_watchdog_enabled(3)` reads it: none when `WATCHDOG_PID` names another process.
+pub fn own_watchdog(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<std::time::Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    if let Some(p) = pid
+        && p.trim().parse::<u32>().ok() != Some(me)
+    {
+        return None;
+    }
+    Some(std::time::Duration::from_micros(usec) / 2)
 }
 
 /// Parse a notification datagram into its `KEY=VALUE` lines.
@@ -322,6 +351,18 @@ mod tests {
     }
 
     #[test]
+    fn trimrun_keeps_its_own_watchdog_only_when_it_is_the_one_watched() {
+        let half = |ms| Some(std::time::Duration::from_millis(ms));
+        assert_eq!(own_watchdog(Some("30000000"), None, 42), half(15_000));
+        assert_eq!(own_watchdog(Some("2000000"), Some("42"), 42), half(1000));
+        assert_eq!(own_watchdog(Some("2000000"), Some("7"), 42), None);
+        assert_eq!(own_watchdog(Some("2000000"), Some("x"), 42), None);
+        for bad in [None, Some(""), Some("0"), Some("-1"), Some("soon")] {
+            assert_eq!(own_watchdog(bad, None, 42), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn notifier_reaches_a_listening_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.sock");
@@ -331,6 +372,7 @@ mod tests {
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_pathname(&path).unwrap(),
             )),
+            keepalive_every: None,
         };
         n.send("READY=1");
         let mut buf = [0u8; 64];

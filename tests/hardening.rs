@@ -155,7 +155,7 @@ fn workers_get_stdio_and_listeners_only_never_an_inherited_fd() {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap();
+    let mut child = cmd.spawn().unwrap();
     let pid = child.id() as i32;
     let _guard = KillOnDrop(pid);
     let worker = wait_for(Duration::from_secs(20), || worker_running(pid, "sleep"))
@@ -185,6 +185,8 @@ fn workers_get_stdio_and_listeners_only_never_an_inherited_fd() {
     });
     assert!(settled.is_some(), "fds of the worker: {:?}", fds());
     drop(f);
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A python3 that an unprivileged user can run (the test's own may live under /root).

@@ -25,11 +25,11 @@ class Clock:
 
 
 class WatchdogTest(unittest.TestCase):
-    def test_interval_is_half_of_watchdog_usec_for_this_process_only(self):
+    def test_interval_is_a_quarter_of_watchdog_usec_for_this_process_only(self):
         pid = os.getpid()
-        self.assertEqual(watchdog_interval({"WATCHDOG_USEC": "2000000"}), 1.0)
+        self.assertEqual(watchdog_interval({"WATCHDOG_USEC": "2000000"}), 0.5)
         self.assertEqual(
-            watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(pid)}), 15.0)
+            watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(pid)}), 7.5)
         # sd_watchdog_enabled(3): another process's watchdog, or none at all.
         self.assertIsNone(watchdog_interval({"WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}))
         for bad in ({}, {"WATCHDOG_USEC": ""}, {"WATCHDOG_USEC": "0"},

@@ -7,7 +7,7 @@ handed over as socket objects of their real family, so asyncio sets TCP_NODELAY 
 accepted TCP connection (``uvicorn --fd`` takes any fd for a unix socket and does not).
 
 With a watchdog (trimrun ``--timeout``: ``WATCHDOG_USEC``), uvicorn's main loop sends
-``WATCHDOG=1`` every half interval from its tick (every 0.1 s): a worker whose event loop is
+``WATCHDOG=1`` every quarter interval from its tick (every 0.1 s): a worker whose event loop is
 blocked (a blocking call in an ``async def``, a deadlock) goes silent and trimrun replaces
 it. A request that awaits forever without blocking the loop, or a stuck sync endpoint in
 the thread pool, is not noticed.

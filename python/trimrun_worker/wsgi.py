@@ -14,7 +14,7 @@ itself. On the stop signal it:
 4. exits once no connection is left, or when ``graceful_timeout`` has passed.
 
 With a watchdog (trimrun ``--timeout``: ``WATCHDOG_USEC``), the event loop sends
-``WATCHDOG=1`` every half interval while it turns, except while every request thread is
+``WATCHDOG=1`` every quarter interval while it turns, except while every request thread is
 busy and none has finished a request since the last keep-alive: a worker whose threads are
 all stuck (a deadlock, an endless loop) goes silent and trimrun replaces it. One stuck
 thread among healthy ones is not noticed (the others keep finishing requests); nor is a

@@ -81,6 +81,23 @@ pub struct Snapshot {
     pub released_bytes: u64,
     /// `starting`, `running`, `reloading` or `stopping`.
     pub state: String,
+    /// The zygote workers are forked from (`--preload`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zygote: Option<ZygoteSnapshot>,
+}
+
+/// The zygote of `--preload`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct ZygoteSnapshot {
+    pub pid: i32,
+    /// Counts the zygotes of this pool (a HUP or a restart makes a new one).
+    pub generation: u64,
+    /// `starting` (importing the app) or `ready`.
+    pub state: String,
+    pub age_secs: f64,
+    /// Workers forked by all zygotes of this pool.
+    pub forks: u64,
 }
 
 /// One worker (one slot of the pool, one generation of that slot).

@@ -16,6 +16,16 @@ pub fn render_table(s: &Snapshot) -> String {
     let mut out = String::new();
     out.push_str(&pool_line(s));
     out.push('\n');
+    if let Some(z) = &s.zygote {
+        out.push_str(&format!(
+            "zygote pid {} ({}, up {}, generation {})  {} workers forked\n",
+            z.pid,
+            z.state,
+            human_age(z.age_secs),
+            z.generation,
+            z.forks
+        ));
+    }
     if s.workers.is_empty() {
         out.push_str("(no workers)\n");
         return out;
@@ -227,6 +237,7 @@ mod tests {
             released_bytes: 80 * MIB,
             timeouts: 0,
             state: "running".into(),
+            zygote: None,
             workers: vec![
                 WorkerSnapshot {
                     slot: 1,
@@ -294,6 +305,26 @@ mod tests {
         assert!(row1.contains("draining"), "{row1}");
         assert!(row1.contains("59s"), "{row1}");
         assert!(row1.trim_end().ends_with('-'), "no reason yet: {row1}");
+    }
+
+    #[test]
+    fn table_shows_the_zygote_under_the_pool_line() {
+        let mut s = pool();
+        s.zygote = Some(crate::status::ZygoteSnapshot {
+            pid: 4243,
+            generation: 2,
+            state: "ready".into(),
+            age_secs: 75.0,
+            forks: 9,
+        });
+        let t = render_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[1],
+            "zygote pid 4243 (ready, up 1m15s, generation 2)  9 workers forked"
+        );
+        assert!(lines[2].starts_with("SLOT  "), "{t}");
+        assert!(!render_table(&pool()).contains("zygote"));
     }
 
     #[test]

@@ -46,6 +46,7 @@ impl Supervisor {
             }
         }
         info!(workers = pids.len(), trigger = why, "rolling restart");
+        self.launcher.reload();
         self.notifier.reloading();
         self.reloading = true;
     }
@@ -221,6 +222,7 @@ impl Supervisor {
             timeouts: self.totals.timeouts,
             trims: self.workers.iter().map(|w| w.stats.trims).sum(),
             released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
+            zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",
                 Phase::Running if self.reloading => "reloading",

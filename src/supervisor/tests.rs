@@ -644,6 +644,46 @@ async fn watchdog_trigger_is_a_hang_now_and_without_timeout_silence_is_fine() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_ready_by_delay_the_watchdog_uses_the_same_socket_and_ready_1_changes_nothing() {
+    let p = pool(&["-n", "1", "--ready", "delay:2s", "--timeout", "1s"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    // The notify socket exists for the watchdog; READY=1 does not shorten the delay.
+    notify(&p, 0, 0, b"READY=1");
+    p.run_for(Duration::from_millis(500)).await;
+    assert_eq!(p.status().await.workers[0].state, "starting");
+    p.until(Duration::from_secs(3), "ready by delay", all_ready(1))
+        .await;
+    let pid = p.launched(0)[0].pid;
+    for _ in 0..10 {
+        notify(&p, 0, 0, b"WATCHDOG=1");
+        p.run_for(Duration::from_millis(400)).await;
+    }
+    assert!(p.signals_to(pid).is_empty(), "kept its watchdog");
+    when(Duration::from_secs(2), "timeout signal", || {
+        p.signals_to(pid) == vec![Signal::SIGABRT]
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_keeping_its_watchdog_runs_indefinitely() {
+    let p = pool(&["-n", "1", "--ready", "notify", "--timeout", "1s"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    notify(&p, 0, 0, b"READY=1");
+    p.until(Duration::from_secs(1), "ready", all_ready(1)).await;
+    // Half an hour of keep-alives every 0.9 s, each just inside the timeout.
+    for _ in 0..2000 {
+        notify(&p, 0, 0, b"WATCHDOG=1");
+        p.run_for(Duration::from_millis(900)).await;
+    }
+    let s = p.status().await;
+    assert!(p.launcher.signals().is_empty());
+    assert_eq!((s.timeouts, p.launched(0).len()), (0, 1));
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn ctl_scale_is_bounded_like_n_and_never_overflows() {
     use crate::status::ScaleTo;
     let p = pool(&["-n", "2", "--ready", "delay:100ms"], None);
@@ -654,7 +694,7 @@ async fn ctl_scale_is_bounded_like_n_and_never_overflows() {
         ScaleTo::Exactly(100_000),
         ScaleTo::Exactly(0),
     ] {
-        let e = p.ask(Request::Scale { to: to.clone() }).await.unwrap_err();
+        let e = p.ask(Request::Scale { to }).await.unwrap_err();
         assert!(
             e.contains("at most 4096") || e.contains("at least 1"),
             "{to}: {e}"
