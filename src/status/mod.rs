@@ -45,9 +45,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{
-    Client, CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
+pub use crate::commands::status::{
+    CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
 };
+pub use client::Client;
 pub use render::{human_age, human_bytes, human_pause, render_table};
 pub use server::{ControlServer, serve};
 
