@@ -524,11 +524,15 @@ pub fn layout_limits_and_term_cleanup(
             "{}",
             dir.display()
         );
-        let procs = read(dir.join("cgroup.procs"));
-        assert_eq!(
-            procs.trim(),
-            pid.to_string(),
-            "only the worker in its group"
+        // Only the worker in its group, once the start-up's helpers (a pyenv shim's
+        // subshells, for one) are gone.
+        let alone = wait_for(secs(30), || {
+            (read(dir.join("cgroup.procs")).trim() == pid.to_string()).then_some(())
+        });
+        assert!(
+            alone.is_some(),
+            "only the worker {pid} in its group: {}",
+            read(dir.join("cgroup.procs"))
         );
         let s = log_started
             .iter()
