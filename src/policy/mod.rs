@@ -49,7 +49,7 @@ pub use pool::{
     Decisions, FAST_TICK, PoolPolicy, PoolView, RecycleOrder, Role, SLOW_TICK, StartMode,
     TrimOrder, WorkerView, default_ceiling, pool_memory_high,
 };
-pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
+pub use settings::{MIN_DERIVED_SPACING, READY_SAMPLES, Settings, SettingsError, ready_time};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
 pub use watchdog::{
     KILL_GRACE_MAX, KILL_GRACE_MIN, is_overdue, kept_alive_for, kill_grace, overdue_at,

@@ -188,6 +188,12 @@ impl PoolPolicy {
         self
     }
 
+    /// Follow changed settings (e.g. a ready time measured from start-ups).
+    pub fn update(&mut self, settings: &Settings) {
+        self.settings = settings.clone();
+        self.gate.update(settings);
+    }
+
     /// The same policy with a gate that never shortens its spacing (comparisons).
     pub fn strict_spacing(mut self) -> Self {
         self.gate = self.gate.strict_spacing();
