@@ -34,7 +34,7 @@ const GROWTH_MIN_SPAN: Duration = Duration::from_secs(5);
 pub const TRANSIENT_WINDOW: Duration = Duration::from_secs(3600);
 /// Growth below this many bytes per second is treated as no growth (allocator noise).
 const GROWTH_NOISE: f64 = 1024.0;
-/// The projection to the limit ([`Growth::time_to_limit`]) needs readings since the
+/// The projection to the limit (`WorkerPolicy::time_to_limit`) needs readings since the
 /// worker was ready spanning at least this long.
 ///
 /// It fits them twice, over the whole [`GROWTH_WINDOW`] and over its recent half, and
@@ -46,7 +46,7 @@ const GROWTH_NOISE: f64 = 1024.0;
 /// the recent half; a steady leak reads the same in both (and keeps the whole window's
 /// estimate, which noise moves less).
 pub const PROJECTION_MIN_SPAN: Duration = Duration::from_secs(10);
-/// Near its limit (see [`Growth::time_to_limit`]'s `near`), a projection needs readings
+/// Near its limit (from `trim_at`), a projection needs readings
 /// spanning only this long: a worker leaking 10 MiB/s under a 96 MiB limit lives about 8 s,
 /// and waiting for [`PROJECTION_MIN_SPAN`] of readings would leave it to the OOM killer.
 pub const NEAR_MIN_SPAN: Duration = Duration::from_secs(2);

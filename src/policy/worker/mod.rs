@@ -76,8 +76,9 @@ impl fmt::Display for RecycleReason {
 /// Feed it every memory reading ([`observe`](Self::observe)) and the outcome of every
 /// trim attempt ([`trimmed`](Self::trimmed), [`trim_deferred`](Self::trim_deferred),
 /// [`trim_unavailable`](Self::trim_unavailable)); ask it [`should_trim`](Self::should_trim)
-/// and [`recycle_reason`](Self::recycle_reason). How trimming is armed: see [`trim`]; when
-/// memory asks for a recycle: see [`recycle`]; how growth is estimated: see [`growth`].
+/// and [`recycle_reason`](Self::recycle_reason). How trimming is armed: see
+/// `worker/trim.rs`; when memory asks for a recycle: `worker/recycle.rs`; how growth is
+/// estimated: `worker/growth.rs`.
 #[derive(Clone, Debug)]
 pub struct WorkerPolicy {
     limit: Option<u64>,
@@ -262,7 +263,7 @@ impl WorkerPolicy {
         self.recycle.request(reason, now);
     }
 
-    /// Why it should be recycled now, if it should (see [`recycle`]).
+    /// Why it should be recycled now, if it should (see `worker/recycle.rs`).
     pub fn recycle_reason(&self, settings: &Settings, now: Duration) -> Option<RecycleReason> {
         self.reason_since(settings, now).map(|(r, _)| r)
     }
@@ -302,7 +303,7 @@ impl WorkerPolicy {
     /// moment. A worker plateaued just under its limit does not grow, so without this it
     /// would wait behind every worker that does.
     ///
-    /// `eager`: project from [`NEAR_MIN_SPAN`](growth::NEAR_MIN_SPAN) of readings even far
+    /// `eager`: project from two seconds of readings even far
     /// from the limit (for apps whose workers reach their limits sooner than a normal
     /// projection needs, see [`super::PoolPolicy`]).
     pub fn deadline(&self, now: Duration, transient: u64, eager: bool) -> Option<Duration> {
@@ -354,7 +355,7 @@ impl WorkerPolicy {
     /// Growth in bytes per second, `None` if unknown; rates within allocator noise are
     /// reported as zero. A least-squares fit over the last [`GROWTH_WINDOW`] of the
     /// readings' upper envelope, with the drops of it that trims caused added back (see
-    /// [`growth`]).
+    /// `worker/growth.rs`).
     pub fn growth_rate(&self, now: Duration) -> Option<f64> {
         self.growth.rate(now)
     }
