@@ -27,7 +27,9 @@
 //! threshold exceeds what a worker grows while it waits for its replacement. (c) breaks
 //! the second on purpose (growth bursts bigger than the headroom); (d') breaks the first.
 //!
-//! Run with `cargo test --release --test policy_sim -- --nocapture` to see the numbers.
+//! Run with `cargo test --release --test policy_sim -- --nocapture` to see the numbers. The
+//! day-long scenarios are ignored in unoptimized builds (minutes there, seconds in release);
+//! CI runs them in release.
 
 use std::time::Duration;
 
@@ -818,6 +820,10 @@ fn assert_invariants_with(sc: &Scenario, rep: &Report, spaced: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn identical_leaks_recycle_one_at_a_time_spread_and_without_oom() {
     // 0.15 MiB/s: a worker lives about 1.5–2 h; demand ~40/h vs capacity 240/h.
     let plain = scenario("(a) 64 identical leaks", Leak::Identical(0.15), 1);
@@ -864,6 +870,10 @@ fn peak_to_mean(counts: &[usize]) -> f64 {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn random_leaks_recycle_without_oom() {
     let sc = scenario("(b) 64 random leaks", Leak::Random(0.05, 0.5), 2);
     assert!(demand_per_sec(&sc, 0.275) < capacity_per_sec(&sc) / 2.0);
@@ -876,6 +886,10 @@ fn random_leaks_recycle_without_oom() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn bursts_keep_the_gate_invariants_and_spread_oom_restarts() {
     let sc = scenario(
         "(c) 64 workers with bursts and a pool-wide spike at noon",
@@ -902,6 +916,10 @@ fn bursts_keep_the_gate_invariants_and_spread_oom_restarts() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn two_concurrent_recycles_absorb_a_demand_one_could_not() {
     let mut sc = scenario(
         "(d) max_recycling = 2, fast leaks",
@@ -940,6 +958,10 @@ fn two_concurrent_recycles_absorb_a_demand_one_could_not() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
     // Slow leaks (some workers reach their threshold, most their 2 h ± 10 min lifetime),
     // and a rolling reload of all 64 workers at 3 h.
@@ -995,6 +1017,10 @@ fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn identical_fast_leaks_need_the_lookahead_to_avoid_oom() {
     // 16 workers started together, 2 MiB/s each: their ±5-point thresholds are crossed
     // within ~50 s of each other, with ~50 s of headroom above them, while the gate
@@ -1034,6 +1060,10 @@ fn identical_fast_leaks_need_the_lookahead_to_avoid_oom() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
     // What the 10-minute density benchmark hit on a real kernel: a short ready time, so
     // a recycle takes seconds, but the spacing floor allows one start per 5 s, fewer than
@@ -1087,6 +1117,10 @@ fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn trims_that_refault_do_not_trigger_early_recycles() {
     // What the benchmark app does on a real kernel: it grows fast to a plateau (here 830
     // MiB, between trim_at 768 MiB and the lowest threshold 870 MiB) and then leaks
@@ -1217,6 +1251,10 @@ fn assert_budget_kept(sc: &Scenario, rep: &Report) {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn identical_leaks_under_a_pool_budget_never_exceed_it() {
     let sc = budget_pool(
         "(k) 64 identical leaks under a 16 GiB budget, transients",
@@ -1233,6 +1271,10 @@ fn identical_leaks_under_a_pool_budget_never_exceed_it() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn random_leaks_under_a_pool_budget_never_exceed_it() {
     let sc = budget_pool(
         "(l) 64 random leaks under a 16 GiB budget, transients",
@@ -1245,6 +1287,10 @@ fn random_leaks_under_a_pool_budget_never_exceed_it() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn a_burst_uses_room_the_others_leave_where_a_hard_split_kills_it() {
     // 8 workers sharing 1 GiB; now and then one of them serves a report that allocates
     // 100–150 MiB for 2–4 s. Split hard (128 MiB each), such a worker is OOM-killed; with
