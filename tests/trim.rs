@@ -504,6 +504,23 @@ fn call_blocked_on_a_held_arena_lock_times_out_and_leaves_the_thread_working() {
     drain.join().unwrap();
 }
 
+/// Whether a thread of `pid` is traced by a thread of process `tracer` (the tracer a
+/// thread's `TracerPid:` names is the tracing *thread*).
+fn traced_by(pid: i32, tracer: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|t| {
+        let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        s.lines()
+            .filter_map(|l| l.strip_prefix("TracerPid:"))
+            .any(|v| {
+                let v = v.trim();
+                v != "0" && Path::new(&format!("/proc/{tracer}/task/{v}")).exists()
+            })
+    })
+}
+
 fn cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_trimrun"))
         .arg("trim")
@@ -618,17 +635,8 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let tracer = trim.id().to_string();
     let attached = wait_for(Duration::from_secs(10), || {
-        let traced = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .ok()?
-            .any(|t| {
-                let s =
-                    std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
-                s.lines()
-                    .any(|l| l.strip_prefix("TracerPid:").map(str::trim) == Some(tracer.as_str()))
-            });
-        traced.then_some(())
+        traced_by(pid, trim.id()).then_some(())
     });
     assert!(attached.is_some(), "trimrun trim never attached");
     std::thread::sleep(Duration::from_millis(100));

@@ -68,7 +68,9 @@ pub struct TrimReport {
     pub tid: i32,
     /// The syscall that thread was parked in.
     pub syscall: String,
-    /// `malloc_trim`'s return value: 1 if memory was released to the system.
+    /// 1 if the process's anonymous memory fell during the trim, else 0. (`malloc_trim`'s
+    /// own return value is not seen: the call returns straight into the frame that
+    /// restores the thread, see `inject`.)
     pub ret: i32,
     /// How long the thread was stopped, from interrupt to detach.
     pub pause_us: u64,
@@ -107,10 +109,17 @@ pub enum TrimError {
     AlreadyTraced { pid: i32, tracer: i32 },
     #[error("pid {pid} crashed during malloc_trim: {detail}")]
     Crashed { pid: i32, detail: String },
-    #[error(
-        "malloc_trim in pid {pid} did not return in time; the call was abandoned and the thread restored"
-    )]
-    TimedOut { pid: i32 },
+    #[error("malloc_trim in pid {pid} did not return in time; {}", if *finishing {
+        "the thread was released and finishes the call on its own"
+    } else {
+        "the call was abandoned and the thread restored"
+    })]
+    TimedOut {
+        pid: i32,
+        /// The thread was released mid-call and comes back by itself when `malloc_trim`
+        /// returns (the call frame restores it), rather than being restored by us.
+        finishing: bool,
+    },
     #[error("{0}")]
     Unsupported(String),
     #[error("cannot {op} {}: {source}", path.display())]
@@ -192,28 +201,44 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
         return Err(TrimError::Gone { pid });
     }
     let status = procfs::read_proc(pid, &procfs::proc_path(pid, "status"), "read status")?;
+    if procfs::parse_status_number(&status, "Kthread") == Some(1) || is_kernel_thread(pid) {
+        return Err(TrimError::Unavailable {
+            pid,
+            reason: "it is a kernel thread, which has no user memory to trim".into(),
+        });
+    }
     if let Some(tracer) = procfs::parse_tracer_pid(&status).filter(|&t| t != 0) {
         return Err(TrimError::AlreadyTraced { pid, tracer });
     }
-    let maps_path = procfs::proc_path(pid, "maps");
+    if let Some(reason) = seccomp_problem(&status) {
+        return Err(TrimError::Unavailable { pid, reason });
+    }
+    let view = view_thread(pid)?;
+    let maps_path = procfs::task_path(pid, view, "maps");
     let maps = procfs::parse_maps(&procfs::read_proc(pid, &maps_path, "read memory maps")?);
     if maps.is_empty() {
         return Err(TrimError::Gone { pid });
     }
-    if maps
-        .iter()
-        .any(|m| m.start <= arch::RETURN_ADDR && arch::RETURN_ADDR < m.end)
-    {
-        return Err(TrimError::Unavailable {
-            pid,
-            reason: format!(
-                "the page at {:#x} (our return address) is mapped in the process",
-                arch::RETURN_ADDR
-            ),
-        });
-    }
-    let libc = symbols::resolve(pid, &maps)?;
-    let (candidates, mut reasons) = candidates(pid, only, &libc)?;
+    let libc = match symbols::resolve(pid, &maps) {
+        Err(TrimError::Unavailable { .. })
+            if symbols::find_libc(&maps).is_none() && loader_only(&maps) =>
+        {
+            return Err(TrimError::Deferred {
+                pid,
+                reason: "the program is starting (its dynamic loader has not mapped libc yet)"
+                    .into(),
+            });
+        }
+        other => other?,
+    };
+    let target = inject::Target {
+        pid,
+        libc: &libc,
+        ignored: procfs::parse_status_mask(&status, "SigIgn").unwrap_or(0),
+        caught: procfs::parse_status_mask(&status, "SigCgt").unwrap_or(!0),
+        gil: symbols::python_runtime(pid, &maps),
+    };
+    let (candidates, mut reasons) = candidates(&target, only)?;
     if candidates.is_empty() {
         return Err(TrimError::Deferred {
             pid,
@@ -223,11 +248,22 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
             ),
         });
     }
-    let before = procfs::read_rollup(pid)?;
-    for tid in candidates.into_iter().take(4) {
+    let before = procfs::read_rollup(pid, view)?;
+    let mut tried = 0;
+    for (tid, sp) in candidates {
+        if tried == 4 {
+            break;
+        }
+        if let Some(frame) = signal_frame_above(pid, &maps, sp, libc.restore_rt) {
+            reasons.push(format!(
+                "thread {tid}: running a signal handler (signal frame at {frame:#x})"
+            ));
+            continue;
+        }
+        tried += 1;
         let attempt = {
             let _attached = ptrace_lock().lock().unwrap_or_else(|e| e.into_inner());
-            inject::trim_thread(pid, tid, &libc, opts.timeout)
+            attempt_on_own_thread(&target, tid, sp, opts.timeout)
         };
         let attempt = match attempt {
             // A worker thread that exits (a finished request handler) is not the
@@ -235,21 +271,28 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
             Err(TrimError::Gone { .. }) if tid != pid && procfs::process_alive(pid) => {
                 inject::Attempt::NotParked(format!("thread {tid} exited"))
             }
+            Err(
+                e @ (TrimError::Gone { .. }
+                | TrimError::Exited { .. }
+                | TrimError::NotTraceable { .. }),
+            ) if procfs::process_alive(pid) && exec_happened(pid, &libc) => {
+                debug!(pid, tid, error = %e, "exec during the trim");
+                return Err(exec_race(pid));
+            }
             other => other?,
         };
         match attempt {
             inject::Attempt::Done {
-                ret,
                 syscall,
                 pause,
                 call,
             } => {
-                let after = procfs::read_rollup(pid)?;
+                let after = procfs::read_rollup(pid, view)?;
                 let report = TrimReport {
                     pid,
                     tid,
                     syscall: syscall.to_string(),
-                    ret,
+                    ret: i32::from(after.anon < before.anon),
                     pause_us: pause.as_micros() as u64,
                     call_us: call.as_micros() as u64,
                     rss_before: before.rss,
@@ -266,7 +309,6 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
                     pause_us = report.pause_us,
                     call_us = report.call_us,
                     syscall,
-                    ret,
                     "trimmed"
                 );
                 return Ok(report);
@@ -286,43 +328,197 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
     })
 }
 
+/// Run one attempt on a thread of its own. A tracee that does not stop (frozen) cannot
+/// be detached with ptrace; the kernel detaches it when its tracer thread exits, so an
+/// attempt that has to give up on one simply ends, and we wait until the kernel let go.
+#[cfg(target_arch = "x86_64")]
+fn attempt_on_own_thread(
+    target: &inject::Target,
+    tid: i32,
+    sp: u64,
+    timeout: Duration,
+) -> Result<inject::Attempt, TrimError> {
+    let (result, abandoned) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut abandoned = false;
+            let r = inject::trim_thread(target, tid, Some(sp), timeout, &mut abandoned);
+            (r, abandoned)
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            (
+                Err(TrimError::Unsupported("the trim thread panicked".into())),
+                true,
+            )
+        })
+    });
+    if abandoned {
+        // The thread's exit detaches it; that may lag its join by a moment.
+        let status = procfs::task_path(target.pid, tid, "status");
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            let traced = std::fs::read_to_string(&status)
+                .ok()
+                .and_then(|s| procfs::parse_tracer_pid(&s))
+                .is_some_and(|t| t != 0);
+            if !traced {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    result
+}
+
+/// The thread to read the process's memory files through: the main thread, or when it
+/// has exited (`pthread_exit` in main) the first thread still alive.
+#[cfg(target_arch = "x86_64")]
+fn view_thread(pid: i32) -> Result<i32, TrimError> {
+    let maps = |tid: i32| std::fs::read_to_string(procfs::task_path(pid, tid, "maps"));
+    match maps(pid) {
+        Ok(m) if !m.is_empty() => return Ok(pid),
+        Ok(_) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) => {}
+        Err(e) => {
+            let path = procfs::proc_path(pid, "maps");
+            return Err(procfs::io_error(pid, "read memory maps", &path, e));
+        }
+    }
+    procfs::list_tasks(pid)?
+        .into_iter()
+        .find(|&t| t != pid && maps(t).is_ok_and(|m| !m.is_empty()))
+        .ok_or(TrimError::Gone { pid })
+}
+
+/// `PF_KTHREAD` in the flags of `/proc/PID/stat` (kernels without `Kthread:`).
+#[cfg(target_arch = "x86_64")]
+fn is_kernel_thread(pid: i32) -> bool {
+    std::fs::read_to_string(procfs::proc_path(pid, "stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1;
+            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
+        })
+        .is_some_and(|flags| flags & 0x0020_0000 != 0)
+}
+
+/// Why seccomp forbids the injected call, from `Seccomp:` in `/proc/PID/status`.
+/// Strict mode kills on anything but read/write/exit/sigreturn; a filter may kill, trap
+/// (resetting the process's own SIGSYS handler) or fail `madvise`, `brk` or
+/// `rt_sigreturn`, and proving from outside that it allows them would mean evaluating it,
+/// so a filtered process is not trimmed.
+#[cfg(target_arch = "x86_64")]
+fn seccomp_problem(status: &str) -> Option<String> {
+    match procfs::parse_status_number(status, "Seccomp") {
+        None | Some(0) => None,
+        Some(1) => Some(
+            "it runs in seccomp strict mode, where malloc_trim's system calls would kill it \
+             (trimrun cannot trim it; recycle it instead)"
+                .into(),
+        ),
+        Some(_) => Some(
+            "it runs under a seccomp filter, which may kill or trap malloc_trim's system calls \
+             (madvise, brk, munmap, rt_sigreturn); trimrun does not inject into filtered processes"
+                .into(),
+        ),
+    }
+}
+
+/// Only the dynamic loader is mapped: a program between execve and loading libc.
+#[cfg(target_arch = "x86_64")]
+fn loader_only(maps: &[procfs::MapEntry]) -> bool {
+    maps.iter().any(|m| {
+        m.path.as_deref().is_some_and(|p| {
+            p.rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("ld-linux"))
+        })
+    })
+}
+
+/// Whether the process now maps another libc (or none) than the one we resolved.
+#[cfg(target_arch = "x86_64")]
+fn exec_happened(pid: i32, libc: &symbols::Libc) -> bool {
+    let Ok(view) = view_thread(pid) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(procfs::task_path(pid, view, "maps")) else {
+        return false;
+    };
+    let maps = procfs::parse_maps(&text);
+    match symbols::resolve(pid, &maps) {
+        Ok(now) => now.malloc_trim != libc.malloc_trim,
+        Err(_) => true,
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn exec_race(pid: i32) -> TrimError {
+    TrimError::Deferred {
+        pid,
+        reason: "it executed a new program (execve) while being trimmed; nothing was injected \
+                 into the new program"
+            .into(),
+    }
+}
+
+/// The signal frame above `sp` on the stack it lies in, if the thread is running a
+/// signal handler (see [`classify::find_signal_frame`]). Reads at most 64 KiB.
+#[cfg(target_arch = "x86_64")]
+fn signal_frame_above(
+    pid: i32,
+    maps: &[procfs::MapEntry],
+    sp: u64,
+    restore_rt: u64,
+) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let m = maps.iter().find(|m| m.start <= sp && sp < m.end)?;
+    let len = (m.end - sp).min(64 * 1024) as usize;
+    let mem = std::fs::File::open(procfs::proc_path(pid, "mem")).ok()?;
+    let mut buf = vec![0u8; len];
+    mem.read_exact_at(&mut buf, sp).ok()?;
+    classify::find_signal_frame(&buf, sp, restore_rt)
+}
+
 /// Classification context from `/proc` alone (before attaching).
 #[cfg(target_arch = "x86_64")]
 struct FromProc<'a> {
-    pid: i32,
-    libc: &'a symbols::Libc,
+    t: &'a inject::Target<'a>,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl classify::Context for FromProc<'_> {
     fn fd_target(&self, fd: u64) -> Option<String> {
-        procfs::fd_target(self.pid, fd)
+        procfs::fd_target(self.t.pid, fd)
     }
     fn read_word(&self, addr: u64) -> Option<u64> {
         use std::os::unix::fs::FileExt;
-        let mem = std::fs::File::open(procfs::proc_path(self.pid, "mem")).ok()?;
+        let mem = std::fs::File::open(procfs::proc_path(self.t.pid, "mem")).ok()?;
         let mut buf = [0u8; 8];
         mem.read_exact_at(&mut buf, addr).ok()?;
         Some(u64::from_ne_bytes(buf))
     }
     fn restartable_function_at(&self, ip: u64) -> Option<&'static str> {
-        self.libc.restartable_function_at(ip)
+        self.t.libc.restartable_function_at(ip)
+    }
+    fn is_gil(&self, addr: u64) -> bool {
+        self.t.gil.as_ref().is_some_and(|g| g.contains(&addr))
     }
 }
 
-/// Threads that look parked in a safe syscall, main thread first, and why the others
-/// were passed over.
+/// Threads that look parked in a safe syscall (with their stack pointers), main thread
+/// first, and why the others were passed over.
 #[cfg(target_arch = "x86_64")]
 fn candidates(
-    pid: i32,
+    t: &inject::Target,
     only: Option<i32>,
-    libc: &symbols::Libc,
-) -> Result<(Vec<i32>, Vec<String>), TrimError> {
+) -> Result<(Vec<(i32, u64)>, Vec<String>), TrimError> {
+    let pid = t.pid;
     let tids = match only {
         Some(t) => vec![t],
         None => procfs::list_tasks(pid)?,
     };
-    let ctx = FromProc { pid, libc };
+    let ctx = FromProc { t };
     let mut ok = Vec::new();
     let mut reasons = Vec::new();
     for tid in tids {
@@ -339,9 +535,9 @@ fn candidates(
             Err(e) => return Err(procfs::io_error(pid, "read the syscall of", &path, e)),
         };
         match procfs::parse_task_syscall(&text) {
-            Some(procfs::TaskSyscall::In { nr, args, ip }) => {
+            Some(procfs::TaskSyscall::In { nr, args, sp, ip }) => {
                 match classify::classify(nr, args, ip, &ctx) {
-                    Ok(_) => ok.push(tid),
+                    Ok(_) => ok.push((tid, sp)),
                     Err(r) => reasons.push(format!("thread {tid}: {r}")),
                 }
             }
@@ -569,7 +765,13 @@ mod tests {
             }
             .is_retryable()
         );
-        assert!(TrimError::TimedOut { pid: 1 }.is_retryable());
+        assert!(
+            TrimError::TimedOut {
+                pid: 1,
+                finishing: true
+            }
+            .is_retryable()
+        );
         assert!(!TrimError::Gone { pid: 1 }.is_retryable());
         assert!(
             !TrimError::Unavailable {

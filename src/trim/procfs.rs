@@ -85,6 +85,22 @@ pub fn parse_smaps_rollup(text: &str) -> Option<Rollup> {
     })
 }
 
+/// A hexadecimal mask field of `/proc/PID/status` (`SigIgn:`, `SigCgt:`, `SigBlk:`).
+pub fn parse_status_mask(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// A decimal field of `/proc/PID/status` (`Seccomp:`, `Kthread:`).
+pub fn parse_status_number(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `TracerPid:` from `/proc/PID/status`.
 pub fn parse_tracer_pid(status: &str) -> Option<i32> {
     status
@@ -100,8 +116,14 @@ pub enum TaskSyscall {
     Running,
     /// Blocked, but not in a syscall (e.g. a page fault).
     NotInSyscall,
-    /// Blocked in syscall `nr` with these arguments and user instruction pointer.
-    In { nr: i64, args: [u64; 6], ip: u64 },
+    /// Blocked in syscall `nr` with these arguments, user stack pointer and instruction
+    /// pointer.
+    In {
+        nr: i64,
+        args: [u64; 6],
+        sp: u64,
+        ip: u64,
+    },
 }
 
 pub fn parse_task_syscall(text: &str) -> Option<TaskSyscall> {
@@ -125,6 +147,7 @@ pub fn parse_task_syscall(text: &str) -> Option<TaskSyscall> {
     Some(TaskSyscall::In {
         nr,
         args,
+        sp: hex(fields[7])?,
         ip: hex(fields[8])?,
     })
 }
@@ -153,12 +176,23 @@ pub fn io_error(pid: i32, op: &str, path: &Path, e: std::io::Error) -> TrimError
     }
 }
 
+/// `/proc/PID/REST`, or `/proc/PID/task/VIEW/REST` when reading through another thread.
+pub fn task_path(pid: i32, view: i32, rest: &str) -> PathBuf {
+    if view == pid {
+        proc_path(pid, rest)
+    } else {
+        proc_path(pid, &format!("task/{view}/{rest}"))
+    }
+}
+
 pub fn proc_path(pid: i32, rest: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/{rest}"))
 }
 
-pub fn read_rollup(pid: i32) -> Result<Rollup, TrimError> {
-    let path = proc_path(pid, "smaps_rollup");
+/// Memory usage of process `pid`, read through thread `view` (the main thread unless it
+/// has exited: a process whose main thread called `pthread_exit` lives on in the others).
+pub fn read_rollup(pid: i32, view: i32) -> Result<Rollup, TrimError> {
+    let path = task_path(pid, view, "smaps_rollup");
     let text = read_proc(pid, &path, "read memory usage")?;
     if text.is_empty() {
         // A zombie or a kernel thread has no mm: its smaps_rollup is empty.
@@ -266,6 +300,17 @@ Locked:                0 kB
     }
 
     #[test]
+    fn parses_status_masks_and_numbers() {
+        let s = "Name:\tpython3\nSigBlk:\t0000000000000000\nSigIgn:\t0000000001001000\n\
+                 SigCgt:\t0000000180000002\nSeccomp:\t2\nSeccomp_filters:\t1\nKthread:\t0\n";
+        assert_eq!(parse_status_mask(s, "SigIgn"), Some(0x0100_1000));
+        assert_eq!(parse_status_mask(s, "SigCgt"), Some(0x1_8000_0002));
+        assert_eq!(parse_status_number(s, "Seccomp"), Some(2));
+        assert_eq!(parse_status_number(s, "Kthread"), Some(0));
+        assert_eq!(parse_status_number(s, "Missing"), None);
+    }
+
+    #[test]
     fn parses_tracer_pid() {
         let s = "Name:\tpython3\nState:\tS (sleeping)\nTracerPid:\t4242\nUid:\t0\t0\t0\t0\n";
         assert_eq!(parse_tracer_pid(s), Some(4242));
@@ -288,6 +333,7 @@ Locked:                0 kB
             TaskSyscall::In {
                 nr: 232,
                 args: [3, 0x7f3a2c0, 0x3ff, u64::MAX, 0, 8],
+                sp: 0x7ffd2f0e8c48,
                 ip: 0x7f3a31f2d0da
             }
         );
