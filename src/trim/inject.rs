@@ -339,6 +339,8 @@ fn exiting(status: &str) -> bool {
 /// What the injector knows about the process, read from `/proc` before attaching.
 pub struct Target<'a> {
     pub pid: i32,
+    /// The thread whose `/proc` files show the process's memory (see `view_thread`).
+    pub view: i32,
     pub libc: &'a Libc,
     /// `SigIgn` and `SigCgt` of `/proc/PID/status`: process-wide dispositions.
     pub ignored: u64,
@@ -356,7 +358,7 @@ struct Stopped<'a> {
 
 impl Context for Stopped<'_> {
     fn fd_target(&self, fd: u64) -> Option<String> {
-        procfs::fd_target(self.t.pid, fd)
+        procfs::fd_target(self.t.pid, self.t.view, fd)
     }
     fn read_word(&self, addr: u64) -> Option<u64> {
         peek(self.tid, addr).ok()
@@ -409,12 +411,12 @@ fn write_remote(pid: i32, addr: u64, buf: &[u8]) -> io::Result<()> {
 
 /// Did the process exec since we resolved its libc? Compare the code at `malloc_trim`
 /// and `__restore_rt` with the file's: a new image has other code (or nothing) there.
-fn same_image(t: &Target) -> io::Result<bool> {
+fn same_image(t: &Target, tid: i32) -> io::Result<bool> {
     let (mt, rt) = t.libc.expected_code();
     let mut a = [0u8; CODE_CHECK];
     let mut b = [0u8; 9];
-    if let Err(e) = read_remote(t.pid, t.libc.malloc_trim, &mut a)
-        .and_then(|_| read_remote(t.pid, t.libc.restore_rt, &mut b))
+    if let Err(e) = read_remote(tid, t.libc.malloc_trim, &mut a)
+        .and_then(|_| read_remote(tid, t.libc.restore_rt, &mut b))
     {
         return match e.raw_os_error() {
             Some(libc::EFAULT) | Some(libc::EIO) => Ok(false),
@@ -426,13 +428,13 @@ fn same_image(t: &Target) -> io::Result<bool> {
 
 /// The syscall a thread stopped in `nr` will run again: `nr` itself, or for
 /// `restart_syscall` the one glibc's call site enters (`mov $NR,%eax; syscall`).
-fn restart_nr(pid: i32, regs: &Regs) -> Option<i64> {
+fn restart_nr(tid: i32, regs: &Regs) -> Option<i64> {
     let nr = arch::syscall_nr(regs);
     if nr != arch::nr::RESTART_SYSCALL {
         return Some(nr);
     }
     let mut code = [0u8; 7];
-    read_remote(pid, arch::ip(regs).checked_sub(7)?, &mut code).ok()?;
+    read_remote(tid, arch::ip(regs).checked_sub(7)?, &mut code).ok()?;
     arch::syscall_site_nr(&code).filter(|n| {
         matches!(
             *n,
@@ -505,7 +507,7 @@ pub fn trim_thread(
         let ctx = Stopped { t, tid };
         classify::classify(nr, arch::syscall_args(&regs), arch::ip(&regs), &ctx)
             .map_err(|r| format!("thread {tid}: {r}"))
-            .and_then(|name| match restart_nr(pid, &regs) {
+            .and_then(|name| match restart_nr(tid, &regs) {
                 Some(n) => Ok((name, n)),
                 None => Err(format!(
                     "thread {tid}: restart_syscall of an unrecognised call site"
@@ -519,7 +521,7 @@ pub fn trim_thread(
             return Ok(Attempt::NotParked(reason));
         }
     };
-    match same_image(t) {
+    match same_image(t, tid) {
         Ok(true) => {}
         other => {
             detach(tid, 0).map_err(|e| attached_err(pid, tid, "detach", e))?;
@@ -644,7 +646,7 @@ fn call(
     );
     // The frame goes below the red zone, memory the ABI leaves to whoever runs next (a
     // signal handler would overwrite it too), so its old contents are not kept.
-    match write_remote(pid, frame.addr, &frame.bytes) {
+    match write_remote(tid, frame.addr, &frame.bytes) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(lost(pid, tid)),
         Err(e) => {

@@ -195,6 +195,56 @@ fn trim_impl(_pid: i32, _tid: Option<i32>, _opts: &TrimOptions) -> Result<TrimRe
 
 #[cfg(target_arch = "x86_64")]
 fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+    let changed = || TrimError::Deferred {
+        pid,
+        reason: "it changed while being inspected (a thread exited, or it was executing a \
+                 new program); nothing was injected"
+            .into(),
+    };
+    match trim_once(pid, only, opts) {
+        // Something we read vanished, yet the process lives: a thread exited or the
+        // process executed a new program while we looked. Say so; it is worth retrying.
+        Err(TrimError::Gone { .. }) if pid > 0 && lives_on(pid) => Err(changed()),
+        // root is refused only by an exec in progress (or an LSM, which refuses for good).
+        Err(TrimError::NotTraceable { .. })
+            if is_root() && !yama_forbids_all() && lives_on(pid) =>
+        {
+            Err(changed())
+        }
+        other => other,
+    }
+}
+
+/// The process is alive, or becomes so again within a few ms (during an execve its
+/// threads are killed and the main thread replaced: /proc shows it dead for a moment).
+#[cfg(target_arch = "x86_64")]
+fn lives_on(pid: i32) -> bool {
+    for _ in 0..20 {
+        if procfs::process_alive(pid) {
+            return true;
+        }
+        if !procfs::proc_path(pid, "").exists() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `kernel.yama.ptrace_scope = 3`: no process may attach, root included.
+#[cfg(target_arch = "x86_64")]
+fn yama_forbids_all() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").is_ok_and(|v| v.trim() == "3")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn trim_once(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
     use tracing::debug;
 
     if pid <= 0 {
@@ -219,9 +269,9 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
     if maps.is_empty() {
         return Err(TrimError::Gone { pid });
     }
-    let libc = match symbols::resolve(pid, &maps) {
+    let libc = match symbols::resolve(pid, view, &maps) {
         Err(TrimError::Unavailable { .. })
-            if symbols::find_libc(&maps).is_none() && loader_only(&maps) =>
+            if symbols::find_libc(&maps).is_none() && starting_up(pid, view, &maps) =>
         {
             return Err(TrimError::Deferred {
                 pid,
@@ -233,10 +283,11 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
     };
     let target = inject::Target {
         pid,
+        view,
         libc: &libc,
         ignored: procfs::parse_status_mask(&status, "SigIgn").unwrap_or(0),
         caught: procfs::parse_status_mask(&status, "SigCgt").unwrap_or(!0),
-        gil: symbols::python_runtime(pid, &maps),
+        gil: symbols::python_runtime(pid, view, &maps),
     };
     let (candidates, mut reasons) = candidates(&target, only)?;
     if candidates.is_empty() {
@@ -254,7 +305,7 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
         if tried == 4 {
             break;
         }
-        if let Some(frame) = signal_frame_above(pid, &maps, sp, libc.restore_rt) {
+        if let Some(frame) = signal_frame_above(pid, view, &maps, sp, libc.restore_rt) {
             reasons.push(format!(
                 "thread {tid}: running a signal handler (signal frame at {frame:#x})"
             ));
@@ -424,16 +475,45 @@ fn seccomp_problem(status: &str) -> Option<String> {
     }
 }
 
-/// Only the dynamic loader is mapped: a program between execve and loading libc.
+/// No libc mapped, yet the program is dynamically linked (its executable names an ELF
+/// interpreter): it is between execve and its loader mapping libc, not a static binary.
 #[cfg(target_arch = "x86_64")]
-fn loader_only(maps: &[procfs::MapEntry]) -> bool {
-    maps.iter().any(|m| {
-        m.path.as_deref().is_some_and(|p| {
-            p.rsplit('/')
-                .next()
-                .is_some_and(|n| n.starts_with("ld-linux"))
-        })
-    })
+fn starting_up(pid: i32, view: i32, maps: &[procfs::MapEntry]) -> bool {
+    let loader = maps.iter().any(|m| {
+        m.path
+            .as_deref()
+            .and_then(|p| p.rsplit('/').next())
+            .is_some_and(|n| n.starts_with("ld-linux"))
+    });
+    if loader {
+        return true;
+    }
+    use std::io::Read;
+    let mut head = Vec::new();
+    let read = std::fs::File::open(procfs::task_path(pid, view, "exe"))
+        .and_then(|f| f.take(64 * 1024).read_to_end(&mut head));
+    read.is_ok() && has_interpreter(&head)
+}
+
+/// Whether an ELF64 little-endian file (its first bytes) has a `PT_INTERP` program header.
+#[cfg(target_arch = "x86_64")]
+fn has_interpreter(elf: &[u8]) -> bool {
+    let get = |off: usize, n: usize| -> Option<u64> {
+        let b = elf.get(off..off + n)?;
+        Some(
+            b.iter()
+                .rev()
+                .fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
+        )
+    };
+    if elf.get(..5) != Some(b"\x7fELF\x02") {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (get(0x20, 8), get(0x36, 2), get(0x38, 2))
+    else {
+        return false;
+    };
+    (0..phnum).any(|i| get((phoff + i * phentsize) as usize, 4) == Some(3))
 }
 
 /// Whether the process now maps another libc (or none) than the one we resolved.
@@ -446,7 +526,7 @@ fn exec_happened(pid: i32, libc: &symbols::Libc) -> bool {
         return false;
     };
     let maps = procfs::parse_maps(&text);
-    match symbols::resolve(pid, &maps) {
+    match symbols::resolve(pid, view, &maps) {
         Ok(now) => now.malloc_trim != libc.malloc_trim,
         Err(_) => true,
     }
@@ -467,6 +547,7 @@ fn exec_race(pid: i32) -> TrimError {
 #[cfg(target_arch = "x86_64")]
 fn signal_frame_above(
     pid: i32,
+    view: i32,
     maps: &[procfs::MapEntry],
     sp: u64,
     restore_rt: u64,
@@ -474,7 +555,7 @@ fn signal_frame_above(
     use std::os::unix::fs::FileExt;
     let m = maps.iter().find(|m| m.start <= sp && sp < m.end)?;
     let len = (m.end - sp).min(64 * 1024) as usize;
-    let mem = std::fs::File::open(procfs::proc_path(pid, "mem")).ok()?;
+    let mem = std::fs::File::open(procfs::task_path(pid, view, "mem")).ok()?;
     let mut buf = vec![0u8; len];
     mem.read_exact_at(&mut buf, sp).ok()?;
     classify::find_signal_frame(&buf, sp, restore_rt)
@@ -489,11 +570,11 @@ struct FromProc<'a> {
 #[cfg(target_arch = "x86_64")]
 impl classify::Context for FromProc<'_> {
     fn fd_target(&self, fd: u64) -> Option<String> {
-        procfs::fd_target(self.t.pid, fd)
+        procfs::fd_target(self.t.pid, self.t.view, fd)
     }
     fn read_word(&self, addr: u64) -> Option<u64> {
         use std::os::unix::fs::FileExt;
-        let mem = std::fs::File::open(procfs::proc_path(self.t.pid, "mem")).ok()?;
+        let mem = std::fs::File::open(procfs::task_path(self.t.pid, self.t.view, "mem")).ok()?;
         let mut buf = [0u8; 8];
         mem.read_exact_at(&mut buf, addr).ok()?;
         Some(u64::from_ne_bytes(buf))
@@ -506,13 +587,17 @@ impl classify::Context for FromProc<'_> {
     }
 }
 
+/// A thread id and the stack pointer it had when found parked.
+#[cfg(target_arch = "x86_64")]
+type Candidate = (i32, u64);
+
 /// Threads that look parked in a safe syscall (with their stack pointers), main thread
 /// first, and why the others were passed over.
 #[cfg(target_arch = "x86_64")]
 fn candidates(
     t: &inject::Target,
     only: Option<i32>,
-) -> Result<(Vec<(i32, u64)>, Vec<String>), TrimError> {
+) -> Result<(Vec<Candidate>, Vec<String>), TrimError> {
     let pid = t.pid;
     let tids = match only {
         Some(t) => vec![t],
@@ -525,11 +610,9 @@ fn candidates(
         let path = procfs::proc_path(pid, &format!("task/{tid}/syscall"));
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            // A thread that exited since the directory was listed.
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH))
-                    && tid != pid =>
-            {
+            // A thread that exited since the directory was listed (or the main thread,
+            // exited while the others live on).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) => {
                 continue;
             }
             Err(e) => return Err(procfs::io_error(pid, "read the syscall of", &path, e)),
@@ -572,7 +655,7 @@ pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
                     println!("{v}");
                 } else {
                     println!(
-                        "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {}), malloc_trim returned {}",
+                        "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {})",
                         human(r.released()),
                         human(r.rss_before as i64),
                         human(r.rss_after as i64),
@@ -580,8 +663,7 @@ pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
                         human(r.anon_after as i64),
                         r.pause_us,
                         r.syscall,
-                        r.tid,
-                        r.ret
+                        r.tid
                     );
                 }
             }
@@ -737,6 +819,26 @@ mod tests {
                 .contains("expected e.g.")
         );
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tells_dynamic_executables_from_static_ones() {
+        let own = std::fs::read("/proc/self/exe").unwrap();
+        // The test binary is linked dynamically against glibc.
+        assert!(has_interpreter(&own));
+        let mut stripped = own.clone();
+        // Turn every PT_INTERP into PT_NULL: what a static binary looks like.
+        let phoff = u64::from_le_bytes(own[0x20..0x28].try_into().unwrap()) as usize;
+        let n = u16::from_le_bytes(own[0x38..0x3a].try_into().unwrap()) as usize;
+        let sz = u16::from_le_bytes(own[0x36..0x38].try_into().unwrap()) as usize;
+        for i in 0..n {
+            if stripped[phoff + i * sz] == 3 {
+                stripped[phoff + i * sz] = 0;
+            }
+        }
+        assert!(!has_interpreter(&stripped));
+        assert!(!has_interpreter(b"#!/bin/sh\n"));
     }
 
     #[test]

@@ -205,12 +205,22 @@ pub fn read_rollup(pid: i32, view: i32) -> Result<Rollup, TrimError> {
     })
 }
 
-/// True while the process exists and is not a zombie.
+/// True while the process exists and one of its threads is not a zombie (a process
+/// whose main thread exited lives on in its other threads).
 pub fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(proc_path(pid, "stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with(['Z', 'X'])))
-        .is_some_and(|dead| !dead)
+    let live = |path: PathBuf| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with(['Z', 'X'])))
+            .unwrap_or(false)
+    };
+    if live(proc_path(pid, "stat")) {
+        return true;
+    }
+    std::fs::read_dir(proc_path(pid, "task")).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|t| live(t.path().join("stat")))
+    })
 }
 
 /// Thread ids of a process, the main thread first.
@@ -226,9 +236,9 @@ pub fn list_tasks(pid: i32) -> Result<Vec<i32>, TrimError> {
 
 /// The target of `/proc/PID/fd/N` (`socket:[123]`, `pipe:[45]`, a path...). A named
 /// pipe links to its path, so it is reported as `fifo:PATH`: it is a pipe all the same.
-pub fn fd_target(pid: i32, fd: u64) -> Option<String> {
+pub fn fd_target(pid: i32, view: i32, fd: u64) -> Option<String> {
     use std::os::unix::fs::FileTypeExt;
-    let link = proc_path(pid, &format!("fd/{fd}"));
+    let link = task_path(pid, view, &format!("fd/{fd}"));
     let target = std::fs::read_link(&link)
         .ok()?
         .to_string_lossy()

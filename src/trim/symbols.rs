@@ -119,7 +119,7 @@ pub fn find_libc(maps: &[MapEntry]) -> Option<&MapEntry> {
 }
 
 /// Resolve libc and `malloc_trim` in process `pid` with mappings `maps`.
-pub fn resolve(pid: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
+pub fn resolve(pid: i32, view: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
     if let Some(reason) = allocator_problem(maps) {
         return Err(TrimError::Unavailable { pid, reason });
     }
@@ -141,7 +141,7 @@ pub fn resolve(pid: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
     let info = match cached {
         Some(i) => i,
         None => {
-            let info = Arc::new(load(pid, m, &path)?);
+            let info = Arc::new(load(pid, view, m, &path)?);
             cache()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -180,7 +180,7 @@ type PyCache = Mutex<HashMap<(u32, u32, u64), Option<(u64, u64, u64)>>>;
 /// process `pid`, if the process runs CPython: from the dynamic symbols of the mapped
 /// `libpython3.*.so` or, for a statically linked interpreter (Debian's), the `python3.*`
 /// executable.
-pub fn python_runtime(pid: i32, maps: &[MapEntry]) -> Option<std::ops::Range<u64>> {
+pub fn python_runtime(pid: i32, view: i32, maps: &[MapEntry]) -> Option<std::ops::Range<u64>> {
     static CACHE: OnceLock<PyCache> = OnceLock::new();
     let is_python = |n: &str| {
         n.starts_with("libpython3")
@@ -204,7 +204,9 @@ pub fn python_runtime(pid: i32, maps: &[MapEntry]) -> Option<std::ops::Range<u64
         let found = match cached {
             Some(f) => f,
             None => {
-                let f = read_mapped(pid, m).ok().and_then(|d| runtime_symbol(&d));
+                let f = read_mapped(pid, view, m)
+                    .ok()
+                    .and_then(|d| runtime_symbol(&d));
                 cache
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -229,11 +231,11 @@ fn runtime_symbol(data: &[u8]) -> Option<(u64, u64, u64)> {
 }
 
 /// The bytes of the file mapped at `m`, checked to be the same inode.
-fn read_mapped(pid: i32, m: &MapEntry) -> std::io::Result<Vec<u8>> {
+fn read_mapped(pid: i32, view: i32, m: &MapEntry) -> std::io::Result<Vec<u8>> {
     let path = m.path.as_deref().unwrap_or_default();
     let mut last = std::io::Error::from(std::io::ErrorKind::NotFound);
     for candidate in [
-        PathBuf::from(format!("/proc/{pid}/root{path}")),
+        PathBuf::from(format!("{}{path}", root_of(pid, view))),
         PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
     ] {
         match std::fs::metadata(&candidate) {
@@ -245,9 +247,19 @@ fn read_mapped(pid: i32, m: &MapEntry) -> std::io::Result<Vec<u8>> {
     Err(last)
 }
 
+/// `/proc/PID/root` as seen through thread `view` (the main thread's is gone once it
+/// exited).
+fn root_of(pid: i32, view: i32) -> String {
+    if view == pid {
+        format!("/proc/{pid}/root")
+    } else {
+        format!("/proc/{pid}/task/{view}/root")
+    }
+}
+
 /// Read and parse the mapped file, checking it is the same inode the process maps.
-fn load(pid: i32, m: &MapEntry, path: &str) -> Result<ElfInfo, TrimError> {
-    let via_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+fn load(pid: i32, view: i32, m: &MapEntry, path: &str) -> Result<ElfInfo, TrimError> {
+    let via_root = PathBuf::from(format!("{}{path}", root_of(pid, view)));
     let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
     let mut last_err = None;
     for candidate in [via_root, via_map_files] {
@@ -314,11 +326,12 @@ fn parse_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
                 .filter(|(_, w)| w == body)
                 .map(|(i, _)| seg.address() + i as u64),
         );
-        if let Some(mt) = malloc_trim {
-            if mt >= seg.address() && mt + CODE_CHECK as u64 <= seg.address() + data.len() as u64 {
-                let o = (mt - seg.address()) as usize;
-                malloc_trim_code.copy_from_slice(&data[o..o + CODE_CHECK]);
-            }
+        if let Some(mt) = malloc_trim
+            && mt >= seg.address()
+            && mt + CODE_CHECK as u64 <= seg.address() + data.len() as u64
+        {
+            let o = (mt - seg.address()) as usize;
+            malloc_trim_code.copy_from_slice(&data[o..o + CODE_CHECK]);
         }
     }
     let restore_rt = match restore_rt[..] {
@@ -374,20 +387,22 @@ mod tests {
         let found = (0..200).find_map(|_| {
             std::thread::sleep(std::time::Duration::from_millis(10));
             let maps = parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?);
-            python_runtime(pid, &maps)
+            python_runtime(pid, pid, &maps)
         });
         let _ = child.kill();
         let _ = child.wait();
         let r = found.expect("_PyRuntime of python3");
         assert!(r.end - r.start > 4096, "{r:?}");
         let own = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
-        assert_eq!(python_runtime(std::process::id() as i32, &own), None);
+        let me = std::process::id() as i32;
+        assert_eq!(python_runtime(me, me, &own), None);
     }
 
     #[test]
     fn finds_malloc_trim_in_this_systems_libc() {
         let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
-        let libc = resolve(std::process::id() as i32, &maps).unwrap();
+        let me = std::process::id() as i32;
+        let libc = resolve(me, me, &maps).unwrap();
         // SAFETY: dlsym on the default namespace with a valid C string.
         let ours = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc_trim".as_ptr()) };
         assert_eq!(libc.malloc_trim, ours as u64);
