@@ -48,9 +48,9 @@ pub enum Command {
     Trim(TrimArgs),
     /// Show the running pool: one row per worker (memory against its limit, trims,
     /// recycles) and a pool line
-    Status(crate::status::StatusArgs),
+    Status(crate::commands::status::StatusArgs),
     /// Act on the running pool: reload, scale, recycle a slot, trim, stop
-    Ctl(crate::status::CtlArgs),
+    Ctl(crate::commands::status::CtlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +116,13 @@ pub struct RunArgs {
     )]
     pub bind_mode: Option<String>,
 
+    /// Run the workers as this user (name or number); trimrun itself keeps root for cgroups and trimming
+    #[arg(long, env = "TRIMRUN_USER", help_heading = "Lifecycle")]
+    pub user: Option<String>,
+    /// Run the workers with this group (name or number) [default: the --user's primary group]; supplementary groups are reset
+    #[arg(long, env = "TRIMRUN_GROUP", help_heading = "Lifecycle")]
+    pub group: Option<String>,
+
     /// How long a stopping worker may take before SIGKILL
     #[arg(long, env = "TRIMRUN_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Lifecycle")]
     pub graceful_timeout: Duration,
@@ -138,6 +145,32 @@ pub struct RunArgs {
     /// A starting worker not ready after this long is stopped and retried with backoff
     #[arg(long, env = "TRIMRUN_READY_TIMEOUT", default_value = "60s", value_parser = parse_duration, help_heading = "Lifecycle")]
     pub ready_timeout: Duration,
+    /// Run the command once as a zygote that imports the app, and fork every worker from it
+    /// (pages shared copy-on-write; the command must speak the protocol of docs/preload.md,
+    /// as `python -m trimrun_worker` does)
+    #[arg(long, env = "TRIMRUN_PRELOAD", help_heading = "Lifecycle")]
+    pub preload: bool,
+
+    /// Watchdog: each worker must send sd_notify `WATCHDOG=1` at least this often
+    /// (it gets `WATCHDOG_USEC` and `WATCHDOG_PID` as under systemd's WatchdogSec=); a ready
+    /// worker that misses it is sent --timeout-signal, SIGKILLed after a short grace and
+    /// replaced [default: off]
+    #[arg(
+        long,
+        env = "TRIMRUN_TIMEOUT",
+        value_name = "DURATION",
+        help_heading = "Watchdog"
+    )]
+    pub timeout: Option<String>,
+    /// Signal sent first to a worker that missed its watchdog (ABRT: Python's faulthandler
+    /// dumps every thread's stack to stderr)
+    #[arg(
+        long,
+        env = "TRIMRUN_TIMEOUT_SIGNAL",
+        default_value = "ABRT",
+        help_heading = "Watchdog"
+    )]
+    pub timeout_signal: String,
 
     /// Memory limit per worker: a size (512M, 1.5G) or `auto` (trimrun's own allowance divided among the workers)
     #[arg(long, env = "TRIMRUN_LIMIT", help_heading = "Memory")]

@@ -74,6 +74,31 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
     })
 }
 
+/// Shortest `--timeout`: a worker pings every half of it, and trimrun's own reaction time
+/// (a loop turn, a trim pause) must stay well below it.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest `--timeout`: beyond a day a hang is not what is being watched for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `--timeout`: a duration, or `0`/`off` for no watchdog (gunicorn's `--timeout 0`).
+pub fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let d = parse_duration(t).map_err(|e| format!("invalid --timeout: {e}, or `off`"))?;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d < MIN_TIMEOUT || d > MAX_TIMEOUT {
+        return Err(format!(
+            "invalid --timeout '{s}': between {}ms and 24h, or `off` (workers ping every half of it)",
+            MIN_TIMEOUT.as_millis()
+        ));
+    }
+    Ok(Some(d))
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cmd: Vec<String>,
@@ -84,6 +109,11 @@ pub struct Config {
     pub stop_signal: Signal,
     pub ready: Ready,
     pub ready_timeout: Duration,
+    /// `--preload`: workers are forked from a zygote (crate::zygote).
+    pub preload: bool,
+    /// `--timeout`: the watchdog interval, None when off.
+    pub timeout: Option<Duration>,
+    pub timeout_signal: Signal,
     pub limit: Limit,
     pub cgroup: String,
     pub trim: bool,
@@ -98,6 +128,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_format: LogFormat,
+    /// `--user` / `--group`, resolved.
+    pub credentials: Option<crate::spawn::Credentials>,
 }
 
 /// Upper bound on `--workers`: far beyond any host, low enough to catch a typo.
@@ -166,15 +198,40 @@ impl Config {
         if a.graceful_timeout.is_zero() {
             return Err("invalid --graceful-timeout 0: give workers some time, e.g. 5s".into());
         }
+        check_binds_unique(&binds)?;
+        let ready: Ready = a.ready.parse()?;
+        check_ready_timeout(ready, a.ready_timeout)?;
+        if a.max_lifetime.is_some_and(|l| l.is_zero()) {
+            return Err(
+                "invalid --max-lifetime 0: every worker would be recycled as soon as it starts; give a lifetime such as 1h, or leave it out".into(),
+            );
+        }
+        let credentials =
+            crate::spawn::Credentials::resolve(a.user.as_deref(), a.group.as_deref())?;
+        if credentials.is_some() && a.preload {
+            return Err(
+                "--user/--group with --preload is not supported yet: the zygote would run as root; drop one of them".into(),
+            );
+        }
         Ok(Config {
+            credentials,
             cmd: a.cmd.clone(),
             workers,
             binds,
             bind_mode,
             graceful_timeout: a.graceful_timeout,
             stop_signal: parse_signal(&a.stop_signal)?,
-            ready: a.ready.parse()?,
+            ready,
             ready_timeout: a.ready_timeout,
+            preload: a.preload,
+            timeout: a
+                .timeout
+                .as_deref()
+                .map(parse_timeout)
+                .transpose()?
+                .flatten(),
+            timeout_signal: parse_signal(&a.timeout_signal)
+                .map_err(|e| format!("--timeout-signal: {e}"))?,
             limit,
             cgroup,
             trim: a.trim == OnOff::On,
@@ -193,6 +250,36 @@ impl Config {
             log_format: a.log_format,
         })
     }
+}
+
+/// The same socket twice would be handed to every worker twice (and `fd://N` adopted
+/// twice, closing it under the first owner): refused.
+pub fn check_binds_unique(binds: &[BindAddr]) -> Result<(), String> {
+    for (i, b) in binds.iter().enumerate() {
+        if binds[..i].contains(b) {
+            return Err(format!(
+                "invalid --bind: {b} is given more than once (give each address once)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A readiness deadline a worker can meet: not zero, and after the ready delay.
+pub fn check_ready_timeout(ready: Ready, timeout: Duration) -> Result<(), String> {
+    if timeout.is_zero() {
+        return Err(
+            "invalid --ready-timeout 0: every worker would be stopped before it could become ready; give it time, e.g. 60s".into(),
+        );
+    }
+    if let Ready::Delay(d) = ready
+        && d >= timeout
+    {
+        return Err(format!(
+            "--ready delay:{d:?} never comes before --ready-timeout {timeout:?}: workers would be stopped as not ready, forever; make the timeout longer than the delay"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -277,6 +364,76 @@ mod tests {
                 "auto, v2, v1 or none",
             ),
             (&["trimrun", "--trim-at", "95%", "--", "x"], "must be above"),
+            (
+                &["trimrun", "--ready-timeout", "0s", "--", "x"],
+                "--ready-timeout 0",
+            ),
+            (
+                &[
+                    "trimrun",
+                    "--ready",
+                    "delay:3s",
+                    "--ready-timeout",
+                    "3s",
+                    "--",
+                    "x",
+                ],
+                "never comes before",
+            ),
+            (
+                &["trimrun", "--bind", "fd://3", "--bind", "fd://3", "--", "x"],
+                "more than once",
+            ),
+            (
+                &["trimrun", "--max-lifetime", "0s", "--", "x"],
+                "--max-lifetime 0",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn timeout_is_off_by_default_and_parsed_when_given() {
+        let c = parse(&["trimrun", "--", "x"]).unwrap();
+        assert_eq!(c.timeout, None);
+        assert_eq!(c.timeout_signal, Signal::SIGABRT);
+        let c = parse(&[
+            "trimrun",
+            "--timeout",
+            "30s",
+            "--timeout-signal",
+            "QUIT",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.timeout_signal, Signal::SIGQUIT);
+        for off in ["0", "off", "OFF", "0s"] {
+            let c = parse(&["trimrun", "--timeout", off, "--", "x"]).unwrap();
+            assert_eq!(c.timeout, None, "{off}");
+        }
+        let cases: &[(&[&str], &str)] = &[
+            (&["trimrun", "--timeout", "soon", "--", "x"], "or `off`"),
+            (
+                &["trimrun", "--timeout", "10ms", "--", "x"],
+                "between 100ms and 24h",
+            ),
+            (
+                &["trimrun", "--timeout", "2d", "--", "x"],
+                "between 100ms and 24h",
+            ),
+            (
+                &["trimrun", "--timeout=-5s", "--", "x"],
+                "invalid --timeout",
+            ),
+            (
+                &["trimrun", "--timeout-signal", "NOPE", "--", "x"],
+                "--timeout-signal: invalid signal",
+            ),
         ];
         for (args, want) in cases {
             let err = parse(args).unwrap_err();

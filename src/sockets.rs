@@ -7,12 +7,14 @@
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{Backlog, SockaddrStorage, getsockname, listen};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockaddrLike, SockaddrStorage, getsockname, listen, setsockopt, sockopt,
+};
 
 /// The kernel's accept queue length we ask for; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 4096;
@@ -150,6 +152,25 @@ fn relisten(fd: &OwnedFd, addr: &str) -> Result<(), SocketError> {
     })
 }
 
+/// Set TCP_NODELAY on a TCP listener (a unix socket is left alone). Connections accepted from
+/// it inherit the option on Linux, so every worker's replies go out without Nagle's delay
+/// even when its server does not set the option itself (as gunicorn does on its listeners;
+/// `uvicorn --fd 3` takes the fd for a unix socket and never sets it).
+fn set_nodelay_if_tcp(fd: &OwnedFd, addr: &str) -> Result<(), SocketError> {
+    let is_tcp = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.family())
+        .is_some_and(|f| matches!(f, AddressFamily::Inet | AddressFamily::Inet6));
+    if !is_tcp {
+        return Ok(());
+    }
+    setsockopt(fd, sockopt::TcpNoDelay, &true).map_err(|e| SocketError::Bind {
+        addr: addr.to_string(),
+        source: e.into(),
+        hint: " (setting TCP_NODELAY)",
+    })
+}
+
 /// Open every `--bind` address. `unix_mode` is applied to unix socket files (`--bind-mode`).
 pub fn open(binds: &[BindAddr], unix_mode: Option<u32>) -> Result<Vec<Listener>, SocketError> {
     binds.iter().map(|b| open_one(b, unix_mode)).collect()
@@ -181,6 +202,7 @@ fn open_one(bind: &BindAddr, unix_mode: Option<u32>) -> Result<Listener, SocketE
                 .unwrap_or(addr.clone());
             let fd = OwnedFd::from(l);
             relisten(&fd, addr)?;
+            set_nodelay_if_tcp(&fd, addr)?;
             Ok(Listener {
                 fd,
                 name: "http".into(),
@@ -190,20 +212,15 @@ fn open_one(bind: &BindAddr, unix_mode: Option<u32>) -> Result<Listener, SocketE
         }
         BindAddr::Unix(path) => {
             remove_stale_unix_socket(path, &describe)?;
-            let l = UnixListener::bind(path).map_err(|e| SocketError::Bind {
+            let bound = match unix_mode {
+                Some(mode) => bind_unix_with_mode(path, mode),
+                None => UnixListener::bind(path),
+            };
+            let l = bound.map_err(|e| SocketError::Bind {
                 addr: describe.clone(),
                 hint: io_hint(&e),
                 source: e,
             })?;
-            if let Some(mode) = unix_mode {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-                    |e| SocketError::Bind {
-                        addr: describe.clone(),
-                        hint: io_hint(&e),
-                        source: e,
-                    },
-                )?;
-            }
             let fd = OwnedFd::from(l);
             relisten(&fd, &describe)?;
             Ok(Listener {
@@ -223,6 +240,51 @@ fn open_one(bind: &BindAddr, unix_mode: Option<u32>) -> Result<Listener, SocketE
             })
         }
     }
+}
+
+/// Bind a unix socket whose file has exactly `mode` from the moment it exists: nothing
+/// is changed at the path afterwards (a chmod after bind would follow whatever the path
+/// had become meanwhile, e.g. a symlink to another file).
+///
+/// The bind runs on a short-lived thread that unshares its filesystem attributes
+/// (`CLONE_FS`) and sets its own umask to the complement of `mode` (a socket file is
+/// created 0777 minus the umask), so the multi-threaded process's umask is never touched.
+/// Where `unshare` is refused (container seccomp profiles), the socket is bound inside a
+/// fresh 0700 directory next to the path, chmod-ed there (nobody else can reach it), and
+/// hard-linked into place.
+pub fn bind_unix_with_mode(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    let p = path.to_path_buf();
+    let on_thread = std::thread::Builder::new()
+        .name("trimrun-bind".into())
+        .spawn(move || -> std::io::Result<Option<UnixListener>> {
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).is_err() {
+                return Ok(None);
+            }
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777));
+            UnixListener::bind(&p).map(Some)
+        })?
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("bind thread panicked")))?;
+    if let Some(l) = on_thread {
+        return Ok(l);
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let private = parent.join(format!(
+        ".trimrun-bind-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::hard_link(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    result
 }
 
 /// A unix socket file left by a dead process is removed; one that a live process still
@@ -265,6 +327,7 @@ fn adopt_listening_fd(n: RawFd, describe: &str) -> Result<OwnedFd, SocketError> 
         return Err(invalid(format!("fd {n} is a socket but is not listening")));
     }
     set_cloexec(&fd, describe)?;
+    set_nodelay_if_tcp(&fd, describe)?;
     Ok(fd)
 }
 
@@ -383,6 +446,72 @@ mod tests {
             !path.exists(),
             "socket file removed when the listener is dropped"
         );
+    }
+
+    /// `--bind-mode`: the socket file appears with its mode, and nothing touches its
+    /// permissions at the path afterwards (no chmod that could follow a swapped path).
+    #[test]
+    fn bind_mode_is_the_files_mode_from_creation_never_a_chmod_after_bind() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.sock");
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+        ino.add_watch(
+            dir.path(),
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ATTRIB,
+        )
+        .unwrap();
+        let ls = open(&[BindAddr::Unix(path.clone())], Some(0o660)).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o660);
+        let events = ino.read_events().unwrap_or_default();
+        let on_socket: Vec<_> = events
+            .iter()
+            .filter(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("app.sock")))
+            .map(|e| e.mask)
+            .collect();
+        assert!(
+            on_socket
+                .iter()
+                .any(|m| m.contains(AddWatchFlags::IN_CREATE)),
+            "{on_socket:?}"
+        );
+        assert!(
+            !on_socket
+                .iter()
+                .any(|m| m.contains(AddWatchFlags::IN_ATTRIB)),
+            "the socket's permissions were changed after it appeared: {on_socket:?}"
+        );
+        // Works for a mode wider than the process umask allows, too.
+        drop(ls);
+        let _ls = open(&[BindAddr::Unix(path.clone())], Some(0o666)).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o666);
+    }
+
+    #[test]
+    fn tcp_listeners_and_their_connections_have_nodelay() {
+        let ls = open(&[BindAddr::Tcp("127.0.0.1:0".into())], None).unwrap();
+        let fd = &ls[0].fd;
+        assert!(nix::sys::socket::getsockopt(fd, sockopt::TcpNoDelay).unwrap());
+        let port = ls[0].describe.rsplit_once(':').unwrap().1.to_string();
+        let _client = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        let accepted = nix::sys::socket::accept(fd).unwrap();
+        assert!(
+            nix::sys::socket::getsockopt(&accepted, sockopt::TcpNoDelay).unwrap(),
+            "an accepted connection inherits TCP_NODELAY from the listener"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let unix = open(&[BindAddr::Unix(dir.path().join("s.sock"))], None).unwrap();
+        assert!(nix::sys::socket::getsockopt(&unix[0].fd, sockopt::TcpNoDelay).is_err());
     }
 
     #[test]

@@ -8,12 +8,19 @@
 //!    one instruction of the app),
 //! 2. move the listening sockets to fds 3.. (through temporary fds above them, so no
 //!    `dup2` can clobber a source),
+//!    and mark every other fd above them close-on-exec (`close_range`), so a worker gets
+//!    0, 1, 2 and its listeners and nothing else trimrun or its parent had open,
 //! 3. unblock every signal and reset every disposition (Rust ignores SIGPIPE; apps expect
 //!    the default),
 //! 4. `setpgid(0, 0)`: its own process group, so stopping a worker stops its whole tree,
-//! 5. `PR_SET_PDEATHSIG(SIGKILL)`, then check that trimrun did not die meanwhile,
-//! 6. write its own pid into `LISTEN_PID` (systemd's rule: the pid of the process that is
-//!    meant to use the fds) and `execve`.
+//! 5. with `--user`/`--group`: supplementary groups, gid, then uid (resolved from names
+//!    before fork; raw syscalls, which change only this one-threaded child), after the
+//!    cgroup move (which needs root) and before the parent-death signal (which a change of
+//!    credentials clears),
+//! 6. `PR_SET_PDEATHSIG(SIGKILL)`, then check that trimrun did not die meanwhile,
+//! 7. write its own pid into `LISTEN_PID` (systemd's rule: the pid of the process that is
+//!    meant to use the fds) and, with `--timeout`, into `WATCHDOG_PID`, in buffers the
+//!    child owns, and `execve`.
 //!
 //! A failure at any step is reported through a close-on-exec pipe, so the parent learns
 //! "exec failed: not found" rather than seeing a mysterious exit 127.
@@ -39,6 +46,9 @@ const OWN_VARS: &[&str] = &[
     "NOTIFY_SOCKET",
     "TRIMRUN_WORKER_ID",
     "TRIMRUN_WORKER_GENERATION",
+    "TRIMRUN_ZYGOTE_FD",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +129,73 @@ pub fn find_executable(cmd: &str, path_var: &OsStr) -> Result<PathBuf, SpawnErro
     Err(not_exec.unwrap_or_else(|| SpawnError::NotFound(cmd.into())))
 }
 
+/// `--user` / `--group`, resolved to numbers at start-up (name lookups allocate and read
+/// files: never after fork).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Credentials {
+    /// Resolve `--user` and `--group` (names or numbers). With `--user` alone the group is
+    /// the user's primary group, as `su` would give it.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
+        if user.is_none() && group.is_none() {
+            return Ok(None);
+        }
+        let mut primary = None;
+        let uid = match user.map(str::trim) {
+            None => None,
+            Some("") => return Err("invalid --user '': give a user name or number".into()),
+            Some(u) if u.bytes().all(|b| b.is_ascii_digit()) => Some(
+                u.parse::<u32>()
+                    .map_err(|_| format!("invalid --user '{u}': not a valid user id"))?,
+            ),
+            Some(u) => {
+                let pw = nix::unistd::User::from_name(u)
+                    .map_err(|e| format!("cannot look up --user '{u}': {e}"))?
+                    .ok_or_else(|| {
+                        format!("unknown --user '{u}': no such user (give a name from /etc/passwd or a number)")
+                    })?;
+                primary = Some(pw.gid.as_raw());
+                Some(pw.uid.as_raw())
+            }
+        };
+        if primary.is_none()
+            && let Some(uid) = uid
+        {
+            primary = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|pw| pw.gid.as_raw());
+        }
+        let gid = match group.map(str::trim) {
+            None => primary.or(uid),
+            Some("") => return Err("invalid --group '': give a group name or number".into()),
+            Some(g) if g.bytes().all(|b| b.is_ascii_digit()) => Some(g.parse::<u32>().map_err(
+                |_| format!("invalid --group '{g}': not a valid group id"),
+            )?),
+            Some(g) => Some(
+                nix::unistd::Group::from_name(g)
+                    .map_err(|e| format!("cannot look up --group '{g}': {e}"))?
+                    .ok_or_else(|| {
+                        format!("unknown --group '{g}': no such group (give a name from /etc/group or a number)")
+                    })?
+                    .gid
+                    .as_raw(),
+            ),
+        };
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 && (uid.is_some_and(|u| u != euid) || gid.is_some()) {
+            return Err(format!(
+                "--user/--group need trimrun to run as root (it runs as uid {euid}): run it as root, or run it as that user without --user"
+            ));
+        }
+        Ok(Some(Credentials { uid, gid }))
+    }
+}
+
 /// What one worker gets besides the program.
 pub struct WorkerSpec<'a> {
     pub slot: usize,
@@ -131,11 +208,20 @@ pub struct WorkerSpec<'a> {
     pub cgroup_procs: Option<&'a OwnedFd>,
     /// The worker's own sd_notify socket path, if readiness is by notification.
     pub notify_socket: Option<&'a Path>,
+    /// Who the worker runs as (`--user`/`--group`); None: as trimrun.
+    pub credentials: Option<&'a Credentials>,
+    /// `--preload`: this process is the zygote. Its end of the fork-request channel is
+    /// placed just after the listeners and named by `TRIMRUN_ZYGOTE_FD` (docs/preload.md);
+    /// the zygote gets no `TRIMRUN_WORKER_*` (each worker it forks gets its own).
+    pub zygote_channel: Option<RawFd>,
+    /// `--timeout`: `WATCHDOG_USEC` and `WATCHDOG_PID` (the worker's own pid), as systemd
+    /// sets them for `WatchdogSec=`.
+    pub watchdog: Option<std::time::Duration>,
 }
 
-/// Build the worker's environment. Returns the envp strings and the index of the
-/// `LISTEN_PID` entry, whose value slot the child fills in.
-fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Option<usize>) {
+/// Build the worker's environment. Returns the envp strings and the indices of the
+/// `LISTEN_PID` and `WATCHDOG_PID` entries, whose value slots the child fills in.
+fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Vec<usize>) {
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
@@ -153,21 +239,34 @@ fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Option<usize>) {
             env.push(c);
         }
     }
-    push(&mut env, "TRIMRUN_WORKER_ID", &spec.slot.to_string());
-    push(
-        &mut env,
-        "TRIMRUN_WORKER_GENERATION",
-        &spec.generation.to_string(),
-    );
+    if spec.zygote_channel.is_some() {
+        push(
+            &mut env,
+            "TRIMRUN_ZYGOTE_FD",
+            &(3 + spec.listeners.len()).to_string(),
+        );
+    } else {
+        push(&mut env, "TRIMRUN_WORKER_ID", &spec.slot.to_string());
+        push(
+            &mut env,
+            "TRIMRUN_WORKER_GENERATION",
+            &spec.generation.to_string(),
+        );
+    }
     if let Some(p) = spec.notify_socket {
         push(&mut env, "NOTIFY_SOCKET", &p.to_string_lossy());
     }
-    let mut pid_index = None;
+    let mut pid_index = vec![];
     if !spec.listeners.is_empty() {
         push(&mut env, "LISTEN_FDS", &spec.listeners.len().to_string());
         push(&mut env, "LISTEN_FDNAMES", &spec.fd_names.join(":"));
-        pid_index = Some(env.len());
+        pid_index.push(env.len());
         push(&mut env, "LISTEN_PID", &"0".repeat(PID_SLOT));
+    }
+    if let Some(d) = spec.watchdog {
+        push(&mut env, "WATCHDOG_USEC", &d.as_micros().max(1).to_string());
+        pid_index.push(env.len());
+        push(&mut env, "WATCHDOG_PID", &"0".repeat(PID_SLOT));
     }
     (env, pid_index)
 }
@@ -180,6 +279,7 @@ const STAGES: &[&str] = &[
     "create its process group",
     "set its parent-death signal",
     "exec",
+    "change its user and group (--user/--group)",
 ];
 
 /// Fork and exec one worker. Returns its pid (also its process group id).
@@ -201,28 +301,40 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     let (env, pid_index) = build_env(spec);
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
-    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    // The environment in buffers this function owns (NUL-terminated), so the child may
+    // write its pid into one of them: every pointer below comes from `as_mut_ptr` of an
+    // owned Vec, never from a shared `&CString`.
+    let mut env_bufs: Vec<Vec<u8>> = env.into_iter().map(CString::into_bytes_with_nul).collect();
+    let mut env_ptrs: Vec<*const libc::c_char> = env_bufs
+        .iter_mut()
+        .map(|e| e.as_mut_ptr().cast_const().cast())
+        .collect();
     env_ptrs.push(std::ptr::null());
-    // Where the child writes its pid: just after "LISTEN_PID=".
-    let pid_slot: *mut u8 = match pid_index {
-        Some(i) => env[i]
-            .as_ptr()
-            .cast_mut()
-            .cast::<u8>()
-            .wrapping_add("LISTEN_PID=".len()),
-        None => std::ptr::null_mut(),
-    };
+    // Where the child writes its pid: just after "LISTEN_PID=" and "WATCHDOG_PID=", inside
+    // owned buffers with room for PID_SLOT digits and the NUL.
+    let mut pid_slots: [*mut u8; 2] = [std::ptr::null_mut(); 2];
+    for (slot, &i) in pid_slots.iter_mut().zip(&pid_index) {
+        let buf = &mut env_bufs[i];
+        let key_len = buf.iter().position(|&b| b == b'=').unwrap_or(0) + 1;
+        debug_assert!(buf.len() > key_len + PID_SLOT);
+        *slot = buf.as_mut_ptr().wrapping_add(key_len);
+    }
+    let (uid, gid) = spec.credentials.map_or((None, None), |c| (c.uid, c.gid));
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| sys("create pipe", e.into()))?;
-    let listeners: Vec<RawFd> = spec.listeners.to_vec();
+    // The zygote's channel travels like one more listener (to fd 3+n), but is not counted
+    // in LISTEN_FDS.
+    let mut listeners: Vec<RawFd> = spec.listeners.to_vec();
+    listeners.extend(spec.zygote_channel);
     let procs_fd: RawFd = spec.cgroup_procs.map(|f| f.as_raw_fd()).unwrap_or(-1);
     let err_w_fd = err_w.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let sig_max = libc::SIGRTMAX() + 1;
 
     // SAFETY: fork() in a multi-threaded process: the child only calls async-signal-safe
-    // functions (write, fcntl, dup2, sigprocmask, signal, setpgid, prctl, getppid,
-    // getpid, execve, _exit) on memory prepared above, and never returns into Rust code.
+    // functions and raw syscalls (write, fcntl, dup2, close_range, sigprocmask, signal,
+    // setpgid, setgroups, setresgid, setresuid, prctl, getppid, getpid, execve, _exit) on
+    // memory prepared above, and never returns into Rust code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(sys("fork", std::io::Error::last_os_error()));
@@ -234,12 +346,14 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
                 path: path.as_ptr(),
                 argv: argv_ptrs.as_ptr(),
                 envp: env_ptrs.as_ptr(),
-                pid_slot,
+                pid_slots,
                 listeners: &listeners,
                 procs_fd,
                 err_fd: err_w_fd,
                 parent,
                 sig_max,
+                uid,
+                gid,
             })
         }
     }
@@ -270,12 +384,14 @@ struct ChildArgs<'a> {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
-    pid_slot: *mut u8,
+    pid_slots: [*mut u8; 2],
     listeners: &'a [RawFd],
     procs_fd: RawFd,
     err_fd: RawFd,
     parent: libc::pid_t,
     sig_max: libc::c_int,
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 /// The child side of fork: async-signal-safe calls only, never returns.
@@ -323,6 +439,27 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
                 fail(1, err_fd);
             }
         }
+        // Everything above the listeners closes at exec: fds trimrun's parent left open
+        // without close-on-exec, and any of ours. (CLOEXEC rather than close: the error
+        // pipe must stay open until exec.)
+        if libc::syscall(
+            libc::SYS_close_range,
+            low as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            // Before Linux 5.11: one fcntl per possible fd.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 20) as RawFd
+            } else {
+                1024
+            };
+            for fd in low..max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
         // 3. Signals as a freshly started program expects them.
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -338,7 +475,22 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         if libc::setpgid(0, 0) != 0 {
             fail(3, err_fd);
         }
-        // 5. Die with trimrun; and if trimrun already died, do not start at all.
+        // 5. --user/--group: groups first (setting them needs root), the uid last.
+        if let Some(gid) = a.gid {
+            let groups = [gid as libc::gid_t];
+            if libc::syscall(libc::SYS_setgroups, 1 as libc::size_t, groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+            {
+                fail(6, err_fd);
+            }
+        }
+        if let Some(uid) = a.uid
+            && libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+        {
+            fail(6, err_fd);
+        }
+        // 6. Die with trimrun; and if trimrun already died, do not start at all. (After the
+        //    credentials: changing them clears the parent-death signal.)
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             libc::SIGKILL as libc::c_ulong,
@@ -352,23 +504,24 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         if libc::getppid() != a.parent {
             libc::_exit(1);
         }
-        // 6. LISTEN_PID = our own pid, written into the fixed-width slot.
-        if !a.pid_slot.is_null() {
-            let mut pid = libc::getpid() as u32;
-            let mut digits = [0u8; PID_SLOT];
-            let mut len = 0;
-            loop {
-                digits[len] = b'0' + (pid % 10) as u8;
-                len += 1;
-                pid /= 10;
-                if pid == 0 || len == PID_SLOT {
-                    break;
-                }
+        // 7. LISTEN_PID (and WATCHDOG_PID) = our own pid, written into the fixed-width
+        //    slots.
+        let mut pid = libc::getpid() as u32;
+        let mut digits = [0u8; PID_SLOT];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (pid % 10) as u8;
+            len += 1;
+            pid /= 10;
+            if pid == 0 || len == PID_SLOT {
+                break;
             }
+        }
+        for slot in a.pid_slots.iter().filter(|p| !p.is_null()) {
             for i in 0..len {
-                *a.pid_slot.add(i) = digits[len - 1 - i];
+                *slot.add(i) = digits[len - 1 - i];
             }
-            *a.pid_slot.add(len) = 0;
+            *slot.add(len) = 0;
         }
         libc::execve(a.path, a.argv, a.envp);
         fail(5, err_fd)
@@ -426,6 +579,9 @@ mod tests {
             fd_names: &["http".into(), "admin".into()],
             cgroup_procs: None,
             notify_socket: Some(Path::new("/run/n.sock")),
+            credentials: None,
+            zygote_channel: None,
+            watchdog: None,
         };
         let (env, idx) = build_env(&spec);
         let env: Vec<String> = env
@@ -437,13 +593,66 @@ mod tests {
         assert!(env.contains(&"TRIMRUN_WORKER_ID=3".to_string()));
         assert!(env.contains(&"TRIMRUN_WORKER_GENERATION=7".to_string()));
         assert!(env.contains(&"NOTIFY_SOCKET=/run/n.sock".to_string()));
-        assert_eq!(
-            env[idx.unwrap()],
-            format!("LISTEN_PID={}", "0".repeat(PID_SLOT))
-        );
+        assert_eq!(idx.len(), 1);
+        assert_eq!(env[idx[0]], format!("LISTEN_PID={}", "0".repeat(PID_SLOT)));
+        assert!(!env.iter().any(|e| e.starts_with("WATCHDOG_")));
         assert_eq!(
             env.iter().filter(|e| e.starts_with("LISTEN_PID=")).count(),
             1
         );
+        assert!(!env.iter().any(|e| e.starts_with("TRIMRUN_ZYGOTE_FD=")));
+    }
+
+    #[test]
+    fn zygote_env_names_its_channel_after_the_listeners_and_no_worker() {
+        let spec = WorkerSpec {
+            slot: 0,
+            generation: 2,
+            listeners: &[10, 11],
+            fd_names: &["http".into(), "admin".into()],
+            cgroup_procs: None,
+            notify_socket: None,
+            zygote_channel: Some(12),
+            watchdog: None,
+            credentials: None,
+        };
+        let (env, _) = build_env(&spec);
+        let env: Vec<String> = env
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert!(env.contains(&"TRIMRUN_ZYGOTE_FD=5".to_string()));
+        assert!(env.contains(&"LISTEN_FDS=2".to_string()));
+        assert!(!env.iter().any(|e| e.starts_with("TRIMRUN_WORKER_ID=")));
+    }
+
+    #[test]
+    fn watchdog_env_is_set_like_systemd_and_replaces_inherited_values() {
+        let spec = WorkerSpec {
+            slot: 0,
+            generation: 0,
+            listeners: &[10],
+            fd_names: &["http".into()],
+            cgroup_procs: None,
+            notify_socket: Some(Path::new("/run/n.sock")),
+            zygote_channel: None,
+            watchdog: Some(std::time::Duration::from_millis(2500)),
+            credentials: None,
+        };
+        let (env, idx) = build_env(&spec);
+        let env: Vec<String> = env
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert!(env.contains(&"WATCHDOG_USEC=2500000".to_string()));
+        let pid_entries: Vec<&str> = idx.iter().map(|&i| env[i].as_str()).collect();
+        assert_eq!(
+            pid_entries,
+            [
+                format!("LISTEN_PID={}", "0".repeat(PID_SLOT)),
+                format!("WATCHDOG_PID={}", "0".repeat(PID_SLOT))
+            ]
+        );
+        assert_eq!(env.iter().filter(|e| e.starts_with("WATCHDOG_")).count(), 2);
     }
 }

@@ -28,6 +28,7 @@
 //! | `trimrun_trim_pause_seconds` | histogram | `slot` |
 //! | `trimrun_recycles_total` | counter | `slot`, `reason` |
 //! | `trimrun_restarts_total` | counter | `slot`, `cause` (`exit`, `signal`, `oom_kill`) |
+//! | `trimrun_worker_timeouts_total` | counter (workers that missed their `--timeout` watchdog) | `slot` |
 //!
 //! The per-worker gauges of a slot that no longer exists (after `scale -1`) are removed at
 //! the next update; its counters stay, as counters must.
@@ -115,6 +116,7 @@ pub struct Metrics {
     pause: Family<SlotLabels, Histogram>,
     recycles: Family<RecycleLabels, Counter>,
     restarts: Family<RestartLabels, Counter>,
+    timeouts: Family<SlotLabels, Counter>,
     /// Slots with per-worker gauges, to drop those of slots that are gone.
     slots: Mutex<BTreeSet<usize>>,
 }
@@ -148,6 +150,7 @@ impl Metrics {
             pause: Family::new_with_constructor(pause_histogram),
             recycles: Default::default(),
             restarts: Default::default(),
+            timeouts: Default::default(),
             slots: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
@@ -251,6 +254,11 @@ impl Metrics {
             "Workers that died and were restarted, by cause (exit, signal, oom_kill)",
             m.restarts.clone(),
         );
+        r.register(
+            "worker_timeouts",
+            "Workers that missed their watchdog (--timeout) and were replaced",
+            m.timeouts.clone(),
+        );
         Arc::new(Metrics { registry: r, ..m })
     }
 
@@ -288,6 +296,11 @@ impl Metrics {
         if cause == "oom_kill" {
             self.oom_kills.inc();
         }
+    }
+
+    /// The worker in `slot` missed its watchdog (`--timeout`).
+    pub fn timed_out(&self, slot: usize) {
+        self.timeouts.get_or_create(&slot_labels(slot)).inc();
     }
 
     /// Copy the levels of a snapshot into the gauges. The OOM kill counter catches up
@@ -696,6 +709,28 @@ mod tests {
             1.0
         );
         assert_eq!(s["trimrun_oom_kills_total"], 1.0);
+    }
+
+    #[test]
+    fn watchdog_timeouts_are_counted_per_slot() {
+        let m = Metrics::new();
+        m.timed_out(2);
+        m.timed_out(2);
+        m.timed_out(0);
+        let text = m.encode();
+        let s = samples(&text);
+        assert_eq!(
+            s["trimrun_worker_timeouts_total{slot=\"2\"}"], 2.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["trimrun_worker_timeouts_total{slot=\"0\"}"], 1.0,
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE trimrun_worker_timeouts_total counter"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,6 +16,16 @@ pub fn render_table(s: &Snapshot) -> String {
     let mut out = String::new();
     out.push_str(&pool_line(s));
     out.push('\n');
+    if let Some(z) = &s.zygote {
+        out.push_str(&format!(
+            "zygote pid {} ({}, up {}, generation {})  {} workers forked\n",
+            z.pid,
+            z.state,
+            human_age(z.age_secs),
+            z.generation,
+            z.forks
+        ));
+    }
     if s.workers.is_empty() {
         out.push_str("(no workers)\n");
         return out;
@@ -111,9 +121,14 @@ fn pool_line(s: &Snapshot) -> String {
         Some(limit) => format!("{total} of {}", human_bytes(limit)),
         None => total,
     };
+    let timeouts = if s.timeouts > 0 {
+        format!("  watchdog timeouts {}", s.timeouts)
+    } else {
+        String::new()
+    };
     format!(
         "trimrun pid {} ({state}, up {})  backend {backend}  workers {}/{}  memory {memory}  \
-         OOM kills {}  restarts {}  recycles {} ({} in progress)  trims {} ({} released)",
+         OOM kills {}  restarts {}  recycles {} ({} in progress)  trims {} ({} released){timeouts}",
         s.pid,
         human_age(s.uptime_secs),
         s.workers.len(),
@@ -220,7 +235,9 @@ mod tests {
             recycles_in_progress: 1,
             trims: 9,
             released_bytes: 80 * MIB,
+            timeouts: 0,
             state: "running".into(),
+            zygote: None,
             workers: vec![
                 WorkerSnapshot {
                     slot: 1,
@@ -251,6 +268,7 @@ mod tests {
                     last_reason: Some("memory".into()),
                     recycle_threshold: Some(460 * MIB),
                     rss: None,
+                    timeouts: 0,
                 },
             ],
         }
@@ -287,6 +305,26 @@ mod tests {
         assert!(row1.contains("draining"), "{row1}");
         assert!(row1.contains("59s"), "{row1}");
         assert!(row1.trim_end().ends_with('-'), "no reason yet: {row1}");
+    }
+
+    #[test]
+    fn table_shows_the_zygote_under_the_pool_line() {
+        let mut s = pool();
+        s.zygote = Some(crate::status::ZygoteSnapshot {
+            pid: 4243,
+            generation: 2,
+            state: "ready".into(),
+            age_secs: 75.0,
+            forks: 9,
+        });
+        let t = render_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[1],
+            "zygote pid 4243 (ready, up 1m15s, generation 2)  9 workers forked"
+        );
+        assert!(lines[2].starts_with("SLOT  "), "{t}");
+        assert!(!render_table(&pool()).contains("zygote"));
     }
 
     #[test]
@@ -331,6 +369,20 @@ mod tests {
             t.lines().next().unwrap().contains("memory 912.0 MiB  "),
             "{t}"
         );
+    }
+
+    #[test]
+    fn watchdog_timeouts_show_in_the_pool_line_only_once_there_are_some() {
+        let mut s = pool();
+        assert!(!render_table(&s).contains("timeouts"));
+        s.timeouts = 2;
+        s.workers[0].state = "hung".into();
+        let t = render_table(&s);
+        assert!(
+            t.lines().next().unwrap().ends_with("  watchdog timeouts 2"),
+            "{t}"
+        );
+        assert!(t.contains(" hung "), "{t}");
     }
 
     #[test]

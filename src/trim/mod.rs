@@ -6,9 +6,13 @@
 //!    binaries and preloaded jemalloc/tcmalloc/mimalloc: [`TrimError::Unavailable`]).
 //! 2. The thread picker reads `/proc/PID/task/*/syscall` and keeps threads parked in a
 //!    safe blocking syscall ([`classify`]), the main thread first.
-//! 3. [`inject`] seizes one of them, confirms from its registers after the stop, saves
-//!    registers, XSAVE state and signal mask, runs the call with all signals but SIGSEGV
-//!    blocked, catches its return as a fault at a fixed address, restores, detaches.
+//! 3. [`inject`] seizes one of them on a tracer thread of its own, confirms from its
+//!    registers after the stop (and that the process did not exec meanwhile), writes the
+//!    thread's registers, XSAVE state and signal mask as a signal frame on its stack, and
+//!    runs the call with all signals but the synchronous faults blocked; `malloc_trim`
+//!    returns into libc's `__restore_rt`, whose `rt_sigreturn` restores the thread by
+//!    itself. We stop it right after that to hand the kernel the exact restart state, and
+//!    detach.
 //! 4. RSS and anonymous memory are read from `smaps_rollup` before and after.
 //!
 //! The only thread stopped is the one running the call, and only for about as long as
@@ -16,10 +20,11 @@
 //! one OS thread from seize to detach (ptrace tracers are threads), hence
 //! [`ptrace_lock`] and `spawn_blocking` in the supervisor.
 //!
-//! Caveat: if trimrun itself dies while a call is running, the kernel detaches the thread
-//! with the call frame in place and it faults at the return address. `trimrun trim` holds
-//! back the signals that would end it while a thread is attached; only SIGKILL (or a
-//! crash of trimrun) can still do this.
+//! Refused before attaching: kernel threads, processes under seccomp (the call's syscalls
+//! could kill or trap them), threads running a signal handler (a signal frame above their
+//! stack pointer: the handler may have interrupted malloc), and a dynamically linked
+//! program that has not mapped libc yet (starting up, deferred). If trimrun dies at any
+//! instant, the target is unharmed: see [`inject`].
 
 #[cfg(target_arch = "x86_64")]
 mod arch_x86_64;
@@ -172,17 +177,84 @@ pub fn ptrace_lock() -> &'static Mutex<()> {
 /// Blocking: the whole seize..detach happens on the calling OS thread (ptrace requires
 /// it). Run it with `spawn_blocking`.
 pub fn trim_pid(pid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+    let _in_flight = gate().enter(pid)?;
     trim_impl(pid, None, opts)
 }
 
 /// Like [`trim_pid`], but only ever use thread `tid` (tests, benchmarks, debugging).
 pub fn trim_thread(pid: i32, tid: i32, opts: &TrimOptions) -> Result<TrimReport, TrimError> {
+    let _in_flight = gate().enter(pid)?;
     trim_impl(pid, Some(tid), opts)
 }
 
-/// Trim every process of a worker group, one after the other.
-pub fn trim_pids(pids: &[i32], opts: &TrimOptions) -> Vec<(i32, Result<TrimReport, TrimError>)> {
-    pids.iter().map(|&pid| (pid, trim_pid(pid, opts))).collect()
+/// Stop starting trims and wait (up to `limit`) for those in flight to finish, so that a
+/// process about to exit does not end a trim halfway (the target would be unharmed, see
+/// [`inject`], but the trim would be lost and its thread left mid-call). Returns whether
+/// none is left. Called once by the pool before its runtime shuts down.
+pub fn finish_trims(limit: Duration) -> bool {
+    gate().close(limit)
+}
+
+/// Counts trims in flight; once closed, refuses new ones.
+struct Gate {
+    state: Mutex<(usize, bool)>,
+    idle: std::sync::Condvar,
+}
+
+struct InFlight<'a>(&'a Gate);
+
+impl Gate {
+    const fn new() -> Gate {
+        Gate {
+            state: Mutex::new((0, false)),
+            idle: std::sync::Condvar::new(),
+        }
+    }
+
+    fn enter(&self, pid: i32) -> Result<InFlight<'_>, TrimError> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.1 {
+            return Err(TrimError::Deferred {
+                pid,
+                reason: "trimrun is shutting down".into(),
+            });
+        }
+        s.0 += 1;
+        Ok(InFlight(self))
+    }
+
+    fn close(&self, limit: Duration) -> bool {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.1 = true;
+        let deadline = std::time::Instant::now() + limit;
+        while s.0 > 0 {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .idle
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.0 -= 1;
+        if s.0 == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+fn gate() -> &'static Gate {
+    static GATE: Gate = Gate::new();
+    &GATE
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -634,191 +706,24 @@ fn candidates(
     Ok((ok, reasons))
 }
 
-/// `trimrun trim [--json] [--timeout DUR] PID...`: trim each pid, print one line per pid
-/// (or one JSON object per line), return the exit code: 0 all trimmed, 1 any failed,
-/// 2 bad input.
-pub fn run_cli(pids: &[i32], json: bool, timeout: Duration) -> i32 {
-    if pids.is_empty() || pids.iter().any(|&p| p <= 0) {
-        eprintln!("trimrun trim: expected one or more positive pids, e.g. `trimrun trim 1234`");
-        return 2;
-    }
-    let opts = TrimOptions { timeout };
-    let mut code = 0;
-    for &pid in pids {
-        let _held = HeldSignals::hold();
-        match trim_impl(pid, None, &opts) {
-            Ok(r) => {
-                if json {
-                    let mut v = serde_json::to_value(&r).expect("report serializes");
-                    v["ok"] = true.into();
-                    v["released"] = r.released().into();
-                    println!("{v}");
-                } else {
-                    println!(
-                        "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {})",
-                        human(r.released()),
-                        human(r.rss_before as i64),
-                        human(r.rss_after as i64),
-                        human(r.anon_before as i64),
-                        human(r.anon_after as i64),
-                        r.pause_us,
-                        r.syscall,
-                        r.tid
-                    );
-                }
-            }
-            Err(e) => {
-                code = 1;
-                if json {
-                    let v = serde_json::json!({
-                        "pid": pid, "ok": false, "error": e.kind(),
-                        "retryable": e.is_retryable(), "message": e.to_string(),
-                    });
-                    println!("{v}");
-                } else {
-                    eprintln!("trimrun trim: {e}");
-                }
-            }
-        }
-    }
-    code
-}
-
-/// Signals whose default action would end `trimrun trim`, held back (blocked) while one
-/// pid is trimmed and its result printed. Were trimrun to die while a thread runs the
-/// injected call, the kernel would release that thread with our frame on its stack and it
-/// would crash when `malloc_trim` returns: Ctrl-C, `timeout(1)` or a TERM would kill the
-/// process being trimmed. Held, they take effect the moment the guard drops, after the
-/// thread has been restored. (SIGKILL cannot be held: see the module caveat.)
-struct HeldSignals(Option<nix::sys::signal::SigSet>);
-
-impl HeldSignals {
-    fn hold() -> HeldSignals {
-        use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
-        let mut set = SigSet::empty();
-        for sig in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGQUIT,
-            Signal::SIGTSTP,
-            Signal::SIGTTIN,
-            Signal::SIGTTOU,
-            Signal::SIGALRM,
-            Signal::SIGUSR1,
-            Signal::SIGUSR2,
-        ] {
-            set.add(sig);
-        }
-        let mut old = SigSet::empty();
-        match pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)) {
-            Ok(()) => HeldSignals(Some(old)),
-            Err(_) => HeldSignals(None),
-        }
-    }
-}
-
-impl Drop for HeldSignals {
-    fn drop(&mut self) {
-        use nix::sys::signal::{SigmaskHow, pthread_sigmask};
-        if let Some(old) = self.0.take() {
-            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-        }
-    }
-}
-
-fn human(bytes: i64) -> String {
-    let b = bytes.unsigned_abs() as f64;
-    let sign = if bytes < 0 { "-" } else { "" };
-    if b >= 1024.0 * 1024.0 {
-        format!("{sign}{:.1} MiB", b / (1024.0 * 1024.0))
-    } else if b >= 1024.0 {
-        format!("{sign}{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{sign}{b} B")
-    }
-}
-
-/// Parse a duration such as `2s`, `500ms`, `1.5s`, `250us` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 2s, 500ms, 250us"))?;
-    let secs = match unit.trim() {
-        "" | "s" => value,
-        "ms" => value / 1e3,
-        "us" | "µs" => value / 1e6,
-        "m" | "min" => value * 60.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: expected s, ms, us or min"
-            ));
-        }
-    };
-    if !secs.is_finite() || secs <= 0.0 {
-        return Err(format!("invalid duration {s:?}: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
-/// Temporary argument parsing for `trimrun trim` until the clap CLI calls [`run_cli`].
-pub fn cli_main(args: &[String]) -> i32 {
-    let mut json = false;
-    let mut timeout = TrimOptions::default().timeout;
-    let mut pids = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let parsed = match a.as_str() {
-            "--json" => {
-                json = true;
-                Ok(())
-            }
-            "--timeout" => match it.next().map(|v| parse_duration(v)) {
-                Some(Ok(d)) => {
-                    timeout = d;
-                    Ok(())
-                }
-                Some(Err(e)) => Err(e),
-                None => Err("--timeout needs a value, e.g. --timeout 2s".into()),
-            },
-            p => match p.parse::<i32>() {
-                Ok(pid) if pid > 0 => {
-                    pids.push(pid);
-                    Ok(())
-                }
-                _ => Err(format!("invalid pid {p:?}: expected a positive number")),
-            },
-        };
-        if let Err(e) = parsed {
-            eprintln!("trimrun trim: {e}");
-            return 2;
-        }
-    }
-    run_cli(&pids, json, timeout)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_durations_and_explains_bad_ones() {
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
-        assert!(parse_duration("2h").unwrap_err().contains("expected s, ms"));
+    fn closing_the_gate_waits_for_trims_in_flight_and_refuses_new_ones() {
+        let gate = std::sync::Arc::new(Gate::new());
+        let held = gate.enter(1).unwrap();
         assert!(
-            parse_duration("fast")
-                .unwrap_err()
-                .contains("expected e.g.")
+            !gate.close(Duration::from_millis(20)),
+            "returned with a trim in flight"
         );
-        assert!(parse_duration("0s").is_err());
+        assert!(matches!(gate.enter(2), Err(TrimError::Deferred { .. })));
+        let g = gate.clone();
+        let waiter = std::thread::spawn(move || g.close(Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        drop(held);
+        assert!(waiter.join().unwrap(), "did not see the trim finish");
     }
 
     #[cfg(target_arch = "x86_64")]
