@@ -15,6 +15,7 @@ pub mod config;
 pub mod edge;
 pub mod notify;
 pub mod policy;
+pub mod procfs;
 pub mod size;
 pub mod sockets;
 pub mod spawn;
