@@ -442,6 +442,21 @@ fn process_with_only_futex_and_busy_threads_is_deferred_and_untouched() {
     let bin = build_c(dir.path(), "busy", &[]).expect("compile busy.c");
     let mut p = Proc::spawn(&mut Command::new(bin));
     assert_eq!(p.line(), "ready");
+    // "ready" comes before the joiner and the waiter reach their futex waits.
+    let pid = p.pid();
+    let in_futex = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("syscall"))
+                    .is_ok_and(|s| s.starts_with("202 "))
+            })
+            .count()
+            .eq(&2)
+            .then_some(())
+    };
+    wait_for(Duration::from_secs(10), in_futex).expect("threads in futex");
     for _ in 0..20 {
         match trim_pid(p.pid(), &opts()) {
             Err(TrimError::Deferred { reason, .. }) => {
