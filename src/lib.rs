@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod size;
@@ -22,7 +23,7 @@ pub mod trim;
 
 use std::str::FromStr;
 
-use tracing::{error, info};
+use tracing::info;
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -118,9 +119,6 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),
         Ok(supervisor::Outcome::Escalated) => Ok(exit::ESCALATED),
-        Err(f) => {
-            error!("{}", f.message);
-            Err(f)
-        }
+        Err(f) => Err(f),
     }
 }
