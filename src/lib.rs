@@ -59,6 +59,17 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     if listeners.is_empty() {
         info!("no --bind and no sockets from systemd: workers get no listening socket");
     }
+    match spawn::raise_fd_limit() {
+        Ok((old, new)) if new > old => {
+            info!(
+                from = old,
+                to = new,
+                "raised the open-file limit (workers keep the original)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let choice = cgroup::Choice::from_str(&cfg.cgroup).map_err(bad_input)?;
     let cgroups = cgroup::Manager::setup(choice).map_err(bad_input)?;
     let limit = supervisor::resolve_limit(cfg.limit, cfg.workers, &cgroups).map_err(|e| {
@@ -112,7 +123,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             message: m,
         })?;
         let outcome = sup.run().await;
-        drop(control);
+        control.close().await;
         Ok::<_, Fatal>(outcome)
     });
     rt.shutdown_timeout(std::time::Duration::from_millis(100));

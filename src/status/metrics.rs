@@ -53,6 +53,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::limit::{ConnLimiter, ConnSlot};
 use super::{Snapshot, StatusError};
 
 /// Content type of the answer to `GET /metrics`.
@@ -454,13 +455,21 @@ pub fn serve_metrics_on(listener: TcpListener, m: Arc<Metrics>) -> JoinHandle<()
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "serving metrics on /metrics");
     }
+    let limiter = ConnLimiter::new(MAX_HTTP_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    // At the cap, the connection waiting longest for its request head
+                    // makes room; when all are busy answering, this one is closed now.
+                    let Some(slot) = limiter.admit() else {
+                        debug!(%peer, "metrics connections all busy; closing a new one");
+                        drop(stream);
+                        continue;
+                    };
                     let m = m.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle_http(stream, &m).await {
+                        if let Err(e) = handle_http(stream, &m, &slot).await {
                             debug!(%peer, error = %e, "metrics request failed");
                         }
                     });
@@ -477,9 +486,13 @@ pub fn serve_metrics_on(listener: TcpListener, m: Arc<Metrics>) -> JoinHandle<()
 /// Largest request head read.
 const MAX_HTTP_HEAD: usize = 8192;
 /// A client has this long to send its request head.
-const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// ... and this long to take the answer.
+const HTTP_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once (a scraper needs one; a few dashboards a few more).
+pub const MAX_HTTP_CONNECTIONS: usize = 64;
 
-async fn handle_http(mut stream: TcpStream, m: &Metrics) -> std::io::Result<()> {
+async fn handle_http(mut stream: TcpStream, m: &Metrics, slot: &ConnSlot) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -497,15 +510,25 @@ async fn handle_http(mut stream: TcpStream, m: &Metrics) -> std::io::Result<()> 
             }
         }
     };
-    match tokio::time::timeout(HTTP_READ_TIMEOUT, read).await {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Ok(()),
+    tokio::select! {
+        r = tokio::time::timeout(HTTP_READ_TIMEOUT, read) => match r {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        },
+        _ = slot.evicted() => return Ok(()),
     }
+    slot.busy();
     let response = respond(&head, m);
-    stream.write_all(&response).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(HTTP_WRITE_TIMEOUT, write).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
 }
 
 /// The whole HTTP/1.1 response to a request head.

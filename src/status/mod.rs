@@ -35,6 +35,7 @@
 //! asked, and answers); a stale socket left by a killed trimrun is replaced.
 
 mod client;
+pub mod limit;
 pub mod metrics;
 mod render;
 mod server;
@@ -423,7 +424,7 @@ pub fn default_control_path() -> PathBuf {
 }
 
 /// The per-user directory under the temp dir used when there is no runtime dir.
-fn fallback_dir(uid: u32) -> PathBuf {
+pub(crate) fn fallback_dir(uid: u32) -> PathBuf {
     std::env::temp_dir().join(format!("trimrun-{uid}"))
 }
 
