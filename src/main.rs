@@ -36,7 +36,9 @@ fn main() {
                 // Said once: as a JSON event when the log is JSON, else as a plain line.
                 match logging::format() {
                     logging::Format::Json => tracing::error!(code = f.code, "{}", f.message),
-                    logging::Format::Text => logging::print_line(&format!("trimrun: {}", f.message)),
+                    logging::Format::Text => {
+                        logging::print_line(&format!("trimrun: {}", f.message))
+                    }
                 }
                 f.code
             }

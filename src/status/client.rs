@@ -86,10 +86,14 @@ pub enum CtlCommand {
         #[arg(value_name = "SLOT|all")]
         target: TrimTarget,
     },
-    /// Stop trimrun and its workers
+    /// Stop trimrun and its workers gracefully, as SIGTERM does: each worker gets the stop
+    /// signal and up to --graceful-timeout to finish its requests
     Stop {
-        /// Let workers finish their requests (up to the graceful timeout) before stopping
+        /// Kill every worker now, as SIGQUIT does (requests in flight are lost)
         #[arg(long)]
+        now: bool,
+        /// The default; accepted for scripts written for older versions
+        #[arg(long, hide = true, conflicts_with = "now")]
         graceful: bool,
     },
 }
@@ -107,7 +111,7 @@ impl CtlCommand {
                     TrimTarget::All => None,
                 },
             },
-            CtlCommand::Stop { graceful } => Request::Stop { graceful },
+            CtlCommand::Stop { now, .. } => Request::Stop { now },
         }
     }
 }
@@ -312,7 +316,10 @@ pub(super) fn check_trusted(path: &Path, uid: u32) -> Result<(), StatusError> {
         if !ours(m.uid()) && m.uid() != owner {
             return Err(insecure(
                 d,
-                format!("it belongs to uid {}, neither you, root nor the socket's owner", m.uid()),
+                format!(
+                    "it belongs to uid {}, neither you, root nor the socket's owner",
+                    m.uid()
+                ),
             ));
         }
         cur = d.parent();
@@ -539,8 +546,9 @@ mod tests {
             (&["recycle", "2"], Request::Recycle { slot: 2 }),
             (&["trim", "0"], Request::Trim { slot: Some(0) }),
             (&["trim", "all"], Request::Trim { slot: None }),
-            (&["stop"], Request::Stop { graceful: false }),
-            (&["stop", "--graceful"], Request::Stop { graceful: true }),
+            (&["stop"], Request::Stop { now: false }),
+            (&["stop", "--graceful"], Request::Stop { now: false }),
+            (&["stop", "--now"], Request::Stop { now: true }),
         ];
         for (argv, want) in cases {
             let a = ctl(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
@@ -574,7 +582,7 @@ mod tests {
             &["recycle", "-1"],
             &["trim"],
             &["trim", "some"],
-            &["stop", "--now"],
+            &["stop", "--now", "--graceful"],
         ] {
             let e = ctl(argv).expect_err(&format!("{argv:?} should not parse"));
             assert_eq!(e.exit_code(), 2, "{argv:?}: {e}");

@@ -86,7 +86,11 @@ impl ConnLimiter {
 
     /// Connections open now.
     pub fn open(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).conns.len()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .conns
+            .len()
     }
 
     /// Connections evicted so far to make room.
@@ -140,7 +144,9 @@ mod tests {
         b.busy();
         c.busy();
         // `a` is the only idle one: it goes.
-        let d = l.admit().expect("room made by evicting the idle connection");
+        let d = l
+            .admit()
+            .expect("room made by evicting the idle connection");
         tokio::time::timeout(std::time::Duration::from_secs(5), a.evicted())
             .await
             .expect("the idle connection was told to go");

@@ -20,7 +20,8 @@
 //! → {"v":1,"cmd":"recycle","slot":0}
 //! → {"v":1,"cmd":"trim","slot":null}          null or absent: every worker
 //! → {"v":1,"cmd":"reload"}
-//! → {"v":1,"cmd":"stop","graceful":true}
+//! → {"v":1,"cmd":"stop"}                     graceful, as SIGTERM
+//! → {"v":1,"cmd":"stop","now":true}          fast, as SIGQUIT
 //! ← {"v":1,"ok":false,"error":"..."}
 //! ```
 //!
@@ -142,10 +143,12 @@ pub enum Request {
         #[serde(default)]
         slot: Option<usize>,
     },
-    /// Stop trimrun: gracefully (drain every worker) or fast.
+    /// Stop trimrun: gracefully as SIGTERM does (drain every worker, exit 0), or with
+    /// `now` as SIGQUIT does (kill every worker now). Older clients sent `graceful`; it is
+    /// ignored: a stop is graceful unless `now` says otherwise.
     Stop {
-        #[serde(default)]
-        graceful: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        now: bool,
     },
 }
 
@@ -468,8 +471,8 @@ mod tests {
             Request::Recycle { slot: 3 },
             Request::Trim { slot: Some(0) },
             Request::Trim { slot: None },
-            Request::Stop { graceful: true },
-            Request::Stop { graceful: false },
+            Request::Stop { now: true },
+            Request::Stop { now: false },
         ];
         for req in reqs {
             let line = request_line(&req);
@@ -498,7 +501,12 @@ mod tests {
                 r#"{"v":1,"cmd":"trim","slot":null}"#,
                 Request::Trim { slot: None },
             ),
-            (r#"{"v":1,"cmd":"stop"}"#, Request::Stop { graceful: false }),
+            (r#"{"v":1,"cmd":"stop"}"#, Request::Stop { now: false }),
+            (
+                r#"{"v":1,"cmd":"stop","graceful":false}"#,
+                Request::Stop { now: false },
+            ),
+            (r#"{"cmd":"stop","now":true}"#, Request::Stop { now: true }),
         ];
         for (line, want) in ok {
             assert_eq!(parse_request_line(line.as_bytes()).unwrap(), want, "{line}");

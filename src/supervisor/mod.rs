@@ -843,9 +843,9 @@ impl Supervisor {
                         Ok(serde_json::json!({"trimming": started}))
                     }
                 }
-                Request::Stop { graceful } => {
+                Request::Stop { now } => {
                     let _ = msg.reply.send(Ok(serde_json::json!({"stopping": true})));
-                    if *graceful {
+                    if !*now {
                         if !matches!(self.phase, Phase::Stopping { .. }) {
                             info!("ctl stop: graceful shutdown");
                             self.begin_shutdown();
