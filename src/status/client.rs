@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{
     PROTOCOL_VERSION, ROOT_CONTROL_PATH, Request, ScaleTo, Snapshot, StatusError, WireReply,
-    default_control_path, render_table, request_line,
+    default_control_path, render_for, render_table, request_line,
 };
 
 /// How long `status` waits for an answer.
@@ -37,12 +37,16 @@ pub struct StatusArgs {
     /// Redraw every second until interrupted
     #[arg(long, short = 'w')]
     pub watch: bool,
+    /// Every column (peak, generation, bytes released, last pause...); the default is the
+    /// 80-column table, or the wide one when the terminal is wide enough for it
+    #[arg(long)]
+    pub wide: bool,
 }
 
 impl StatusArgs {
     /// Run `trimrun status`; returns the exit code.
     pub fn run(&self) -> i32 {
-        run_status_cli(self.control.clone(), self.json, self.watch)
+        run_status_cli_with(self.control.clone(), self.json, self.watch, self.wide)
     }
 }
 
@@ -390,12 +394,27 @@ fn format_snapshot(s: &Snapshot, json: bool) -> String {
     }
 }
 
+/// Columns of the terminal on stdout, if it is one.
+fn terminal_columns() -> Option<usize> {
+    let out = std::io::stdout();
+    if !out.is_terminal() {
+        return None;
+    }
+    terminal_size::terminal_size_of(&out).map(|(w, _)| usize::from(w.0))
+}
+
 /// `trimrun status [--control PATH] [--json] [--watch]`; returns the exit code.
 ///
 /// `--watch` asks once a second over one connection until interrupted or until trimrun
 /// goes away (exit 1). On a terminal the screen is cleared before each table; otherwise
 /// the tables (or JSON lines) follow each other.
 pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
+    run_status_cli_with(path, json, watch, false)
+}
+
+/// [`run_status_cli`] with the choice of the wide table (`--wide`): without it, the table
+/// fits 80 columns unless the terminal is wide enough for every column.
+pub fn run_status_cli_with(path: Option<PathBuf>, json: bool, watch: bool, wide: bool) -> i32 {
     let defaulted = path.is_none();
     let path = path.unwrap_or_else(default_control_path);
     let mut client = match Client::connect(&path) {
@@ -421,7 +440,11 @@ pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
                 utc_clock(SystemTime::now())
             ));
         }
-        text.push_str(&format_snapshot(&snap, json));
+        if json {
+            text.push_str(&format_snapshot(&snap, true));
+        } else {
+            text.push_str(&render_for(&snap, wide, terminal_columns()));
+        }
         if watch && !json && !clear {
             text.push('\n');
         }
@@ -528,7 +551,7 @@ mod tests {
 
     #[test]
     fn ctl_commands_parse_into_requests() {
-        let cases: [(&[&str], Request); 9] = [
+        let cases: [(&[&str], Request); 10] = [
             (&["reload"], Request::Reload),
             (&["scale", "+1"], Request::Scale { to: ScaleTo::Up(1) }),
             (
@@ -596,8 +619,10 @@ mod tests {
         let s = Status::try_parse_from(["status", "--json", "-w", "--control", "/x"])
             .unwrap()
             .args;
-        assert!(s.json && s.watch);
+        assert!(s.json && s.watch && !s.wide);
         assert_eq!(s.control, Some(PathBuf::from("/x")));
+        let s = Status::try_parse_from(["status", "--wide"]).unwrap().args;
+        assert!(s.wide);
     }
 
     #[test]

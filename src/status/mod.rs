@@ -50,7 +50,9 @@ use serde::{Deserialize, Serialize};
 pub use client::{
     Client, CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
 };
-pub use render::{human_age, human_bytes, human_pause, render_table};
+pub use render::{
+    human_age, human_bytes, human_pause, render_compact, render_for, render_table, short_bytes,
+};
 pub use server::{ControlServer, serve};
 
 /// Version of the control protocol spoken by this build (the `v` field of every message).
@@ -81,6 +83,45 @@ pub struct Snapshot {
     pub released_bytes: u64,
     /// `starting`, `running`, `reloading` or `stopping`.
     pub state: String,
+    /// Every slot's history: restarts, OOM kills, last exit, backoff.
+    pub slots: Vec<SlotSnapshot>,
+    /// Lines of trimrun's own log lost so far (stderr closed or not keeping up).
+    pub log_lines_dropped: u64,
+}
+
+/// One slot of the pool across its generations.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct SlotSnapshot {
+    pub slot: usize,
+    /// Unexpected exits of this slot's workers (crashes, OOM kills, not ready in time).
+    pub restarts: u64,
+    pub oom_kills: u64,
+    /// Failures in a row, reset by a worker that lives long enough.
+    pub failures: u32,
+    /// How the last worker of this slot ended unexpectedly: `exit code 1`,
+    /// `killed by SIGSEGV`, `oom_kill`, `not ready in time`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Seconds until the slot's next start, while it is backing off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_secs: Option<f64>,
+}
+
+/// Failures in a row from which a slot counts as crash-looping.
+pub const CRASH_LOOP_FAILURES: u32 = 3;
+
+impl SlotSnapshot {
+    /// `crash-looping`, `backing off`, or None when the slot is fine.
+    pub fn trouble(&self) -> Option<&'static str> {
+        if self.failures >= CRASH_LOOP_FAILURES {
+            Some("crash-looping")
+        } else if self.retry_in_secs.is_some() {
+            Some("backing off")
+        } else {
+            None
+        }
+    }
 }
 
 /// One worker (one slot of the pool, one generation of that slot).

@@ -891,6 +891,8 @@ impl Supervisor {
             restarts: self.totals.restarts,
             recycles: self.totals.recycles,
             recycles_in_progress: self.in_progress(),
+            slots: Vec::new(),
+            log_lines_dropped: crate::logging::dropped_lines(),
             trims: self.workers.iter().map(|w| w.stats.trims).sum(),
             released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
             state: match self.phase {
