@@ -11,12 +11,14 @@
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod size;
 pub mod sockets;
 pub mod spawn;
+pub mod startup;
 pub mod status;
 pub mod supervisor;
 pub mod trim;
@@ -50,9 +52,8 @@ fn bad_input(message: impl std::fmt::Display) -> Fatal {
 /// Run the pool described by the command line. Blocks until it stops.
 pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     let cfg = config::Config::from_args(args).map_err(bad_input)?;
-    supervisor::policy_settings(&cfg)
-        .validate()
-        .map_err(bad_input)?;
+    let settings = startup::policy_settings(&cfg);
+    settings.validate().map_err(bad_input)?;
     let program = spawn::Program::resolve(&cfg.cmd).map_err(bad_input)?;
     let mut listeners = sockets::from_systemd().map_err(bad_input)?;
     listeners.extend(sockets::open(&cfg.binds, cfg.bind_mode).map_err(bad_input)?);
@@ -72,7 +73,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     }
     let choice = cgroup::Choice::from_str(&cfg.cgroup).map_err(bad_input)?;
     let cgroups = cgroup::Manager::setup(choice).map_err(bad_input)?;
-    let limit = supervisor::resolve_limit(cfg.limit, cfg.workers, &cgroups).map_err(|e| {
+    let limit = startup::resolve_limit(cfg.limit, cfg.workers, &cgroups).map_err(|e| {
         cgroups.teardown();
         bad_input(e)
     })?;
@@ -109,19 +110,36 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             None => None,
         };
         info!(path = %control.path().display(), "control socket (trimrun status, trimrun ctl)");
+        let failure = |what: &str, e: std::io::Error| Fatal {
+            code: exit::FAILURE,
+            message: format!("cannot {what}: {e}"),
+        };
+        let rundir = notify::RunDir::create().map_err(|e| Fatal {
+            code: exit::FAILURE,
+            message: format!(
+                "cannot create trimrun's run directory: {e} (check $XDG_RUNTIME_DIR or $TMPDIR)"
+            ),
+        })?;
+        let signals =
+            supervisor::forward_signals().map_err(|e| failure("install signal handlers", e))?;
+        let described = listeners.iter().map(|l| l.describe.clone()).collect();
+        let launcher = edge::ForkExec::new(program, listeners)
+            .map_err(|e| failure("install the SIGCHLD handler", e))?;
         let setup = supervisor::Setup {
             config: cfg,
-            program,
-            listeners,
-            cgroups,
+            settings,
             limit,
-            metrics,
+            groups: Box::new(cgroups),
+            launcher: Box::new(launcher),
+            injector: std::sync::Arc::new(edge::Ptrace::default()),
+            rundir,
+            signals,
             control_rx: Some(control_rx),
+            metrics,
+            listeners: described,
+            seed: None,
         };
-        let sup = supervisor::Supervisor::new(setup).map_err(|m| Fatal {
-            code: exit::FAILURE,
-            message: m,
-        })?;
+        let sup = supervisor::Supervisor::new(setup);
         let outcome = sup.run().await;
         control.close().await;
         Ok::<_, Fatal>(outcome)

@@ -12,7 +12,9 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::socket::{Backlog, SockaddrStorage, getsockname, listen};
+use nix::sys::socket::{
+    AddressFamily, Backlog, SockaddrLike, SockaddrStorage, getsockname, listen, setsockopt, sockopt,
+};
 
 /// The kernel's accept queue length we ask for; the kernel caps it at `net.core.somaxconn`.
 const BACKLOG: i32 = 4096;
@@ -150,6 +152,25 @@ fn relisten(fd: &OwnedFd, addr: &str) -> Result<(), SocketError> {
     })
 }
 
+/// Set TCP_NODELAY on a TCP listener (a unix socket is left alone). Connections accepted from
+/// it inherit the option on Linux, so every worker's replies go out without Nagle's delay
+/// even when its server does not set the option itself (as gunicorn does on its listeners;
+/// `uvicorn --fd 3` takes the fd for a unix socket and never sets it).
+fn set_nodelay_if_tcp(fd: &OwnedFd, addr: &str) -> Result<(), SocketError> {
+    let is_tcp = getsockname::<SockaddrStorage>(fd.as_raw_fd())
+        .ok()
+        .and_then(|a| a.family())
+        .is_some_and(|f| matches!(f, AddressFamily::Inet | AddressFamily::Inet6));
+    if !is_tcp {
+        return Ok(());
+    }
+    setsockopt(fd, sockopt::TcpNoDelay, &true).map_err(|e| SocketError::Bind {
+        addr: addr.to_string(),
+        source: e.into(),
+        hint: " (setting TCP_NODELAY)",
+    })
+}
+
 /// Open every `--bind` address. `unix_mode` is applied to unix socket files (`--bind-mode`).
 pub fn open(binds: &[BindAddr], unix_mode: Option<u32>) -> Result<Vec<Listener>, SocketError> {
     binds.iter().map(|b| open_one(b, unix_mode)).collect()
@@ -181,6 +202,7 @@ fn open_one(bind: &BindAddr, unix_mode: Option<u32>) -> Result<Listener, SocketE
                 .unwrap_or(addr.clone());
             let fd = OwnedFd::from(l);
             relisten(&fd, addr)?;
+            set_nodelay_if_tcp(&fd, addr)?;
             Ok(Listener {
                 fd,
                 name: "http".into(),
@@ -265,6 +287,7 @@ fn adopt_listening_fd(n: RawFd, describe: &str) -> Result<OwnedFd, SocketError> 
         return Err(invalid(format!("fd {n} is a socket but is not listening")));
     }
     set_cloexec(&fd, describe)?;
+    set_nodelay_if_tcp(&fd, describe)?;
     Ok(fd)
 }
 
@@ -309,9 +332,26 @@ pub fn from_systemd() -> Result<Vec<Listener>, SocketError> {
         .collect()
 }
 
+/// `ADDRESS (systemd)` for a socket systemd passed: `0.0.0.0:8000`, `[::]:8000`, a unix
+/// path, `@name` for an abstract one. (nix's `SockaddrStorage` Display says "Address family
+/// unspecified" for inet sockets got from `getsockname`; std parses those.)
 fn local_name(fd: &OwnedFd) -> Option<String> {
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
-    Some(format!("{addr} (systemd)"))
+    let name = if let Some(u) = addr.as_unix_addr() {
+        match (u.path(), u.as_abstract()) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(a)) => format!("@{}", String::from_utf8_lossy(a)),
+            _ => "unnamed unix socket".to_string(),
+        }
+    } else {
+        // std reads inet addresses right; on a duplicate, so the socket itself is untouched.
+        let dup = fd.try_clone().ok()?;
+        std::net::TcpListener::from(dup)
+            .local_addr()
+            .ok()?
+            .to_string()
+    };
+    Some(format!("{name} (systemd)"))
 }
 
 #[cfg(test)]
@@ -386,10 +426,58 @@ mod tests {
     }
 
     #[test]
+    fn tcp_listeners_and_their_connections_have_nodelay() {
+        let ls = open(&[BindAddr::Tcp("127.0.0.1:0".into())], None).unwrap();
+        let fd = &ls[0].fd;
+        assert!(nix::sys::socket::getsockopt(fd, sockopt::TcpNoDelay).unwrap());
+        let port = ls[0].describe.rsplit_once(':').unwrap().1.to_string();
+        let _client = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        let accepted = nix::sys::socket::accept(fd).unwrap();
+        assert!(
+            nix::sys::socket::getsockopt(&accepted, sockopt::TcpNoDelay).unwrap(),
+            "an accepted connection inherits TCP_NODELAY from the listener"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let unix = open(&[BindAddr::Unix(dir.path().join("s.sock"))], None).unwrap();
+        assert!(nix::sys::socket::getsockopt(&unix[0].fd, sockopt::TcpNoDelay).is_err());
+    }
+
+    #[test]
     fn port_in_use_is_a_clear_error() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let err = open(&[BindAddr::Tcp(addr)], None).unwrap_err().to_string();
         assert!(err.contains("another process listens there"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod local_name_tests {
+    #[test]
+    fn systemd_sockets_are_named_by_their_real_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fd: std::os::fd::OwnedFd = l.into();
+        assert_eq!(
+            super::local_name(&fd).unwrap(),
+            format!("127.0.0.1:{port} (systemd)")
+        );
+        let l6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(l6) = l6 {
+            let port = l6.local_addr().unwrap().port();
+            let fd: std::os::fd::OwnedFd = l6.into();
+            assert_eq!(
+                super::local_name(&fd).unwrap(),
+                format!("[::1]:{port} (systemd)")
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let u = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd: std::os::fd::OwnedFd = u.into();
+        assert_eq!(
+            super::local_name(&fd).unwrap(),
+            format!("{} (systemd)", path.display())
+        );
     }
 }

@@ -34,7 +34,7 @@ fn free_port() -> u16 {
 /// A pool of `sleep` workers with its control socket in a temp dir.
 struct Pool {
     child: Child,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     ctl: PathBuf,
 }
 
@@ -66,7 +66,11 @@ impl Pool {
 
     fn spawn(mut c: Command, dir: tempfile::TempDir, ctl: PathBuf, workers: usize) -> Pool {
         let child = c.spawn().expect("run trimrun");
-        let pool = Pool { child, dir, ctl };
+        let pool = Pool {
+            child,
+            _dir: dir,
+            ctl,
+        };
         pool.wait_ready(workers, 0);
         pool
     }
@@ -154,7 +158,11 @@ fn pool_survives_its_log_reader_going_away() {
         .unwrap();
     drop(child.stderr.take());
     drop(child.stdout.take());
-    let mut pool = Pool { child, dir, ctl };
+    let mut pool = Pool {
+        child,
+        _dir: dir,
+        ctl,
+    };
     pool.wait_ready(2, 0);
     // A rolling restart logs a dozen lines into the closed pipe.
     nix::sys::signal::kill(

@@ -364,18 +364,36 @@ impl Manager {
         generation: u64,
         limit: Option<u64>,
     ) -> Result<WorkerGroup, CgroupError> {
-        let name = format!("worker-{slot}-{generation}");
         if let Some(l) = limit {
-            check_limit(l)?;
-            let (available, source_desc) = self.available_memory_from()?;
-            if l > available {
-                return Err(CgroupError::LimitAboveParent {
-                    limit: l,
-                    available,
-                    source_desc,
-                });
-            }
+            self.check_worker_limit(l)?;
         }
+        self.create_checked_worker(slot, generation, limit)
+    }
+
+    /// Reject a per-worker limit below [`MIN_WORKER_LIMIT`] or above what trimrun may use
+    /// ([`Manager::available_memory`]). Start-up calls it once for the pool's limit.
+    pub fn check_worker_limit(&self, limit: u64) -> Result<(), CgroupError> {
+        check_limit(limit)?;
+        let (available, source_desc) = self.available_memory_from()?;
+        if limit > available {
+            return Err(CgroupError::LimitAboveParent {
+                limit,
+                available,
+                source_desc,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Manager::create_worker`] for a limit already checked with
+    /// [`Manager::check_worker_limit`] (the supervisor's path: checked once at start-up).
+    pub fn create_checked_worker(
+        &self,
+        slot: usize,
+        generation: u64,
+        limit: Option<u64>,
+    ) -> Result<WorkerGroup, CgroupError> {
+        let name = format!("worker-{slot}-{generation}");
         let backend = match &self.state {
             State::V2 { setup, .. } => Backend::V2(Self::fresh(&setup.base, &name, |b, n| {
                 v2::create_worker(b, n, limit)

@@ -1,4 +1,4 @@
-//! One worker process as the supervisor sees it.
+//! One worker process as the supervisor sees it: its state, with the data each state needs.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -7,32 +7,106 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::debug;
 
-use crate::cgroup::{Usage, WorkerGroup};
-use crate::config::{Config, Ready};
+use crate::cgroup::Usage;
+use crate::edge::Group;
 use crate::policy::{RecycleReason, WorkerPolicy};
-use crate::spawn;
 use crate::status::WorkerSnapshot;
 
+/// The worker a replacement is started for, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replacing {
+    pub pid: i32,
+    pub reason: RecycleReason,
+}
+
+/// Why a worker is being stopped. Decides what its exit means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Shutdown or scale-down: an expected exit.
+    Stop,
+    /// Its replacement is ready: its exit completes a recycle.
+    Replaced(RecycleReason),
+    /// Not ready within `--ready-timeout`: a failure (the slot backs off). A replacement
+    /// that fails leaves the worker it was to replace serving.
+    NotReady { replaces: Option<Replacing> },
+    /// Over its limit with no cgroup to enforce it (`--cgroup none`): a failure.
+    OverLimit { replaces: Option<Replacing> },
+}
+
+impl Why {
+    /// An exit we asked for (not counted as a restart, no backoff).
+    pub fn expected(self) -> bool {
+        matches!(self, Why::Stop | Why::Replaced(_))
+    }
+}
+
+/// `Starting → Ready → Draining → Killed → gone` (any state can end by an exit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
-    /// Forked, not yet ready (no READY=1 yet, or its delay has not passed).
-    Starting,
+    /// Started, not yet ready (no READY=1 yet, or its delay has not passed); once ready it
+    /// takes over from the worker it `replaces`.
+    Starting { replaces: Option<Replacing> },
     /// Serving.
     Ready,
-    /// Told to stop; SIGKILL at `kill_at`.
-    Draining,
+    /// Sent the stop signal; SIGKILL at `until`.
+    Draining { until: Instant, why: Why },
+    /// Sent SIGKILL; waiting to be reaped.
+    Killed { why: Why },
 }
 
 impl State {
     pub fn as_str(self) -> &'static str {
         match self {
-            State::Starting => "starting",
+            State::Starting { .. } => "starting",
             State::Ready => "ready",
-            State::Draining => "draining",
+            State::Draining { .. } | State::Killed { .. } => "draining",
         }
     }
+
+    pub fn is_starting(self) -> bool {
+        matches!(self, State::Starting { .. })
+    }
+
+    /// Draining or killed: on its way out.
+    pub fn is_stopping(self) -> bool {
+        matches!(self, State::Draining { .. } | State::Killed { .. })
+    }
+
+    /// Why it is on its way out.
+    pub fn why(self) -> Option<Why> {
+        match self {
+            State::Draining { why, .. } | State::Killed { why } => Some(why),
+            _ => None,
+        }
+    }
+
+    /// The worker this one was started to replace, while that is still pending (a failed
+    /// replacement keeps it until its exit).
+    pub fn replaces(self) -> Option<Replacing> {
+        match self {
+            State::Starting { replaces }
+            | State::Draining {
+                why: Why::NotReady { replaces } | Why::OverLimit { replaces },
+                ..
+            }
+            | State::Killed {
+                why: Why::NotReady { replaces } | Why::OverLimit { replaces },
+            } => replaces,
+            _ => None,
+        }
+    }
+}
+
+/// Trimming of one worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    Idle,
+    /// A trim runs on the blocking pool; its result comes back as an event.
+    InFlight,
+    /// `malloc_trim` cannot be injected (musl, static allocator): the policy relies on
+    /// recycling. `trimrun ctl trim` may still try.
+    Unavailable,
 }
 
 /// How a worker ended.
@@ -87,64 +161,20 @@ pub struct Worker {
     pub pid: i32,
     pub started: Instant,
     pub state: State,
+    pub trim: Trim,
     pub notify_task: Option<JoinHandle<()>>,
     pub notify_path: Option<PathBuf>,
-    pub group: WorkerGroup,
+    pub group: Box<dyn Group>,
     pub policy: WorkerPolicy,
-    /// This worker is the replacement of that pid (until it is ready).
-    pub replaces: Option<i32>,
-    /// This worker is being replaced, for this reason (from the replacement's start until
-    /// this one is gone): what counts against --max-recycling.
-    pub recycling: Option<RecycleReason>,
     /// memory.high currently set on the worker's group (v2, while waiting for a slot).
     pub memory_high: Option<u64>,
-    pub trim_in_flight: bool,
-    pub trim_unavailable: bool,
-    pub kill_at: Option<Instant>,
-    pub killed: bool,
-    pub counts_as_failure: bool,
     pub stats: Stats,
     pub usage: Option<Usage>,
 }
 
 impl Worker {
-    /// Ask the worker to stop: the stop signal to its process group; SIGKILL after `graceful`.
-    pub fn begin_drain(&mut self, sig: Signal, graceful: Duration) {
-        if self.state == State::Draining {
-            return;
-        }
-        self.state = State::Draining;
-        self.kill_at = Some(Instant::now() + graceful);
-        if let Err(e) = spawn::signal_group(self.pid, sig) {
-            debug!(pid = self.pid, error = %e, "cannot signal the worker's process group");
-        }
-    }
-
-    /// SIGKILL the worker's process group and anything else in its cgroup.
-    pub fn kill(&mut self) {
-        self.killed = true;
-        self.state = State::Draining;
-        let _ = spawn::signal_group(self.pid, Signal::SIGKILL);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid), Signal::SIGKILL);
-        let _ = self.group.kill_all(Some(self.pid));
-    }
-
-    /// The next moment something must happen to this worker.
-    pub fn deadline(&self, cfg: &Config) -> Option<Instant> {
-        match self.state {
-            State::Starting => {
-                let timeout = self.started + cfg.ready_timeout;
-                Some(match cfg.ready {
-                    Ready::Delay(d) => (self.started + d).min(timeout),
-                    Ready::Notify => timeout,
-                })
-            }
-            State::Draining if !self.killed => self.kill_at,
-            _ => None,
-        }
-    }
-
-    pub fn snapshot(&self, limit: Option<u64>) -> WorkerSnapshot {
+    /// `recycling`: the reason it is being replaced, if it is.
+    pub fn snapshot(&self, limit: Option<u64>, recycling: Option<RecycleReason>) -> WorkerSnapshot {
         WorkerSnapshot {
             slot: self.slot,
             pid: self.pid,
@@ -159,8 +189,7 @@ impl Worker {
             released_bytes: self.stats.released,
             last_trim_pause_us: self.stats.last_pause_us,
             recycles: self.stats.recycles,
-            last_reason: self
-                .recycling
+            last_reason: recycling
                 .map(|r| r.to_string())
                 .or_else(|| self.stats.last_reason.clone()),
             recycle_threshold: self.policy.recycle_threshold(),

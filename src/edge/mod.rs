@@ -1,0 +1,94 @@
+//! The kernel edge the supervisor drives, behind three small traits.
+//!
+//! - [`Groups`] / [`Group`]: where a worker's memory lives and is measured (cgroup v2, v1,
+//!   or its process tree with the none backend). Real: [`crate::cgroup::Manager`] and
+//!   [`crate::cgroup::WorkerGroup`].
+//! - [`Launcher`]: starts a worker process in its group, signals it, reports exits.
+//!   Real: [`ForkExec`] (fork+exec, `waitpid` on SIGCHLD). A zygote (`--preload`) is a second
+//!   implementation of the same trait.
+//! - [`Injector`]: trims a worker's processes from outside. Real: [`Ptrace`].
+//!
+//! The fakes in [`fake`] keep everything in memory (no process, no cgroupfs, no ptrace), so
+//! the supervisor's state machine runs in unit tests on a paused tokio clock.
+
+pub mod fake;
+mod real;
+
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::pin::Pin;
+
+use nix::sys::signal::Signal;
+
+use crate::cgroup::{CgroupError, Kind, Usage};
+use crate::spawn::SpawnError;
+use crate::supervisor::Exit;
+use crate::trim::{TrimError, TrimReport};
+
+pub use real::{ForkExec, Ptrace};
+
+/// Creates one [`Group`] per worker generation; removes the pool's tree at the end.
+pub trait Groups: Send {
+    /// The backend in use (for logs, status and whether the supervisor enforces limits).
+    fn kind(&self) -> Kind;
+    /// The group of worker `slot`, generation `generation`, limited to `limit` bytes. The
+    /// limit was validated once at start-up.
+    fn create(
+        &self,
+        slot: usize,
+        generation: u64,
+        limit: Option<u64>,
+    ) -> Result<Box<dyn Group>, CgroupError>;
+    /// Remove the pool's groups (idempotent).
+    fn teardown(&self);
+}
+
+/// The memory group of one worker generation. `root_pid` is the worker's pid: the none
+/// backend measures that process and its descendants; the cgroup backends ignore it.
+pub trait Group: Send + Sync + 'static {
+    /// The cgroup directory, if any (logs, and the launcher's placement).
+    fn path(&self) -> Option<&Path>;
+    /// `cgroup.procs` opened for writing, for the child to join before exec; None without
+    /// a cgroup.
+    fn open_procs(&self) -> Result<Option<OwnedFd>, CgroupError>;
+    fn usage(&self, root_pid: i32) -> Result<Usage, CgroupError>;
+    /// The kernel's OOM-kill counter of this group (0 without a cgroup).
+    fn oom_kills(&self) -> Result<u64, CgroupError>;
+    fn pids(&self, root_pid: i32) -> Result<Vec<i32>, CgroupError>;
+    /// Whether [`Group::set_high`] does anything (cgroup v2).
+    fn has_memory_high(&self) -> bool;
+    fn set_high(&self, bytes: Option<u64>) -> Result<(), CgroupError>;
+    /// SIGKILL everything in the group.
+    fn kill_all(&self, root_pid: i32) -> Result<(), CgroupError>;
+    /// Remove the group (may block while the kernel tears it down).
+    fn remove(&self) -> Result<(), CgroupError>;
+}
+
+/// What one launch needs besides what the launcher was built with (command, sockets).
+pub struct Launch<'a> {
+    pub slot: usize,
+    pub generation: u64,
+    pub group: &'a dyn Group,
+    /// The worker's own sd_notify socket, with `--ready notify`.
+    pub notify_socket: Option<&'a Path>,
+}
+
+/// Starts workers and tells the supervisor when they end.
+pub trait Launcher: Send {
+    /// Start one worker in its group. Returns its pid (also its process group).
+    fn launch(&mut self, req: &Launch<'_>) -> Result<i32, SpawnError>;
+    /// Send `sig` to the worker's process group (SIGKILL: also to the worker itself).
+    fn signal(&self, pid: i32, sig: Signal);
+    /// Resolves when [`Launcher::reap`] may have something (SIGCHLD for fork+exec).
+    fn exited(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Collect ended children without blocking, orphans included (the caller ignores pids
+    /// it does not know).
+    fn reap(&mut self) -> Vec<(i32, Exit)>;
+}
+
+/// Trims the processes of a worker. Blocking (ptrace wants one OS thread from attach to
+/// detach): the supervisor calls it on the blocking pool.
+pub trait Injector: Send + Sync + 'static {
+    fn trim(&self, pids: &[i32]) -> Vec<Result<TrimReport, TrimError>>;
+}

@@ -1,0 +1,165 @@
+//! The real kernel edge: cgroupfs, fork+exec with `waitpid`, ptrace.
+
+use std::future::Future;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::pin::Pin;
+
+use nix::sys::signal::Signal;
+use nix::sys::wait::{WaitPidFlag, WaitStatus};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::debug;
+
+use super::{Group, Groups, Injector, Launch, Launcher};
+use crate::cgroup::{self, CgroupError, Kind, Usage};
+use crate::sockets::Listener;
+use crate::spawn::{self, Program, SpawnError, WorkerSpec};
+use crate::supervisor::Exit;
+use crate::trim::{self, TrimError, TrimReport};
+
+impl Groups for cgroup::Manager {
+    fn kind(&self) -> Kind {
+        cgroup::Manager::kind(self)
+    }
+
+    fn create(
+        &self,
+        slot: usize,
+        generation: u64,
+        limit: Option<u64>,
+    ) -> Result<Box<dyn Group>, CgroupError> {
+        Ok(Box::new(
+            self.create_checked_worker(slot, generation, limit)?,
+        ))
+    }
+
+    fn teardown(&self) {
+        cgroup::Manager::teardown(self)
+    }
+}
+
+impl Group for cgroup::WorkerGroup {
+    fn path(&self) -> Option<&Path> {
+        cgroup::WorkerGroup::path(self)
+    }
+    fn open_procs(&self) -> Result<Option<OwnedFd>, CgroupError> {
+        cgroup::WorkerGroup::open_procs(self)
+    }
+    fn usage(&self, root_pid: i32) -> Result<Usage, CgroupError> {
+        cgroup::WorkerGroup::usage(self, Some(root_pid))
+    }
+    fn oom_kills(&self) -> Result<u64, CgroupError> {
+        cgroup::WorkerGroup::oom_kills(self)
+    }
+    fn pids(&self, root_pid: i32) -> Result<Vec<i32>, CgroupError> {
+        cgroup::WorkerGroup::pids(self, Some(root_pid))
+    }
+    fn has_memory_high(&self) -> bool {
+        cgroup::WorkerGroup::has_memory_high(self)
+    }
+    fn set_high(&self, bytes: Option<u64>) -> Result<(), CgroupError> {
+        cgroup::WorkerGroup::set_high(self, bytes)
+    }
+    fn kill_all(&self, root_pid: i32) -> Result<(), CgroupError> {
+        cgroup::WorkerGroup::kill_all(self, Some(root_pid))
+    }
+    fn remove(&self) -> Result<(), CgroupError> {
+        cgroup::WorkerGroup::remove(self)
+    }
+}
+
+/// fork+exec of the worker command ([`spawn::spawn`]); exits from `waitpid` on SIGCHLD.
+pub struct ForkExec {
+    program: Program,
+    listeners: Vec<Listener>,
+    fd_names: Vec<String>,
+    sigchld: tokio::signal::unix::Signal,
+}
+
+impl ForkExec {
+    /// Must be called inside the tokio runtime. Makes trimrun a child subreaper: orphans
+    /// of workers are re-parented to it and reaped by [`Launcher::reap`], as a
+    /// container's PID 1 must.
+    pub fn new(program: Program, listeners: Vec<Listener>) -> std::io::Result<ForkExec> {
+        let sigchld = signal(SignalKind::child())?;
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            debug!(error = %e, "cannot become a child subreaper");
+        }
+        let fd_names = listeners.iter().map(|l| l.name.clone()).collect();
+        Ok(ForkExec {
+            program,
+            listeners,
+            fd_names,
+            sigchld,
+        })
+    }
+}
+
+impl Launcher for ForkExec {
+    fn launch(&mut self, req: &Launch<'_>) -> Result<i32, SpawnError> {
+        let procs = req.group.open_procs().map_err(|e| SpawnError::Sys {
+            slot: req.slot,
+            op: "open the worker's cgroup.procs",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let fds: Vec<i32> = self.listeners.iter().map(|l| l.fd.as_raw_fd()).collect();
+        let spec = WorkerSpec {
+            slot: req.slot,
+            generation: req.generation,
+            listeners: &fds,
+            fd_names: &self.fd_names,
+            cgroup_procs: procs.as_ref(),
+            notify_socket: req.notify_socket,
+        };
+        spawn::spawn(&self.program, &spec)
+    }
+
+    fn signal(&self, pid: i32, sig: Signal) {
+        if let Err(e) = spawn::signal_group(pid, sig) {
+            debug!(pid, error = %e, "cannot signal the worker's process group");
+        }
+        if sig == Signal::SIGKILL {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    fn exited(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            self.sigchld.recv().await;
+        })
+    }
+
+    /// Holds the ptrace lock while waiting on any child: a `waitpid(-1)` in the tracer's
+    /// process would also consume a tracee's ptrace stops.
+    fn reap(&mut self) -> Vec<(i32, Exit)> {
+        let mut out = vec![];
+        let Ok(_guard) = trim::ptrace_lock().try_lock() else {
+            return out; // a trim is attached; the next tick reaps
+        };
+        loop {
+            match nix::sys::wait::waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, code)) => out.push((pid.as_raw(), Exit::Code(code))),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    out.push((pid.as_raw(), Exit::Signal(sig)))
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+        out
+    }
+}
+
+/// `malloc_trim(0)` injected with ptrace ([`trim::trim_pid`]), one process after the other.
+#[derive(Default)]
+pub struct Ptrace {
+    pub opts: trim::TrimOptions,
+}
+
+impl Injector for Ptrace {
+    fn trim(&self, pids: &[i32]) -> Vec<Result<TrimReport, TrimError>> {
+        pids.iter()
+            .map(|&p| trim::trim_pid(p, &self.opts))
+            .collect()
+    }
+}

@@ -1,0 +1,173 @@
+//! Growth estimation: how fast a worker's working set grows, and when its peaks will reach
+//! the hard limit.
+//!
+//! Trims cut the working set into a saw-tooth, and what reaches the limit is its peaks. So
+//! the estimate is fitted to the readings' upper envelope (each reading replaced by the
+//! highest one of the `trim_interval` before it), not to the readings themselves:
+//!
+//! - A fragmented heap (CPython's usual one) touches the pages a trim released again
+//!   within seconds: its envelope does not drop, and its growth is what it still leaks, not
+//!   what trims keep releasing. Counting every released byte as growth would project a
+//!   plateauing worker to its limit within seconds of each trim.
+//! - A trim whose release stays released (garbage that is not reused soon) lowers the
+//!   envelope one `trim_interval` later, when the reading before the trim leaves it; that
+//!   drop, up to what the trim released, is added back, so the fit follows the growth
+//!   underneath (lagging by that one interval: right after such a trim the rate reads low,
+//!   for at most one [`GROWTH_WINDOW`]).
+//! - Other drops are the envelope of noisy readings moving on (a large response's
+//!   transient allocations come and go), and are not growth: adding back every drop would
+//!   ratchet upwards on noise.
+//!
+//! Workers trimmed every interval grow at their net rate, which is what the peaks do.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Samples older than this are not used for the growth estimate.
+pub const GROWTH_WINDOW: Duration = Duration::from_secs(120);
+/// At most this many samples are kept (one per memory tick of ~1 s).
+const GROWTH_SAMPLES: usize = 128;
+/// A growth estimate needs samples spanning at least this long.
+const GROWTH_MIN_SPAN: Duration = Duration::from_secs(5);
+/// Growth below this many bytes per second is treated as no growth (allocator noise).
+const GROWTH_NOISE: f64 = 1024.0;
+/// The projection to the limit ([`Growth::time_to_limit`]) needs readings since the
+/// worker was ready spanning at least this long.
+///
+/// It fits them twice, over the whole [`GROWTH_WINDOW`] and over its recent half, and
+/// takes the recent rate when it is under half the whole one. Why: a worker's memory
+/// climbs fastest in its first seconds (imports, then caches filling with its first
+/// requests), and a straight line through all of a young worker's readings projects that
+/// surge on and on, so every young worker would look seconds from its limit and be
+/// replaced by a replacement that surges in turn. Growth that slows down reads slower in
+/// the recent half; a steady leak reads the same in both (and keeps the whole window's
+/// estimate, which noise moves less).
+pub const PROJECTION_MIN_SPAN: Duration = Duration::from_secs(10);
+
+/// The readings of one worker and the growth fitted to them.
+#[derive(Clone, Debug)]
+pub(super) struct Growth {
+    /// Readings (and trim results), oldest first: (when, bytes, the series the growth is
+    /// fitted to there: the upper envelope plus the trim-caused drops so far).
+    samples: VecDeque<(Duration, u64, u64)>,
+    /// The upper envelope at the latest sample.
+    envelope: u64,
+    /// The sum of the drops of the envelope that trims caused.
+    envelope_drops: u64,
+    /// Trims whose drop of the envelope is still to come: when, and how much each
+    /// released.
+    pending_drops: VecDeque<(Duration, u64)>,
+    /// The span of the upper envelope (`Settings::trim_interval` at spawn).
+    hold: Duration,
+    /// `born + Settings::ready_time`: readings before it are the app starting up, which
+    /// the projection to the limit leaves out.
+    warm_from: Duration,
+}
+
+impl Growth {
+    pub(super) fn new(hold: Duration, warm_from: Duration) -> Self {
+        Self {
+            samples: VecDeque::with_capacity(GROWTH_SAMPLES),
+            envelope: 0,
+            envelope_drops: 0,
+            pending_drops: VecDeque::new(),
+            hold,
+            warm_from,
+        }
+    }
+
+    /// A trim at `now` released `released` bytes (its drop of the envelope comes later).
+    pub(super) fn trimmed(&mut self, now: Duration, released: u64) {
+        self.pending_drops.push_back((now, released));
+    }
+
+    /// A reading (or a trim's result) of `ws` bytes at `now`.
+    pub(super) fn record(&mut self, now: Duration, ws: u64) {
+        if self.samples.len() == GROWTH_SAMPLES {
+            self.samples.pop_front();
+        }
+        // A trim result right after a reading keeps that reading: it is the peak the
+        // envelope needs. Only a clock that went back loses samples.
+        while self.samples.back().is_some_and(|s| s.0 > now) {
+            self.samples.pop_back();
+        }
+        let envelope = self
+            .samples
+            .iter()
+            .rev()
+            .take_while(|s| s.0 + self.hold >= now)
+            .fold(ws, |top, s| top.max(s.1));
+        // The readings before these trims have just left the envelope.
+        let mut released = 0u64;
+        while let Some(&(at, r)) = self.pending_drops.front()
+            && now > at + self.hold
+        {
+            released = released.saturating_add(r);
+            self.pending_drops.pop_front();
+        }
+        self.envelope_drops += self.envelope.saturating_sub(envelope).min(released);
+        self.envelope = envelope;
+        self.samples
+            .push_back((now, ws, envelope.saturating_add(self.envelope_drops)));
+    }
+
+    /// Growth in bytes per second over the last [`GROWTH_WINDOW`] (see the module docs).
+    pub(super) fn rate(&self, now: Duration) -> Option<f64> {
+        self.fit(now.saturating_sub(GROWTH_WINDOW), GROWTH_MIN_SPAN)
+    }
+
+    /// Projected time until the envelope reaches `limit` (see
+    /// [`super::WorkerPolicy::time_to_limit`]).
+    pub(super) fn time_to_limit(&self, limit: u64, now: Duration) -> Option<Duration> {
+        let last = self.samples.back()?.0;
+        let ws = self.envelope;
+        if ws >= limit {
+            return Some(Duration::ZERO);
+        }
+        let from = now.saturating_sub(GROWTH_WINDOW).max(self.warm_from);
+        let whole = self.fit(from, PROJECTION_MIN_SPAN)?;
+        let first = self.samples[self.samples.partition_point(|s| s.0 < from)].0;
+        let recent = self.fit(first + (last - first) / 2, PROJECTION_MIN_SPAN / 2)?;
+        // Only growth that clearly slowed down reads from the recent half: the lower of
+        // two noisy estimates would err late for a steady leak.
+        let rate = if recent < whole / 2.0 { recent } else { whole };
+        if rate <= 0.0 {
+            return None;
+        }
+        let elapsed = now.saturating_sub(last).as_secs_f64();
+        let secs = ((limit - ws) as f64 / rate - elapsed).max(0.0);
+        Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+    }
+
+    /// The least-squares slope of the fitted series over the samples from `from` on, if
+    /// they span at least `min_span`.
+    fn fit(&self, from: Duration, min_span: Duration) -> Option<f64> {
+        let start = self.samples.partition_point(|s| s.0 < from);
+        let window = self.samples.range(start..);
+        let n = window.len();
+        if n < 2 {
+            return None;
+        }
+        let t0 = self.samples[start].0;
+        let span = self.samples.back()?.0.saturating_sub(t0);
+        if span < min_span {
+            return None;
+        }
+        let (w0, nf) = (self.samples[start].2 as f64, n as f64);
+        let (mut st, mut sw, mut stt, mut stw) = (0.0, 0.0, 0.0, 0.0);
+        for &(t, _, envelope) in window {
+            let x = (t - t0).as_secs_f64();
+            let y = envelope as f64 - w0;
+            st += x;
+            sw += y;
+            stt += x * x;
+            stw += x * y;
+        }
+        let den = nf * stt - st * st;
+        if den <= 0.0 {
+            return None;
+        }
+        let rate = (nf * stw - st * sw) / den;
+        Some(if rate.abs() < GROWTH_NOISE { 0.0 } else { rate })
+    }
+}

@@ -1,0 +1,70 @@
+//! Start-up decisions [`crate::run_pool`] makes once, before the pool task starts: the
+//! policy's settings from the config, and the per-worker limit (resolved and checked here,
+//! so a limit that cannot work is an error at start, not a failure at each spawn).
+
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::cgroup;
+use crate::config::{Config, Limit, Ready};
+use crate::policy;
+use crate::size::human_bytes;
+
+/// The pure policy's settings from the validated config.
+pub fn policy_settings(cfg: &Config) -> policy::Settings {
+    policy::Settings {
+        trim: cfg.trim,
+        trim_at: cfg.trim_at,
+        trim_interval: cfg.trim_interval,
+        recycle_at: cfg.recycle_at,
+        recycle_jitter: cfg.recycle_jitter,
+        max_lifetime: cfg.max_lifetime,
+        lifetime_jitter: cfg.lifetime_jitter,
+        max_recycling: cfg.max_recycling,
+        recycle_spacing: cfg.recycle_spacing,
+        ready_time: match cfg.ready {
+            Ready::Delay(d) => d,
+            Ready::Notify => Duration::from_secs(2),
+        },
+        ..policy::Settings::default()
+    }
+}
+
+/// Resolve `--limit` against the cgroup backend (`auto` divides trimrun's allowance) and
+/// check it once: at least [`cgroup::MIN_WORKER_LIMIT`], at most what trimrun may use.
+pub fn resolve_limit(
+    limit: Limit,
+    workers: usize,
+    cgroups: &cgroup::Manager,
+) -> Result<Option<u64>, String> {
+    match limit {
+        Limit::None => Ok(None),
+        Limit::Bytes(b) => {
+            if b < cgroup::MIN_WORKER_LIMIT {
+                return Err(format!(
+                    "--limit {} is too small to start a worker: at least {} (a Python interpreter alone needs ~10 MiB)",
+                    human_bytes(b),
+                    human_bytes(cgroup::MIN_WORKER_LIMIT)
+                ));
+            }
+            cgroups.check_worker_limit(b).map_err(|e| e.to_string())?;
+            Ok(Some(b))
+        }
+        Limit::Auto => {
+            let available = cgroups.available_memory().map_err(|e| e.to_string())?;
+            let reserve = cgroup::default_reserve(available);
+            let per = cgroup::auto_limit(available, workers, reserve).map_err(|e| e.to_string())?;
+            info!(
+                available = available,
+                workers,
+                per_worker = per,
+                "--limit auto: {} per worker ({} available, {} kept for trimrun)",
+                human_bytes(per),
+                human_bytes(available),
+                human_bytes(reserve)
+            );
+            Ok(Some(per))
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The loop: one `select!` over signals, child exits, worker events, control requests and
+//! the next deadline; then reaping, the memory tick and the timers. And the end of the pool.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::{Outcome, Phase, Supervisor, TICK};
+
+/// The signals trimrun acts on, as messages to the pool task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSignal {
+    /// TERM: graceful shutdown (a second one: kill now).
+    Term,
+    /// INT: as TERM.
+    Int,
+    /// QUIT: fast shutdown.
+    Quit,
+    /// HUP: rolling restart.
+    Hup,
+    /// TTIN: one worker more.
+    Ttin,
+    /// TTOU: one worker fewer.
+    Ttou,
+    /// USR1: forwarded to every worker.
+    Usr1,
+}
+
+/// Install the handlers (now, before any worker starts) and forward each signal to the
+/// returned channel. Must be called inside the tokio runtime.
+pub fn forward_signals() -> std::io::Result<mpsc::UnboundedReceiver<PoolSignal>> {
+    let kinds = [
+        (SignalKind::terminate(), PoolSignal::Term),
+        (SignalKind::interrupt(), PoolSignal::Int),
+        (SignalKind::quit(), PoolSignal::Quit),
+        (SignalKind::hangup(), PoolSignal::Hup),
+        (SignalKind::from_raw(libc::SIGTTIN), PoolSignal::Ttin),
+        (SignalKind::from_raw(libc::SIGTTOU), PoolSignal::Ttou),
+        (SignalKind::user_defined1(), PoolSignal::Usr1),
+    ];
+    let (tx, rx) = mpsc::unbounded_channel();
+    for (kind, what) in kinds {
+        let mut s = signal(kind)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                if tx.send(what).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    Ok(rx)
+}
+
+impl Supervisor {
+    /// Run the pool until it is told to stop. With the fork+exec launcher it must run on
+    /// the main thread (see `spawn`).
+    pub async fn run(mut self) -> Outcome {
+        info!(
+            workers = self.target,
+            cmd = ?crate::logging::AsJson(&self.cfg.cmd),
+            listeners = ?crate::logging::AsJson(&self.listeners),
+            cgroup = %self.groups.kind(),
+            limit = self.limit,
+            "starting pool"
+        );
+        for slot in 0..self.target {
+            self.start_worker(slot, None);
+        }
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let deadline = self.next_deadline().map_or(next_tick, |d| d.min(next_tick));
+            let control = async {
+                match self.control_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(sig) = self.signals.recv() => if let Some(o) = self.on_signal(sig) { return self.finish(o).await },
+                _ = self.launcher.exited() => {},
+                Some(ev) = self.rx.recv() => self.on_event(ev),
+                Some(msg) = control => if let Some(o) = self.on_control(msg) { return self.finish(o).await },
+                _ = tokio::time::sleep_until(deadline) => {},
+            }
+            self.reap();
+            let now = Instant::now();
+            if now >= next_tick {
+                next_tick = now + TICK;
+                self.memory_tick();
+            }
+            self.on_timers(now);
+            if self.phase.stopping() && self.workers.is_empty() {
+                return self.finish(Outcome::Stopped).await;
+            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: PoolSignal) -> Option<Outcome> {
+        match sig {
+            PoolSignal::Term => self.on_stop_signal("TERM"),
+            PoolSignal::Int => self.on_stop_signal("INT"),
+            PoolSignal::Quit => {
+                info!("QUIT: fast shutdown");
+                self.kill_all();
+                Some(Outcome::Stopped)
+            }
+            PoolSignal::Hup => {
+                self.begin_reload("HUP");
+                None
+            }
+            PoolSignal::Ttin => {
+                self.scale(self.target + 1, "TTIN");
+                None
+            }
+            PoolSignal::Ttou => {
+                self.scale(self.target.saturating_sub(1).max(1), "TTOU");
+                None
+            }
+            PoolSignal::Usr1 => {
+                self.forward(Signal::SIGUSR1);
+                None
+            }
+        }
+    }
+
+    /// Collect exited children (the launcher's).
+    fn reap(&mut self) {
+        for (pid, exit) in self.launcher.reap() {
+            self.on_exit(pid, exit);
+        }
+    }
+
+    /// Wait (briefly) for every killed worker to be reaped, remove groups, report.
+    async fn finish(mut self, outcome: Outcome) -> Outcome {
+        if !self.phase.stopping() {
+            self.phase = Phase::Killing;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.workers.is_empty() && Instant::now() < deadline {
+            self.reap();
+            if self.workers.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for w in &self.workers {
+            warn!(slot = w.slot, pid = w.pid, "worker still present at exit");
+        }
+        self.groups.teardown();
+        info!("trimrun stopped");
+        outcome
+    }
+}

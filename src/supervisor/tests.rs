@@ -1,0 +1,481 @@
+//! The pool's state machine on a paused clock, with the in-memory kernel edge of
+//! [`crate::edge::fake`]: no process, no cgroup, no ptrace. Time only moves when every task
+//! waits, so seconds of pool life take microseconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep};
+
+use super::{Exit, Outcome, PoolSignal, Setup, Supervisor};
+use crate::cli::Cli;
+use crate::config::Config;
+use crate::edge::fake::{FakeGroups, FakeLauncher, Launched, RecordingInjector};
+use crate::notify::RunDir;
+use crate::startup::policy_settings;
+use crate::status::{ControlMsg, Request, Snapshot};
+
+const MIB: u64 = 1 << 20;
+
+struct Pool {
+    launcher: FakeLauncher,
+    groups: FakeGroups,
+    injector: RecordingInjector,
+    signals: mpsc::UnboundedSender<PoolSignal>,
+    control: mpsc::Sender<ControlMsg>,
+    task: JoinHandle<Outcome>,
+    _dir: tempfile::TempDir,
+}
+
+fn config(args: &[&str]) -> Config {
+    let mut argv = vec!["trimrun"];
+    argv.extend_from_slice(args);
+    argv.extend_from_slice(&["--", "fake-worker"]);
+    let cli = Cli::try_parse_from(argv).expect("test flags parse");
+    Config::from_args(&cli.run).expect("test config is valid")
+}
+
+/// A pool started with these flags (after `--workers` etc.), limit `limit`.
+fn pool(args: &[&str], limit: Option<u64>) -> Pool {
+    let cfg = config(args);
+    let dir = tempfile::tempdir().unwrap();
+    let launcher = FakeLauncher::new(cfg.stop_signal);
+    let groups = FakeGroups::new();
+    let injector = RecordingInjector::new(4 * MIB);
+    let (sig_tx, sig_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, ctl_rx) = mpsc::channel(4);
+    let setup = Setup {
+        settings: policy_settings(&cfg),
+        config: cfg,
+        limit,
+        groups: Box::new(groups.clone()),
+        launcher: Box::new(launcher.clone()),
+        injector: Arc::new(injector.clone()),
+        rundir: RunDir {
+            path: dir.path().to_path_buf(),
+        },
+        signals: sig_rx,
+        control_rx: Some(ctl_rx),
+        metrics: None,
+        listeners: vec![],
+        seed: Some(7),
+    };
+    let task = tokio::spawn(Supervisor::new(setup).run());
+    Pool {
+        launcher,
+        groups,
+        injector,
+        signals: sig_tx,
+        control: ctl_tx,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Pool {
+    async fn ask(&self, req: Request) -> Result<serde_json::Value, String> {
+        let (tx, rx) = oneshot::channel();
+        self.control
+            .send(ControlMsg { req, reply: tx })
+            .await
+            .expect("supervisor is running");
+        rx.await.expect("supervisor answers")
+    }
+
+    async fn status(&self) -> Snapshot {
+        serde_json::from_value(self.ask(Request::Status).await.unwrap()).unwrap()
+    }
+
+    /// Let the pool run for `d` of (paused) time.
+    async fn run_for(&self, d: Duration) {
+        sleep(d).await;
+    }
+
+    /// Wait (in paused time, at most `limit`) until `cond` holds on the pool's status.
+    async fn until(
+        &self,
+        limit: Duration,
+        what: &str,
+        cond: impl Fn(&Snapshot) -> bool,
+    ) -> Snapshot {
+        let end = Instant::now() + limit;
+        loop {
+            let s = self.status().await;
+            if cond(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: not within {limit:?}; last status {s:#?}"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn launched(&self, slot: usize) -> Vec<Launched> {
+        self.launcher
+            .launched()
+            .into_iter()
+            .filter(|l| l.slot == slot)
+            .collect()
+    }
+
+    fn signals_to(&self, pid: i32) -> Vec<Signal> {
+        self.launcher
+            .signals()
+            .into_iter()
+            .filter(|(p, _)| *p == pid)
+            .map(|(_, s)| s)
+            .collect()
+    }
+
+    async fn stop(self) -> Outcome {
+        self.signals.send(PoolSignal::Term).unwrap();
+        self.task.await.unwrap()
+    }
+}
+
+fn all_ready(n: usize) -> impl Fn(&Snapshot) -> bool {
+    move |s| s.state == "running" && s.workers.iter().filter(|w| w.state == "ready").count() == n
+}
+
+#[tokio::test(start_paused = true)]
+async fn starts_every_slot_and_reports_ready_after_the_delay() {
+    let p = pool(&["-n", "3", "--ready", "delay:2s"], None);
+    let s = p.status().await;
+    assert_eq!(s.state, "starting");
+    assert_eq!(s.workers.len(), 3);
+    assert!(s.workers.iter().all(|w| w.state == "starting"));
+    let t0 = Instant::now();
+    p.until(Duration::from_secs(5), "all ready", all_ready(3))
+        .await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1990),
+        "ready before its delay"
+    );
+    let slots: Vec<_> = p
+        .launcher
+        .launched()
+        .iter()
+        .map(|l| (l.slot, l.generation))
+        .collect();
+    assert_eq!(slots, vec![(0, 0), (1, 0), (2, 0)]);
+    assert_eq!(p.stop().await, Outcome::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
+async fn notify_readiness_comes_from_the_workers_own_socket() {
+    let p = pool(&["-n", "1", "--ready", "notify"], None);
+    p.run_for(Duration::from_millis(50)).await;
+    assert_eq!(p.status().await.workers[0].state, "starting");
+    let sock = p._dir.path().join("notify-0-0.sock");
+    std::os::unix::net::UnixDatagram::unbound()
+        .unwrap()
+        .send_to(b"STATUS=up\nREADY=1\n", &sock)
+        .unwrap();
+    p.until(Duration::from_secs(1), "ready by READY=1", all_ready(1))
+        .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_worker_restarts_with_growing_backoff() {
+    let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    let mut delays = vec![];
+    for generation in 0..4u64 {
+        let pid = p.launched(0).last().unwrap().pid;
+        p.launcher.exit(pid, Exit::Code(1));
+        let t0 = Instant::now();
+        loop {
+            if p.launched(0).len() as u64 == generation + 2 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "no restart");
+            sleep(Duration::from_millis(1)).await;
+        }
+        delays.push(t0.elapsed());
+    }
+    let s = p.status().await;
+    assert_eq!(s.restarts, 4);
+    assert_eq!(s.workers[0].generation, 4);
+    // Base 100 ms, doubling, half of it jitter: 50-100, 100-200, 200-400, 400-800 ms.
+    for (i, d) in delays.iter().enumerate() {
+        let ceiling = Duration::from_millis(100 << i);
+        assert!(
+            *d >= ceiling / 2 && *d <= ceiling + Duration::from_millis(5),
+            "restart {i} after {d:?}"
+        );
+    }
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recycle_starts_the_replacement_before_stopping_the_old_worker() {
+    let p = pool(
+        &["-n", "2", "--ready", "delay:1s", "--graceful-timeout", "5s"],
+        None,
+    );
+    p.until(Duration::from_secs(3), "ready", all_ready(2)).await;
+    let old = p.launched(0)[0].pid;
+    p.ask(Request::Recycle { slot: 0 }).await.unwrap();
+    // The replacement starts; the old worker serves on, untouched.
+    let t0 = Instant::now();
+    while p.launched(0).len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no replacement started"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
+    let s = p.status().await;
+    assert_eq!(s.recycles_in_progress, 1);
+    assert!(
+        p.signals_to(old).is_empty(),
+        "old worker signalled before its replacement was ready"
+    );
+    assert!(s.workers.iter().any(|w| w.pid == old && w.state == "ready"));
+    // Ready a second later: then, and only then, the old one gets the stop signal.
+    let s = p
+        .until(Duration::from_secs(3), "recycle complete", |s| {
+            s.recycles == 1
+        })
+        .await;
+    assert_eq!(p.signals_to(old), vec![Signal::SIGTERM]);
+    assert_eq!(s.restarts, 0);
+    assert_eq!(s.recycles_in_progress, 0);
+    assert_eq!(s.workers.len(), 2);
+    let new = p.launched(0)[1].pid;
+    assert!(
+        s.workers
+            .iter()
+            .any(|w| w.pid == new && w.state == "ready" && w.recycles == 1)
+    );
+    // The group is removed on the blocking pool, after the exit.
+    let t0 = Instant::now();
+    while !p.groups.get(0, 0).unwrap().removed {
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the old group is not removed"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_never_ready_leaves_the_old_worker_serving() {
+    let p = pool(
+        &["-n", "1", "--ready", "notify", "--ready-timeout", "3s"],
+        None,
+    );
+    let sock = p._dir.path().join("notify-0-0.sock");
+    p.run_for(Duration::from_millis(10)).await;
+    std::os::unix::net::UnixDatagram::unbound()
+        .unwrap()
+        .send_to(b"READY=1", &sock)
+        .unwrap();
+    p.until(Duration::from_secs(1), "ready", all_ready(1)).await;
+    let old = p.launched(0)[0].pid;
+    p.ask(Request::Recycle { slot: 0 }).await.unwrap();
+    let s = p
+        .until(Duration::from_secs(10), "failed replacement reaped", |s| {
+            s.restarts == 1
+        })
+        .await;
+    let replacement = p.launched(0)[1].pid;
+    assert_eq!(p.signals_to(replacement), vec![Signal::SIGKILL]);
+    assert!(
+        p.signals_to(old).is_empty(),
+        "the old worker must keep serving"
+    );
+    assert_eq!(s.workers.len(), 1);
+    assert_eq!(s.workers[0].pid, old);
+    assert_eq!(s.workers[0].state, "ready");
+    assert_eq!(s.recycles_in_progress, 0);
+    assert_eq!(s.recycles, 0);
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oom_kill_is_counted_and_restarted_after_a_jittered_delay() {
+    let p = pool(&["-n", "2", "--ready", "delay:100ms"], Some(256 * MIB));
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    let pid = p.launched(1)[0].pid;
+    p.groups.set(1, 0, |g| g.oom_kills = 1);
+    p.launcher.exit(pid, Exit::Signal(Signal::SIGKILL));
+    let t0 = Instant::now();
+    while p.launched(1).len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no restart after the OOM kill"
+        );
+        sleep(Duration::from_millis(1)).await;
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= crate::policy::OOM_RESTART_MIN
+            && waited <= crate::policy::OOM_RESTART_MAX + Duration::from_millis(5),
+        "restarted after {waited:?}"
+    );
+    let s = p.status().await;
+    assert_eq!((s.oom_kills, s.restarts), (1, 1));
+    assert_eq!(p.groups.get(1, 1).unwrap().limit, Some(256 * MIB));
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_group_creation_is_retried_with_backoff() {
+    let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    p.groups.fail_next(2);
+    p.launcher.exit(p.launched(0)[0].pid, Exit::Code(3));
+    p.run_for(Duration::from_millis(1)).await;
+    let s = p
+        .until(Duration::from_secs(10), "ready again", all_ready(1))
+        .await;
+    // Generation 1 and 2 failed at their group; generation 3 runs.
+    assert_eq!(s.workers[0].generation, 3);
+    assert_eq!(p.launched(0).len(), 2);
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_drains_and_kills_what_outlives_the_graceful_timeout() {
+    let mut p = pool(
+        &[
+            "-n",
+            "2",
+            "--ready",
+            "delay:100ms",
+            "--graceful-timeout",
+            "4s",
+        ],
+        None,
+    );
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    let (a, b) = (p.launched(0)[0].pid, p.launched(1)[0].pid);
+    p.launcher.make_stubborn(b);
+    p.signals.send(PoolSignal::Term).unwrap();
+    let t0 = Instant::now();
+    let outcome = (&mut p.task).await.unwrap();
+    assert_eq!(outcome, Outcome::Stopped);
+    assert_eq!(p.signals_to(a), vec![Signal::SIGTERM]);
+    let to_b = p.signals_to(b);
+    assert_eq!(to_b[0], Signal::SIGTERM);
+    assert!(to_b[1..].iter().all(|s| *s == Signal::SIGKILL) && to_b.len() > 1);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(5),
+        "took {took:?}"
+    );
+    assert!(p.groups.torn_down());
+    assert!(p.launcher.alive().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_stop_signal_kills_at_once() {
+    let mut p = pool(
+        &[
+            "-n",
+            "1",
+            "--ready",
+            "delay:100ms",
+            "--graceful-timeout",
+            "30s",
+        ],
+        None,
+    );
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    let pid = p.launched(0)[0].pid;
+    p.launcher.make_stubborn(pid);
+    p.signals.send(PoolSignal::Term).unwrap();
+    p.run_for(Duration::from_millis(100)).await;
+    assert_eq!(p.status().await.state, "stopping");
+    p.signals.send(PoolSignal::Int).unwrap();
+    let t0 = Instant::now();
+    assert_eq!((&mut p.task).await.unwrap(), Outcome::Escalated);
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    assert_eq!(p.signals_to(pid), vec![Signal::SIGTERM, Signal::SIGKILL]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn scaling_down_drains_the_highest_slots_and_up_starts_new_ones() {
+    let p = pool(&["-n", "3", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(3)).await;
+    p.signals.send(PoolSignal::Ttou).unwrap();
+    let s = p
+        .until(Duration::from_secs(2), "scaled down", |s| {
+            s.workers.len() == 2
+        })
+        .await;
+    assert_eq!(s.target_workers, 2);
+    assert_eq!(p.signals_to(p.launched(2)[0].pid), vec![Signal::SIGTERM]);
+    assert_eq!(s.restarts, 0);
+    p.ask(Request::Scale {
+        to: crate::status::ScaleTo::Exactly(4),
+    })
+    .await
+    .unwrap();
+    p.until(Duration::from_secs(2), "scaled up", all_ready(4))
+        .await;
+    assert_eq!(p.launched(3).len(), 1);
+    assert_eq!(
+        p.launched(2).len(),
+        2,
+        "slot 2 starts again, as a new generation"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_above_its_trim_threshold_is_trimmed_through_the_injector() {
+    let p = pool(
+        &["-n", "2", "--ready", "delay:100ms", "--trim-at", "50%"],
+        Some(100 * MIB),
+    );
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    let pid = p.launched(1)[0].pid;
+    p.groups.set(1, 0, |g| g.working_set = 60 * MIB);
+    p.groups.set(0, 0, |g| g.working_set = 10 * MIB);
+    let s = p
+        .until(Duration::from_secs(30), "trimmed", |s| s.trims > 0)
+        .await;
+    assert_eq!(p.injector.calls()[0], vec![pid]);
+    assert!(
+        p.injector.calls().iter().all(|c| c == &vec![pid]),
+        "only the worker above its threshold"
+    );
+    let w = s.workers.iter().find(|w| w.pid == pid).unwrap();
+    assert_eq!(w.released_bytes, 4 * MIB * w.trims);
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_past_its_recycle_threshold_is_replaced_first() {
+    let p = pool(
+        &["-n", "2", "--ready", "delay:100ms", "--trim", "off"],
+        Some(100 * MIB),
+    );
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    let old = p.launched(0)[0].pid;
+    p.groups.set(0, 0, |g| g.working_set = 99 * MIB);
+    let s = p
+        .until(Duration::from_secs(60), "recycled for memory", |s| {
+            s.recycles == 1
+        })
+        .await;
+    assert_eq!(p.signals_to(old), vec![Signal::SIGTERM]);
+    assert_eq!(p.launched(0).len(), 2);
+    let w = s.workers.iter().find(|w| w.slot == 0).unwrap();
+    assert!(
+        w.last_reason.as_deref().unwrap().starts_with("memory"),
+        "{w:?}"
+    );
+    assert_eq!((s.restarts, s.oom_kills), (0, 0));
+    p.stop().await;
+}
