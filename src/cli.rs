@@ -139,6 +139,27 @@ pub struct RunArgs {
     #[arg(long, env = "TRIMRUN_READY_TIMEOUT", default_value = "60s", value_parser = parse_duration, help_heading = "Lifecycle")]
     pub ready_timeout: Duration,
 
+    /// Watchdog: each worker must send sd_notify `WATCHDOG=1` at least this often
+    /// (it gets `WATCHDOG_USEC` and `WATCHDOG_PID` as under systemd's WatchdogSec=); a ready
+    /// worker that misses it is sent --timeout-signal, SIGKILLed after a short grace and
+    /// replaced [default: off]
+    #[arg(
+        long,
+        env = "TRIMRUN_TIMEOUT",
+        value_name = "DURATION",
+        help_heading = "Watchdog"
+    )]
+    pub timeout: Option<String>,
+    /// Signal sent first to a worker that missed its watchdog (ABRT: Python's faulthandler
+    /// dumps every thread's stack to stderr)
+    #[arg(
+        long,
+        env = "TRIMRUN_TIMEOUT_SIGNAL",
+        default_value = "ABRT",
+        help_heading = "Watchdog"
+    )]
+    pub timeout_signal: String,
+
     /// Memory limit per worker: a size (512M, 1.5G) or `auto` (trimrun's own allowance divided among the workers)
     #[arg(long, env = "TRIMRUN_LIMIT", help_heading = "Memory")]
     pub limit: Option<String>,

@@ -74,6 +74,31 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
     })
 }
 
+/// Shortest `--timeout`: a worker pings every half of it, and trimrun's own reaction time
+/// (a loop turn, a trim pause) must stay well below it.
+pub const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+/// Longest `--timeout`: beyond a day a hang is not what is being watched for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `--timeout`: a duration, or `0`/`off` for no watchdog (gunicorn's `--timeout 0`).
+pub fn parse_timeout(s: &str) -> Result<Option<Duration>, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    let d = parse_duration(t).map_err(|e| format!("invalid --timeout: {e}, or `off`"))?;
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d < MIN_TIMEOUT || d > MAX_TIMEOUT {
+        return Err(format!(
+            "invalid --timeout '{s}': between {}ms and 24h, or `off` (workers ping every half of it)",
+            MIN_TIMEOUT.as_millis()
+        ));
+    }
+    Ok(Some(d))
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub cmd: Vec<String>,
@@ -84,6 +109,9 @@ pub struct Config {
     pub stop_signal: Signal,
     pub ready: Ready,
     pub ready_timeout: Duration,
+    /// `--timeout`: the watchdog interval, None when off.
+    pub timeout: Option<Duration>,
+    pub timeout_signal: Signal,
     pub limit: Limit,
     pub cgroup: String,
     pub trim: bool,
@@ -175,6 +203,14 @@ impl Config {
             stop_signal: parse_signal(&a.stop_signal)?,
             ready: a.ready.parse()?,
             ready_timeout: a.ready_timeout,
+            timeout: a
+                .timeout
+                .as_deref()
+                .map(parse_timeout)
+                .transpose()?
+                .flatten(),
+            timeout_signal: parse_signal(&a.timeout_signal)
+                .map_err(|e| format!("--timeout-signal: {e}"))?,
             limit,
             cgroup,
             trim: a.trim == OnOff::On,
@@ -277,6 +313,52 @@ mod tests {
                 "auto, v2, v1 or none",
             ),
             (&["trimrun", "--trim-at", "95%", "--", "x"], "must be above"),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn timeout_is_off_by_default_and_parsed_when_given() {
+        let c = parse(&["trimrun", "--", "x"]).unwrap();
+        assert_eq!(c.timeout, None);
+        assert_eq!(c.timeout_signal, Signal::SIGABRT);
+        let c = parse(&[
+            "trimrun",
+            "--timeout",
+            "30s",
+            "--timeout-signal",
+            "QUIT",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.timeout_signal, Signal::SIGQUIT);
+        for off in ["0", "off", "OFF", "0s"] {
+            let c = parse(&["trimrun", "--timeout", off, "--", "x"]).unwrap();
+            assert_eq!(c.timeout, None, "{off}");
+        }
+        let cases: &[(&[&str], &str)] = &[
+            (&["trimrun", "--timeout", "soon", "--", "x"], "or `off`"),
+            (
+                &["trimrun", "--timeout", "10ms", "--", "x"],
+                "between 100ms and 24h",
+            ),
+            (
+                &["trimrun", "--timeout", "2d", "--", "x"],
+                "between 100ms and 24h",
+            ),
+            (
+                &["trimrun", "--timeout=-5s", "--", "x"],
+                "invalid --timeout",
+            ),
+            (
+                &["trimrun", "--timeout-signal", "NOPE", "--", "x"],
+                "--timeout-signal: invalid signal",
+            ),
         ];
         for (args, want) in cases {
             let err = parse(args).unwrap_err();

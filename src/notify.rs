@@ -2,10 +2,14 @@
 //!
 //! Up: trimrun tells its own service manager (`NOTIFY_SOCKET`, set by systemd for
 //! `Type=notify` units) `READY=1` once the initial workers are ready, `STATUS=` lines,
-//! `RELOADING=1` with `MONOTONIC_USEC` during a rolling restart, and `STOPPING=1`.
+//! `RELOADING=1` with `MONOTONIC_USEC` during a rolling restart, and `STOPPING=1`; under
+//! `WatchdogSec=` (`WATCHDOG_USEC`), `WATCHDOG=1` every half interval from the pool's loop,
+//! so a stuck supervisor is caught by systemd as a stuck worker is by trimrun.
 //!
 //! Down: with `--ready notify` each worker gets its own datagram socket as `NOTIFY_SOCKET`,
 //! so a `READY=1` can only come from that worker (or its children), never from a neighbour.
+//! The same socket carries the watchdog (`--timeout`): `WATCHDOG=1` keep-alives and
+//! `WATCHDOG=trigger`, as under systemd's `WatchdogSec=`.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
@@ -14,6 +18,8 @@ use std::path::{Path, PathBuf};
 /// A connection to the service manager's notify socket, if trimrun was given one.
 pub struct Notifier {
     sock: Option<(UnixDatagram, SocketAddr)>,
+    /// Half of the manager's `WATCHDOG_USEC` for trimrun, if it set one.
+    keepalive_every: Option<std::time::Duration>,
 }
 
 impl Notifier {
@@ -27,7 +33,20 @@ impl Notifier {
             };
             Some((UnixDatagram::unbound().ok()?, addr))
         });
-        Notifier { sock }
+        let keepalive_every = own_watchdog(
+            std::env::var("WATCHDOG_USEC").ok().as_deref(),
+            std::env::var("WATCHDOG_PID").ok().as_deref(),
+            std::process::id(),
+        );
+        Notifier {
+            keepalive_every: keepalive_every.filter(|_| sock.is_some()),
+            sock,
+        }
+    }
+
+    /// How often to send `WATCHDOG=1` to the manager: None without a manager's watchdog.
+    pub fn keepalive_every(&self) -> Option<std::time::Duration> {
+        self.keepalive_every
     }
 
     pub fn is_active(&self) -> bool {
@@ -52,6 +71,18 @@ impl Notifier {
     }
 }
 
+/// Half of the watchdog interval the service manager set for trimrun (`WATCHDOG_USEC`), as
+/// `sd_watchdog_enabled(3)` reads it: none when `WATCHDOG_PID` names another process.
+pub fn own_watchdog(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<std::time::Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|u| *u > 0)?;
+    if let Some(p) = pid
+        && p.trim().parse::<u32>().ok() != Some(me)
+    {
+        return None;
+    }
+    Some(std::time::Duration::from_micros(usec) / 2)
+}
+
 /// Parse a notification datagram into its `KEY=VALUE` lines.
 pub fn parse(msg: &[u8]) -> Vec<(String, String)> {
     String::from_utf8_lossy(msg)
@@ -61,6 +92,36 @@ pub fn parse(msg: &[u8]) -> Vec<(String, String)> {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
         })
         .collect()
+}
+
+/// What one datagram from a worker says: the sd_notify(3) assignments trimrun acts on.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// `READY=1`.
+    pub ready: bool,
+    /// `WATCHDOG=1`: the worker's keep-alive.
+    pub watchdog: bool,
+    /// `WATCHDOG=trigger`: the worker asks to be handled as if it had missed its watchdog.
+    pub watchdog_trigger: bool,
+    /// The last `STATUS=` line.
+    pub status: Option<String>,
+}
+
+impl Notification {
+    /// Read a datagram. Unknown keys and values are ignored, as systemd does.
+    pub fn read(msg: &[u8]) -> Notification {
+        let mut n = Notification::default();
+        for (k, v) in parse(msg) {
+            match (k.as_str(), v.as_str()) {
+                ("READY", "1") => n.ready = true,
+                ("WATCHDOG", "1") => n.watchdog = true,
+                ("WATCHDOG", "trigger") => n.watchdog_trigger = true,
+                ("STATUS", _) => n.status = Some(v),
+                _ => {}
+            }
+        }
+        n
+    }
 }
 
 /// True when a datagram says `READY=1`.
@@ -118,6 +179,49 @@ mod tests {
     }
 
     #[test]
+    fn watchdog_keepalives_and_triggers_are_read_with_readiness() {
+        let n = Notification::read(b"READY=1\nWATCHDOG=1\nSTATUS=serving 3 requests\n");
+        assert!(n.ready && n.watchdog && !n.watchdog_trigger);
+        assert_eq!(n.status.as_deref(), Some("serving 3 requests"));
+        assert_eq!(
+            Notification::read(b"WATCHDOG=1"),
+            Notification {
+                watchdog: true,
+                ..Default::default()
+            }
+        );
+        let t = Notification::read(b"WATCHDOG=trigger");
+        assert!(t.watchdog_trigger && !t.watchdog);
+        // Not keep-alives: other values, other keys, a value inside another assignment,
+        // and systemd's WATCHDOG_USEC= (a request to change the interval, not a ping).
+        for msg in [
+            &b"WATCHDOG=0"[..],
+            b"WATCHDOG=yes",
+            b"watchdog=1",
+            b"STATUS=WATCHDOG=1",
+            b"WATCHDOG_USEC=5000000",
+            b"WATCHDOG",
+            b"",
+            b"\xff\xfe",
+        ] {
+            let n = Notification::read(msg);
+            assert!(!n.watchdog && !n.watchdog_trigger && !n.ready, "{msg:?}");
+        }
+    }
+
+    #[test]
+    fn trimrun_keeps_its_own_watchdog_only_when_it_is_the_one_watched() {
+        let half = |ms| Some(std::time::Duration::from_millis(ms));
+        assert_eq!(own_watchdog(Some("30000000"), None, 42), half(15_000));
+        assert_eq!(own_watchdog(Some("2000000"), Some("42"), 42), half(1000));
+        assert_eq!(own_watchdog(Some("2000000"), Some("7"), 42), None);
+        assert_eq!(own_watchdog(Some("2000000"), Some("x"), 42), None);
+        for bad in [None, Some(""), Some("0"), Some("-1"), Some("soon")] {
+            assert_eq!(own_watchdog(bad, None, 42), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn notifier_reaches_a_listening_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("n.sock");
@@ -127,6 +231,7 @@ mod tests {
                 UnixDatagram::unbound().unwrap(),
                 SocketAddr::from_pathname(&path).unwrap(),
             )),
+            keepalive_every: None,
         };
         n.send("READY=1");
         let mut buf = [0u8; 64];

@@ -13,7 +13,7 @@
 //! 4. `setpgid(0, 0)`: its own process group, so stopping a worker stops its whole tree,
 //! 5. `PR_SET_PDEATHSIG(SIGKILL)`, then check that trimrun did not die meanwhile,
 //! 6. write its own pid into `LISTEN_PID` (systemd's rule: the pid of the process that is
-//!    meant to use the fds) and `execve`.
+//!    meant to use the fds) and, with `--timeout`, into `WATCHDOG_PID`, and `execve`.
 //!
 //! A failure at any step is reported through a close-on-exec pipe, so the parent learns
 //! "exec failed: not found" rather than seeing a mysterious exit 127.
@@ -39,6 +39,8 @@ const OWN_VARS: &[&str] = &[
     "NOTIFY_SOCKET",
     "TRIMRUN_WORKER_ID",
     "TRIMRUN_WORKER_GENERATION",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -131,11 +133,14 @@ pub struct WorkerSpec<'a> {
     pub cgroup_procs: Option<&'a OwnedFd>,
     /// The worker's own sd_notify socket path, if readiness is by notification.
     pub notify_socket: Option<&'a Path>,
+    /// `--timeout`: `WATCHDOG_USEC` and `WATCHDOG_PID` (the worker's own pid), as systemd
+    /// sets them for `WatchdogSec=`.
+    pub watchdog: Option<std::time::Duration>,
 }
 
-/// Build the worker's environment. Returns the envp strings and the index of the
-/// `LISTEN_PID` entry, whose value slot the child fills in.
-fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Option<usize>) {
+/// Build the worker's environment. Returns the envp strings and the indices of the
+/// `LISTEN_PID` and `WATCHDOG_PID` entries, whose value slots the child fills in.
+fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Vec<usize>) {
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
@@ -162,12 +167,17 @@ fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Option<usize>) {
     if let Some(p) = spec.notify_socket {
         push(&mut env, "NOTIFY_SOCKET", &p.to_string_lossy());
     }
-    let mut pid_index = None;
+    let mut pid_index = vec![];
     if !spec.listeners.is_empty() {
         push(&mut env, "LISTEN_FDS", &spec.listeners.len().to_string());
         push(&mut env, "LISTEN_FDNAMES", &spec.fd_names.join(":"));
-        pid_index = Some(env.len());
+        pid_index.push(env.len());
         push(&mut env, "LISTEN_PID", &"0".repeat(PID_SLOT));
+    }
+    if let Some(d) = spec.watchdog {
+        push(&mut env, "WATCHDOG_USEC", &d.as_micros().max(1).to_string());
+        pid_index.push(env.len());
+        push(&mut env, "WATCHDOG_PID", &"0".repeat(PID_SLOT));
     }
     (env, pid_index)
 }
@@ -220,15 +230,21 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
     env_ptrs.push(std::ptr::null());
-    // Where the child writes its pid: just after "LISTEN_PID=".
-    let pid_slot: *mut u8 = match pid_index {
-        Some(i) => env[i]
+    // Where the child writes its pid: just after "LISTEN_PID=" and "WATCHDOG_PID=".
+    let mut pid_slots: [*mut u8; 2] = [std::ptr::null_mut(); 2];
+    for (slot, &i) in pid_slots.iter_mut().zip(&pid_index) {
+        let key_len = env[i]
+            .as_bytes()
+            .iter()
+            .position(|&b| b == b'=')
+            .unwrap_or(0)
+            + 1;
+        *slot = env[i]
             .as_ptr()
             .cast_mut()
             .cast::<u8>()
-            .wrapping_add("LISTEN_PID=".len()),
-        None => std::ptr::null_mut(),
-    };
+            .wrapping_add(key_len);
+    }
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| sys("create pipe", e.into()))?;
     let listeners: Vec<RawFd> = spec.listeners.to_vec();
@@ -255,7 +271,7 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
                 path: path.as_ptr(),
                 argv: argv_ptrs.as_ptr(),
                 envp: env_ptrs.as_ptr(),
-                pid_slot,
+                pid_slots,
                 listeners: &listeners,
                 procs_fd,
                 err_fd: err_w_fd,
@@ -292,7 +308,7 @@ struct ChildArgs<'a> {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
-    pid_slot: *mut u8,
+    pid_slots: [*mut u8; 2],
     listeners: &'a [RawFd],
     procs_fd: RawFd,
     err_fd: RawFd,
@@ -376,23 +392,24 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         if libc::getppid() != a.parent {
             libc::_exit(1);
         }
-        // 6. LISTEN_PID = our own pid, written into the fixed-width slot.
-        if !a.pid_slot.is_null() {
-            let mut pid = libc::getpid() as u32;
-            let mut digits = [0u8; PID_SLOT];
-            let mut len = 0;
-            loop {
-                digits[len] = b'0' + (pid % 10) as u8;
-                len += 1;
-                pid /= 10;
-                if pid == 0 || len == PID_SLOT {
-                    break;
-                }
+        // 6. LISTEN_PID (and WATCHDOG_PID) = our own pid, written into the fixed-width
+        //    slots.
+        let mut pid = libc::getpid() as u32;
+        let mut digits = [0u8; PID_SLOT];
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (pid % 10) as u8;
+            len += 1;
+            pid /= 10;
+            if pid == 0 || len == PID_SLOT {
+                break;
             }
+        }
+        for slot in a.pid_slots.iter().filter(|p| !p.is_null()) {
             for i in 0..len {
-                *a.pid_slot.add(i) = digits[len - 1 - i];
+                *slot.add(i) = digits[len - 1 - i];
             }
-            *a.pid_slot.add(len) = 0;
+            *slot.add(len) = 0;
         }
         // 7. The fd limit trimrun started with (it raised its own soft limit).
         if let Some(r) = &a.nofile {
@@ -454,6 +471,7 @@ mod tests {
             fd_names: &["http".into(), "admin".into()],
             cgroup_procs: None,
             notify_socket: Some(Path::new("/run/n.sock")),
+            watchdog: None,
         };
         let (env, idx) = build_env(&spec);
         let env: Vec<String> = env
@@ -465,13 +483,40 @@ mod tests {
         assert!(env.contains(&"TRIMRUN_WORKER_ID=3".to_string()));
         assert!(env.contains(&"TRIMRUN_WORKER_GENERATION=7".to_string()));
         assert!(env.contains(&"NOTIFY_SOCKET=/run/n.sock".to_string()));
-        assert_eq!(
-            env[idx.unwrap()],
-            format!("LISTEN_PID={}", "0".repeat(PID_SLOT))
-        );
+        assert_eq!(idx.len(), 1);
+        assert_eq!(env[idx[0]], format!("LISTEN_PID={}", "0".repeat(PID_SLOT)));
+        assert!(!env.iter().any(|e| e.starts_with("WATCHDOG_")));
         assert_eq!(
             env.iter().filter(|e| e.starts_with("LISTEN_PID=")).count(),
             1
         );
+    }
+
+    #[test]
+    fn watchdog_env_is_set_like_systemd_and_replaces_inherited_values() {
+        let spec = WorkerSpec {
+            slot: 0,
+            generation: 0,
+            listeners: &[10],
+            fd_names: &["http".into()],
+            cgroup_procs: None,
+            notify_socket: Some(Path::new("/run/n.sock")),
+            watchdog: Some(std::time::Duration::from_millis(2500)),
+        };
+        let (env, idx) = build_env(&spec);
+        let env: Vec<String> = env
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert!(env.contains(&"WATCHDOG_USEC=2500000".to_string()));
+        let pid_entries: Vec<&str> = idx.iter().map(|&i| env[i].as_str()).collect();
+        assert_eq!(
+            pid_entries,
+            [
+                format!("LISTEN_PID={}", "0".repeat(PID_SLOT)),
+                format!("WATCHDOG_PID={}", "0".repeat(PID_SLOT))
+            ]
+        );
+        assert_eq!(env.iter().filter(|e| e.starts_with("WATCHDOG_")).count(), 2);
     }
 }

@@ -5,6 +5,12 @@ keep-alive connections, lets responses in flight finish (``Connection: close``) 
 ``timeout_graceful_shutdown``, runs the lifespan shutdown, and returns. The sockets are
 handed over as socket objects of their real family, so asyncio sets TCP_NODELAY on each
 accepted TCP connection (``uvicorn --fd`` takes any fd for a unix socket and does not).
+
+With a watchdog (trimrun ``--timeout``: ``WATCHDOG_USEC``), uvicorn's main loop sends
+``WATCHDOG=1`` every quarter interval from its tick (every 0.1 s): a worker whose event loop is
+blocked (a blocking call in an ``async def``, a deadlock) goes silent and trimrun replaces
+it. A request that awaits forever without blocking the loop, or a stuck sync endpoint in
+the thread pool, is not noticed.
 """
 
 import signal
@@ -62,12 +68,17 @@ class _Server(uvicorn.Server):
     def __init__(self, config, on_ready):
         super().__init__(config)
         self._on_ready = on_ready
+        self._watchdog = sdnotify.Watchdog()
 
     async def startup(self, sockets=None):
         await super().startup(sockets=sockets)
         # The lifespan startup has run and the listeners are in the loop.
         if self.started and not self.should_exit and self._on_ready is not None:
             self._on_ready()
+
+    async def on_tick(self, counter):
+        self._watchdog.tick()
+        return await super().on_tick(counter)
 
     def handle_exit(self, sig, frame):
         if not self.should_exit:

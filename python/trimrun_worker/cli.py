@@ -1,6 +1,7 @@
 """``python -m trimrun_worker [OPTIONS] MODULE:APP``: the command line."""
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -46,6 +47,9 @@ def parser():
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    # A stack dump of every thread on SIGABRT (trimrun's --timeout-signal), SIGSEGV, ...
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
     slot = os.environ.get("TRIMRUN_WORKER_ID", "-")
     logging.basicConfig(
         level=args.log_level.upper(),

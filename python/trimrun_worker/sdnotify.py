@@ -1,14 +1,21 @@
 """sd_notify(3) for a worker: one datagram per message to ``$NOTIFY_SOCKET``.
 
-trimrun gives each worker its own notify socket (``--ready notify``), so a message can
-only come from that worker. Messages are ``KEY=VALUE`` lines (``READY=1``, ``STOPPING=1``,
-``STATUS=...``). Failures are reported on stderr, never raised: a supervisor that went
-away must not take a serving worker down.
+trimrun gives each worker its own notify socket (``--ready notify``, ``--timeout``), so a
+message can only come from that worker. Messages are ``KEY=VALUE`` lines (``READY=1``,
+``STOPPING=1``, ``STATUS=...``, ``WATCHDOG=1``). Failures are reported on stderr, never
+raised: a supervisor that went away must not take a serving worker down.
+
+The watchdog (trimrun's ``--timeout``, systemd's ``WatchdogSec=``): the worker gets
+``WATCHDOG_USEC`` and ``WATCHDOG_PID`` and must send ``WATCHDOG=1`` at least that often;
+:class:`Watchdog` sends it from a serving loop, every quarter of the interval: twice as
+often as sd_notify's half-interval rule, so that a slow turn of the loop on a loaded host
+is never mistaken for a hang.
 """
 
 import os
 import socket
 import sys
+import time
 
 
 class Notifier:
@@ -55,6 +62,56 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def watchdog_interval(environ=None, pid=None):
+    """Seconds between two keep-alives (a quarter of ``WATCHDOG_USEC``), or None when no
+    watchdog is set for this process. As ``sd_watchdog_enabled(3)``: a ``WATCHDOG_PID``
+    naming another process (a parent's, inherited) means none."""
+    environ = os.environ if environ is None else environ
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    if usec <= 0:
+        return None
+    owner = environ.get("WATCHDOG_PID")
+    if owner and owner != str(os.getpid() if pid is None else pid):
+        return None
+    return usec / 4e6
+
+
+class Watchdog:
+    """``WATCHDOG=1`` keep-alives, sent from a serving loop by calling :meth:`tick` often
+    (at least once per interval; every turn of the loop is fine).
+
+    A keep-alive says "this loop turns" — and with ``busy``/``progress``, "and the request
+    threads are not all stuck": while every request thread is busy (``busy``), one is sent
+    only once ``progress`` (a count of finished requests) has moved since the last one.
+    """
+
+    def __init__(self, interval=None, notifier=None, clock=time.monotonic):
+        self.interval = watchdog_interval() if interval is None else interval
+        self._notifier = notifier
+        self._clock = clock
+        self._last = None
+        self._mark = None
+
+    @property
+    def enabled(self):
+        return bool(self.interval)
+
+    def tick(self, busy=False, progress=None):
+        """Send ``WATCHDOG=1`` if one is due; True when sent."""
+        if not self.interval:
+            return False
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        if busy and self._last is not None and progress == self._mark:
+            return False  # every request thread busy, and none finished since: stuck
+        self._last, self._mark = now, progress
+        return (self._notifier or notifier()).send("WATCHDOG=1")
 
 
 _default = None

@@ -12,6 +12,13 @@ itself. On the stop signal it:
    request yet gets ``FRESH_GRACE`` seconds to send its first one (the client is almost
    always sending it right now: closing it would fail a request that was never late);
 4. exits once no connection is left, or when ``graceful_timeout`` has passed.
+
+With a watchdog (trimrun ``--timeout``: ``WATCHDOG_USEC``), the event loop sends
+``WATCHDOG=1`` every quarter interval while it turns, except while every request thread is
+busy and none has finished a request since the last keep-alive: a worker whose threads are
+all stuck (a deadlock, an endless loop) goes silent and trimrun replaces it. One stuck
+thread among healthy ones is not noticed (the others keep finishing requests); nor is a
+slow request while threads are free.
 """
 
 import logging
@@ -43,7 +50,19 @@ class _Drain:
     active = False
 
 
+class _Progress:
+    """Requests finished (any outcome), for the watchdog."""
+
+    done = 0
+
+
 class _DrainingTask(WSGITask):
+    def service(self):
+        try:
+            super().service()
+        finally:
+            _Progress.done += 1
+
     def build_response_header(self):
         if _Drain.active:
             # Adds "Connection: close" (headers are not sent yet) and closes the
@@ -114,8 +133,10 @@ def serve(app, socks, threads=4, graceful_timeout=25.0, backlog=4096, connection
     signal.signal(signal.SIGINT, on_stop)
     if on_ready is not None:
         on_ready()
+    watchdog = sdnotify.Watchdog()
     while not stop_at:
         wasyncore.loop(timeout=POLL_SECONDS, map=smap, use_poll=True, count=1)
+        watchdog.tick(busy=dispatcher.active_count >= threads, progress=_Progress.done)
 
     _Drain.active = True
     sdnotify.stopping()

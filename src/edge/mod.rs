@@ -70,8 +70,10 @@ pub struct Launch<'a> {
     pub slot: usize,
     pub generation: u64,
     pub group: &'a dyn Group,
-    /// The worker's own sd_notify socket, with `--ready notify`.
+    /// The worker's own sd_notify socket, with `--ready notify` or `--timeout`.
     pub notify_socket: Option<&'a Path>,
+    /// `--timeout`: the worker gets `WATCHDOG_USEC` and `WATCHDOG_PID`.
+    pub watchdog: Option<std::time::Duration>,
 }
 
 /// Starts workers and tells the supervisor when they end.

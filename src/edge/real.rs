@@ -110,6 +110,7 @@ impl Launcher for ForkExec {
             fd_names: &self.fd_names,
             cgroup_procs: procs.as_ref(),
             notify_socket: req.notify_socket,
+            watchdog: req.watchdog,
         };
         spawn::spawn(&self.program, &spec)
     }

@@ -21,6 +21,9 @@
 //!    `memory.high` (cgroup v2) instead of letting it reach its limit.
 //! 5. A worker that died is restarted after [`Backoff::failure`] (crash) or
 //!    [`oom_restart_delay`] (OOM kill).
+//! 6. With `--timeout`, a ready worker is hung once [`is_overdue`] (no `WATCHDOG=1` for a
+//!    whole timeout); it gets the timeout signal, SIGKILL after [`kill_grace`], and its
+//!    replacement starts after [`replacement_delay`].
 //!
 //! Why jitter everywhere: 64 workers of one app, started together and leaking at the same
 //! rate, would otherwise reach one threshold in the same second, every time. Per-worker
@@ -31,6 +34,7 @@ mod backoff;
 mod gate;
 mod settings;
 mod throttle;
+mod watchdog;
 mod worker;
 
 pub use backoff::{
@@ -42,6 +46,10 @@ pub use gate::{
 };
 pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
+pub use watchdog::{
+    KILL_GRACE_MAX, KILL_GRACE_MIN, is_overdue, kept_alive_for, kill_grace, overdue_at,
+    replacement_delay,
+};
 pub use worker::{
     GROWTH_WINDOW, PROJECTION_MIN_SPAN, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX,
     WorkerPolicy,

@@ -35,6 +35,7 @@
 //! | `trimrun_slot_backoff_seconds` | gauge (until the next start; 0 when not backing off) | `slot` |
 //! | `trimrun_slot_last_exit` | gauge, always 1 | `slot`, `cause` (`exit_code_1`, `killed_by_sigsegv`, `oom_kill`, ...) |
 //! | `trimrun_log_lines_dropped_total` | counter | |
+//! | `trimrun_worker_timeouts_total` | counter (workers that missed their `--timeout` watchdog) | `slot` |
 //!
 //! The per-worker gauges of a slot that no longer exists (after `scale -1`) are removed at
 //! the next update; its counters stay, as counters must.
@@ -142,6 +143,7 @@ pub struct Metrics {
     slot_backoff: Family<SlotLabels, GaugeF64>,
     slot_last_exit: Family<ExitLabels, GaugeU64>,
     log_dropped: Counter,
+    timeouts: Family<SlotLabels, Counter>,
     /// Slots with per-worker gauges, to drop those of slots that are gone.
     slots: Mutex<BTreeSet<usize>>,
 }
@@ -182,6 +184,7 @@ impl Metrics {
             slot_backoff: Default::default(),
             slot_last_exit: Default::default(),
             log_dropped: Default::default(),
+            timeouts: Default::default(),
             slots: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
         };
@@ -321,6 +324,11 @@ impl Metrics {
             "Lines of trimrun's log lost (stderr closed or not keeping up)",
             m.log_dropped.clone(),
         );
+        r.register(
+            "worker_timeouts",
+            "Workers that missed their watchdog (--timeout) and were replaced",
+            m.timeouts.clone(),
+        );
         Arc::new(Metrics { registry: r, ..m })
     }
 
@@ -359,6 +367,11 @@ impl Metrics {
             self.oom_kills.inc();
             self.slot_oom_kills.get_or_create(&slot_labels(slot)).inc();
         }
+    }
+
+    /// The worker in `slot` missed its watchdog (`--timeout`).
+    pub fn timed_out(&self, slot: usize) {
+        self.timeouts.get_or_create(&slot_labels(slot)).inc();
     }
 
     /// Copy the levels of a snapshot into the gauges. The OOM kill counter catches up
@@ -830,6 +843,28 @@ mod tests {
             1.0
         );
         assert_eq!(s["trimrun_oom_kills_total"], 1.0);
+    }
+
+    #[test]
+    fn watchdog_timeouts_are_counted_per_slot() {
+        let m = Metrics::new();
+        m.timed_out(2);
+        m.timed_out(2);
+        m.timed_out(0);
+        let text = m.encode();
+        let s = samples(&text);
+        assert_eq!(
+            s["trimrun_worker_timeouts_total{slot=\"2\"}"], 2.0,
+            "{text}"
+        );
+        assert_eq!(
+            s["trimrun_worker_timeouts_total{slot=\"0\"}"], 1.0,
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE trimrun_worker_timeouts_total counter"),
+            "{text}"
+        );
     }
 
     #[test]

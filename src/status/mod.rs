@@ -79,6 +79,8 @@ pub struct Snapshot {
     pub restarts: u64,
     pub recycles: u64,
     pub recycles_in_progress: usize,
+    /// Workers that missed their watchdog (`--timeout`) since the pool started.
+    pub timeouts: u64,
     pub trims: u64,
     pub released_bytes: u64,
     /// `starting`, `running`, `reloading` or `stopping`.
@@ -131,7 +133,7 @@ pub struct WorkerSnapshot {
     pub slot: usize,
     pub pid: i32,
     pub generation: u64,
-    /// `starting`, `ready` or `draining`.
+    /// `starting`, `ready`, `draining`, or `hung` (missed its watchdog, being killed).
     pub state: String,
     pub age_secs: f64,
     /// Bytes: cgroup working set (current − inactive_file), or the smaps sum without cgroups.
@@ -150,6 +152,8 @@ pub struct WorkerSnapshot {
     pub last_reason: Option<String>,
     /// Working set above which this worker asks to be recycled (its own jittered draw).
     pub recycle_threshold: Option<u64>,
+    /// Watchdog timeouts of this slot so far (all generations).
+    pub timeouts: u64,
 }
 
 impl Snapshot {

@@ -316,9 +316,14 @@ fn pool_line(s: &Snapshot) -> String {
         Some(limit) => format!("{total} of {}", human_bytes(limit)),
         None => total,
     };
+    let timeouts = if s.timeouts > 0 {
+        format!("  watchdog timeouts {}", s.timeouts)
+    } else {
+        String::new()
+    };
     format!(
         "trimrun pid {} ({state}, up {})  backend {backend}  workers {}/{}  memory {memory}  \
-         OOM kills {}  restarts {}  recycles {} ({} in progress)  trims {} ({} released)",
+         OOM kills {}  restarts {}  recycles {} ({} in progress)  trims {} ({} released){timeouts}",
         s.pid,
         human_age(s.uptime_secs),
         s.workers.len(),
@@ -425,6 +430,7 @@ mod tests {
             recycles_in_progress: 1,
             trims: 9,
             released_bytes: 80 * MIB,
+            timeouts: 0,
             state: "running".into(),
             slots: vec![],
             log_lines_dropped: 0,
@@ -458,6 +464,7 @@ mod tests {
                     last_reason: Some("memory".into()),
                     recycle_threshold: Some(460 * MIB),
                     rss: None,
+                    timeouts: 0,
                 },
             ],
         }
@@ -635,6 +642,20 @@ mod tests {
             t.lines().next().unwrap().contains("memory 912.0 MiB  "),
             "{t}"
         );
+    }
+
+    #[test]
+    fn watchdog_timeouts_show_in_the_pool_line_only_once_there_are_some() {
+        let mut s = pool();
+        assert!(!render_table(&s).contains("timeouts"));
+        s.timeouts = 2;
+        s.workers[0].state = "hung".into();
+        let t = render_table(&s);
+        assert!(
+            t.lines().next().unwrap().ends_with("  watchdog timeouts 2"),
+            "{t}"
+        );
+        assert!(t.contains(" hung "), "{t}");
     }
 
     #[test]

@@ -205,7 +205,11 @@ impl Supervisor {
         let mut workers: Vec<_> = self
             .workers
             .iter()
-            .map(|w| w.snapshot(self.limit, self.recycling(w)))
+            .map(|w| {
+                let mut s = w.snapshot(self.limit, self.recycling(w));
+                s.timeouts = self.slots.get(w.slot).map_or(0, |s| s.timeouts);
+                s
+            })
             .collect();
         workers.sort_by_key(|w| (w.slot, w.generation));
         Snapshot {
@@ -219,6 +223,7 @@ impl Supervisor {
             restarts: self.totals.restarts,
             recycles: self.totals.recycles,
             recycles_in_progress: self.in_progress(),
+            timeouts: self.totals.timeouts,
             trims: self.totals.trims,
             released_bytes: self.totals.released,
             slots: self.slot_snapshots(),

@@ -7,12 +7,12 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
-use super::worker::Stats;
+use super::worker::{Keepalive, Stats};
 use super::{Event, Exit, Phase, Replacing, STABLE_AFTER, State, Supervisor, Trim, Why, Worker};
 use crate::config::Ready;
 use crate::edge::{Launch, Launcher};
 use crate::notify;
-use crate::policy::{self, WorkerPolicy};
+use crate::policy::{self, RecycleReason, WorkerPolicy};
 
 /// Ask `w` to stop: the stop signal to its process group; SIGKILL at `until`. No-op for a
 /// worker already on its way out.
@@ -54,8 +54,11 @@ impl Supervisor {
                 return false;
             }
         };
-        let notify_path =
-            (self.cfg.ready == Ready::Notify).then(|| self.rundir.notify_path(slot, generation));
+        // One notify socket per worker carries readiness (`--ready notify`) and the
+        // watchdog's keep-alives (`--timeout`).
+        let ready_by_notify = self.cfg.ready == Ready::Notify;
+        let notify_path = (ready_by_notify || self.cfg.timeout.is_some())
+            .then(|| self.rundir.notify_path(slot, generation));
         let notify_sock = match &notify_path {
             Some(p) => match notify::bind_worker_socket(p) {
                 Ok(s) => Some(s),
@@ -73,6 +76,7 @@ impl Supervisor {
             generation,
             group: group.as_ref(),
             notify_socket: notify_path.as_deref(),
+            watchdog: self.cfg.timeout,
         };
         let pid = match self.launcher.launch(&launch) {
             Ok(pid) => pid,
@@ -84,19 +88,26 @@ impl Supervisor {
             }
         };
         let now = Instant::now();
+        let keepalive = Keepalive::default();
+        let watchdog = self.cfg.timeout.is_some();
         let notify_task = notify_sock.map(|sock| {
             let tx = self.tx.clone();
+            let keepalive = keepalive.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 while let Ok(n) = sock.recv(&mut buf).await {
-                    let msg = &buf[..n];
-                    if notify::says_ready(msg) {
+                    let msg = notify::Notification::read(&buf[..n]);
+                    if msg.watchdog {
+                        keepalive.touch();
+                    }
+                    if msg.ready && ready_by_notify {
                         let _ = tx.send(Event::Ready { pid });
                     }
-                    for (k, v) in notify::parse(msg) {
-                        if k == "STATUS" {
-                            let _ = tx.send(Event::NotifyStatus { pid, text: v });
-                        }
+                    if msg.watchdog_trigger && watchdog {
+                        let _ = tx.send(Event::WatchdogTrigger { pid });
+                    }
+                    if let Some(text) = msg.status {
+                        let _ = tx.send(Event::NotifyStatus { pid, text });
                     }
                 }
             })
@@ -135,6 +146,8 @@ impl Supervisor {
             pid,
             started: now,
             state: State::Starting { replaces },
+            ready_at: None,
+            keepalive,
             trim: Trim::Idle,
             notify_task,
             notify_path,
@@ -171,6 +184,7 @@ impl Supervisor {
         match ev {
             Event::Ready { pid } => self.mark_ready(pid),
             Event::NotifyStatus { pid, text } => debug!(pid, status = %text, "worker status"),
+            Event::WatchdogTrigger { pid } => self.on_hung(pid, true),
             Event::Trimmed { pid, results } => self.on_trimmed(pid, results),
         }
     }
@@ -183,6 +197,7 @@ impl Supervisor {
             return;
         };
         w.state = State::Ready;
+        w.ready_at = Some(Instant::now());
         let (slot, took) = (w.slot, w.started.elapsed());
         info!(
             slot,
@@ -285,6 +300,8 @@ impl Supervisor {
                 limit = self.limit,
                 "worker was OOM-killed by the kernel (memory.events/oom_control counted it)"
             );
+        } else if w.state.why() == Some(Why::Hung) {
+            warn!(slot, pid, generation = w.generation, exit = %exit, lived_s = lived.as_secs_f64(), "hung worker ended");
         } else if expected || stopping {
             info!(slot, pid, generation = w.generation, exit = %exit, lived_s = lived.as_secs_f64(), "worker stopped");
         } else {
@@ -321,8 +338,10 @@ impl Supervisor {
                 _ => exit.to_string(),
             });
         }
-        // A replacement that died before it was ready: the old worker keeps serving.
+        // A replacement that died before it was ready: the old worker keeps serving (unless
+        // it is a hung one on its way out: then the slot restarts with backoff, below).
         if let Some(old) = w.state.replaces()
+            && old.reason != RecycleReason::Timeout
             && self.workers.iter().any(|o| o.pid == old.pid)
         {
             let delay = self.slots[slot].backoff.failure(&mut self.rng);

@@ -27,6 +27,7 @@ mod memory;
 mod recycle;
 mod run;
 mod timers;
+mod watchdog;
 mod worker;
 
 #[cfg(test)]
@@ -92,6 +93,10 @@ enum Event {
         pid: i32,
         text: String,
     },
+    /// `WATCHDOG=trigger`: the worker asks to be handled as hung.
+    WatchdogTrigger {
+        pid: i32,
+    },
     Trimmed {
         pid: i32,
         results: Vec<Result<trim::TrimReport, trim::TrimError>>,
@@ -129,6 +134,10 @@ struct Slot {
     restarts: u64,
     oom_kills: u64,
     last_exit: Option<String>,
+    /// The hung worker whose replacement waits for `respawn_at` (`--timeout`).
+    hung: Option<i32>,
+    /// Watchdog timeouts of this slot so far.
+    timeouts: u64,
 }
 
 impl Slot {
@@ -141,6 +150,8 @@ impl Slot {
             restarts: 0,
             oom_kills: 0,
             last_exit: None,
+            hung: None,
+            timeouts: 0,
         }
     }
 }
@@ -155,6 +166,7 @@ struct Totals {
     /// worker's trims, and count a draining one twice if its replacement inherited them).
     trims: u64,
     released: u64,
+    timeouts: u64,
 }
 
 pub struct Supervisor {
@@ -234,8 +246,10 @@ impl Supervisor {
     /// it is draining because its replacement is ready. What counts against
     /// `--max-recycling`.
     fn recycling(&self, w: &Worker) -> Option<RecycleReason> {
-        if let Some(Why::Replaced(r)) = w.state.why() {
-            return Some(r);
+        match w.state.why() {
+            Some(Why::Replaced(r)) => return Some(r),
+            Some(Why::Hung) => return Some(RecycleReason::Timeout),
+            _ => {}
         }
         self.workers
             .iter()
@@ -244,11 +258,23 @@ impl Supervisor {
             .map(|r| r.reason)
     }
 
-    /// Recycles in progress.
+    /// Recycles in progress: workers being replaced, plus replacements of hung workers
+    /// that are gone already (a timeout recycle lasts until its replacement is ready).
     fn in_progress(&self) -> usize {
-        self.workers
+        let being_replaced = self
+            .workers
             .iter()
             .filter(|w| self.recycling(w).is_some())
-            .count()
+            .count();
+        let after_hung = self
+            .workers
+            .iter()
+            .filter(|w| {
+                matches!(w.state, State::Starting { replaces: Some(r) }
+                    if r.reason == RecycleReason::Timeout
+                        && !self.workers.iter().any(|o| o.pid == r.pid))
+            })
+            .count();
+        being_replaced + after_hung
     }
 }

@@ -72,9 +72,22 @@ impl Supervisor {
         for slot in 0..self.target {
             self.start_worker(slot, None);
         }
+        // Under systemd's WatchdogSec=: keep-alives from this loop, so a stuck pool is
+        // restarted by systemd as a stuck worker is by --timeout.
+        let keepalive_every = self.notifier.keepalive_every();
+        if let Some(every) = keepalive_every {
+            info!(
+                every_ms = every.as_millis() as u64,
+                "sending WATCHDOG=1 to the service manager (WatchdogSec=)"
+            );
+        }
+        let mut next_keepalive = Instant::now();
         let mut next_tick = Instant::now() + TICK;
         loop {
-            let deadline = self.next_deadline().map_or(next_tick, |d| d.min(next_tick));
+            let mut deadline = self.next_deadline().map_or(next_tick, |d| d.min(next_tick));
+            if keepalive_every.is_some() {
+                deadline = deadline.min(next_keepalive);
+            }
             let control = async {
                 match self.control_rx.as_mut() {
                     Some(rx) => rx.recv().await,
@@ -90,6 +103,12 @@ impl Supervisor {
             }
             self.reap();
             let now = Instant::now();
+            if let Some(every) = keepalive_every
+                && now >= next_keepalive
+            {
+                self.notifier.send("WATCHDOG=1");
+                next_keepalive = now + every;
+            }
             if now >= next_tick {
                 next_tick = now + TICK;
                 self.memory_tick();

@@ -479,3 +479,208 @@ async fn a_worker_past_its_recycle_threshold_is_replaced_first() {
     assert_eq!((s.restarts, s.oom_kills), (0, 0));
     p.stop().await;
 }
+
+// ----- the watchdog (--timeout) -------------------------------------------------------------
+
+/// Send one sd_notify datagram as worker (`slot`, `generation`) would.
+fn notify(p: &Pool, slot: usize, generation: u64, msg: &[u8]) {
+    let sock = p
+        ._dir
+        .path()
+        .join(format!("notify-{slot}-{generation}.sock"));
+    std::os::unix::net::UnixDatagram::unbound()
+        .unwrap()
+        .send_to(msg, &sock)
+        .unwrap();
+}
+
+/// Step the paused clock 5 ms at a time until `cond`, at most `limit`: the instant it held.
+async fn when(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Instant {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return Instant::now();
+        }
+        assert!(Instant::now() < end, "{what}: not within {limit:?}");
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+const SLACK: Duration = Duration::from_millis(30);
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_stops_its_keepalives_is_signalled_then_killed_and_replaced_first() {
+    let p = pool(&["-n", "2", "--ready", "notify", "--timeout", "2s"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    notify(&p, 0, 0, b"READY=1");
+    notify(&p, 1, 0, b"READY=1\nWATCHDOG=1");
+    p.until(Duration::from_secs(1), "ready", all_ready(2)).await;
+    let (a, b) = (p.launched(0)[0].pid, p.launched(1)[0].pid);
+    // Both keep their watchdog for 5 s (every 0.5 s); then only slot 0 does.
+    let mut last_b = Instant::now();
+    for i in 0..30 {
+        notify(&p, 0, 0, b"WATCHDOG=1");
+        if i < 10 {
+            notify(&p, 1, 0, b"WATCHDOG=1");
+            p.run_for(Duration::from_millis(1)).await;
+            last_b = Instant::now();
+        }
+        p.run_for(Duration::from_millis(500)).await;
+        if !p.signals_to(b).is_empty() {
+            break;
+        }
+    }
+    let abrt = when(Duration::from_secs(5), "timeout signal", || {
+        p.signals_to(b) == vec![Signal::SIGABRT]
+    })
+    .await;
+    // Not before a whole timeout of silence, and promptly after it.
+    let silent = abrt - last_b;
+    assert!(
+        silent >= Duration::from_secs(2) && silent <= Duration::from_secs(2) + SLACK,
+        "signalled after {silent:?} of silence"
+    );
+    // Replacement first: it was started by the time the hung worker got its signal.
+    assert_eq!(p.launched(1).len(), 2);
+    let s = p.status().await;
+    assert_eq!(s.timeouts, 1);
+    assert_eq!(s.recycles_in_progress, 1);
+    let hung = s.workers.iter().find(|w| w.pid == b).unwrap();
+    assert_eq!((hung.state.as_str(), hung.timeouts), ("hung", 1));
+    // The fake ignores SIGABRT: SIGKILL after the grace (half the timeout).
+    let killed = when(Duration::from_secs(5), "SIGKILL", || {
+        p.signals_to(b).contains(&Signal::SIGKILL)
+    })
+    .await;
+    let grace = killed - abrt;
+    assert!(
+        grace >= Duration::from_secs(1) && grace <= Duration::from_secs(1) + SLACK,
+        "SIGKILL {grace:?} after the timeout signal"
+    );
+    // Replaced within timeout + grace of the last keep-alive.
+    assert!(killed - last_b <= Duration::from_secs(3) + 2 * SLACK);
+    // The timeout recycle lasts until the replacement is ready, and is not a restart.
+    p.run_for(Duration::from_millis(50)).await;
+    assert_eq!(p.status().await.recycles_in_progress, 1);
+    notify(&p, 1, 1, b"READY=1\nWATCHDOG=1");
+    let s = p
+        .until(Duration::from_secs(1), "replacement ready", all_ready(2))
+        .await;
+    assert_eq!(s.recycles_in_progress, 0);
+    assert_eq!((s.recycles, s.restarts, s.timeouts), (1, 0, 1));
+    let new = s.workers.iter().find(|w| w.slot == 1).unwrap();
+    assert_eq!(
+        (new.generation, new.last_reason.as_deref()),
+        (1, Some("timeout"))
+    );
+    assert!(
+        p.signals_to(a).is_empty(),
+        "the healthy worker is left alone"
+    );
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_hanging_at_every_start_is_replaced_after_a_growing_jittered_delay() {
+    let p = pool(&["-n", "1", "--ready", "notify", "--timeout", "1s"], None);
+    let mut delays = vec![];
+    for generation in 0..6u64 {
+        when(Duration::from_secs(60), "launched", || {
+            p.launched(0).len() as u64 > generation
+        })
+        .await;
+        p.run_for(Duration::from_millis(1)).await;
+        notify(&p, 0, generation, b"READY=1");
+        let pid = p.launched(0)[generation as usize].pid;
+        let abrt = when(Duration::from_secs(5), "timeout signal", || {
+            !p.signals_to(pid).is_empty()
+        })
+        .await;
+        let next = when(Duration::from_secs(60), "next start", || {
+            p.launched(0).len() as u64 > generation + 1
+        })
+        .await;
+        delays.push(next - abrt);
+    }
+    // At once, then 100-200 ms, 200-400 ms, ... : never a tight loop.
+    assert!(delays[0] <= Duration::from_millis(5), "{delays:?}");
+    for (i, d) in delays.iter().enumerate().skip(1) {
+        let ceiling = Duration::from_millis(100 << i);
+        assert!(
+            *d >= ceiling / 2 && *d <= ceiling + Duration::from_millis(10),
+            "replacement {i} after {d:?}: {delays:?}"
+        );
+    }
+    let s = p.status().await;
+    assert_eq!((s.timeouts, s.restarts), (6, 0));
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn watchdog_trigger_is_a_hang_now_and_without_timeout_silence_is_fine() {
+    let p = pool(&["-n", "1", "--ready", "notify", "--timeout", "1h"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    notify(&p, 0, 0, b"READY=1");
+    p.until(Duration::from_secs(1), "ready", all_ready(1)).await;
+    let pid = p.launched(0)[0].pid;
+    notify(&p, 0, 0, b"WATCHDOG=trigger");
+    when(Duration::from_secs(1), "triggered", || {
+        p.signals_to(pid) == vec![Signal::SIGABRT]
+    })
+    .await;
+    p.stop().await;
+
+    // No --timeout: a worker that never sends a keep-alive serves on, and
+    // WATCHDOG=trigger means nothing.
+    let p = pool(&["-n", "1", "--ready", "notify"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    notify(&p, 0, 0, b"READY=1");
+    p.until(Duration::from_secs(1), "ready", all_ready(1)).await;
+    let pid = p.launched(0)[0].pid;
+    notify(&p, 0, 0, b"WATCHDOG=trigger");
+    p.run_for(Duration::from_secs(3600)).await;
+    assert!(p.signals_to(pid).is_empty());
+    assert_eq!(p.launched(0).len(), 1);
+    assert_eq!(p.status().await.timeouts, 0);
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_ready_by_delay_the_watchdog_uses_the_same_socket_and_ready_1_changes_nothing() {
+    let p = pool(&["-n", "1", "--ready", "delay:2s", "--timeout", "1s"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    // The notify socket exists for the watchdog; READY=1 does not shorten the delay.
+    notify(&p, 0, 0, b"READY=1");
+    p.run_for(Duration::from_millis(500)).await;
+    assert_eq!(p.status().await.workers[0].state, "starting");
+    p.until(Duration::from_secs(3), "ready by delay", all_ready(1))
+        .await;
+    let pid = p.launched(0)[0].pid;
+    for _ in 0..10 {
+        notify(&p, 0, 0, b"WATCHDOG=1");
+        p.run_for(Duration::from_millis(400)).await;
+    }
+    assert!(p.signals_to(pid).is_empty(), "kept its watchdog");
+    when(Duration::from_secs(2), "timeout signal", || {
+        p.signals_to(pid) == vec![Signal::SIGABRT]
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_keeping_its_watchdog_runs_indefinitely() {
+    let p = pool(&["-n", "1", "--ready", "notify", "--timeout", "1s"], None);
+    p.run_for(Duration::from_millis(10)).await;
+    notify(&p, 0, 0, b"READY=1");
+    p.until(Duration::from_secs(1), "ready", all_ready(1)).await;
+    // Half an hour of keep-alives every 0.9 s, each just inside the timeout.
+    for _ in 0..2000 {
+        notify(&p, 0, 0, b"WATCHDOG=1");
+        p.run_for(Duration::from_millis(900)).await;
+    }
+    let s = p.status().await;
+    assert!(p.launcher.signals().is_empty());
+    assert_eq!((s.timeouts, p.launched(0).len()), (0, 1));
+    p.stop().await;
+}

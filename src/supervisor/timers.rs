@@ -1,12 +1,13 @@
-//! Deadlines: readiness by delay, readiness timeouts, graceful timeouts, respawns after
-//! backoff, the shutdown's grace period.
+//! Deadlines: readiness by delay, readiness timeouts, watchdogs, graceful timeouts,
+//! respawns after backoff, the shutdown's grace period.
 
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::lifecycle::kill;
-use super::{Phase, State, Supervisor, Why, Worker};
+use super::{Phase, Replacing, State, Supervisor, Why, Worker};
 use crate::config::{Config, Ready};
+use crate::policy::RecycleReason;
 
 /// The next moment something must happen to `w`.
 fn deadline(w: &Worker, cfg: &Config) -> Option<Instant> {
@@ -19,7 +20,8 @@ fn deadline(w: &Worker, cfg: &Config) -> Option<Instant> {
             })
         }
         State::Draining { until, .. } => Some(until),
-        State::Ready | State::Killed { .. } => None,
+        State::Ready => super::watchdog::overdue_at(w, cfg),
+        State::Killed { .. } => None,
     }
 }
 
@@ -79,16 +81,26 @@ impl Supervisor {
             // Not "expected": counted as a failure, so the slot backs off.
             kill(w, self.launcher.as_ref(), Why::NotReady { replaces });
         }
+        self.check_watchdogs(now);
         // Draining workers past their grace period.
         for w in &mut self.workers {
-            if let State::Draining { until, .. } = w.state
+            if let State::Draining { until, why } = w.state
                 && now >= until
             {
-                warn!(
-                    slot = w.slot,
-                    pid = w.pid,
-                    "worker did not stop within the graceful timeout; SIGKILL"
-                );
+                if why == Why::Hung {
+                    warn!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        signal = %self.cfg.timeout_signal,
+                        "hung worker still there after the timeout signal and its grace; SIGKILL"
+                    );
+                } else {
+                    warn!(
+                        slot = w.slot,
+                        pid = w.pid,
+                        "worker did not stop within the graceful timeout; SIGKILL"
+                    );
+                }
                 kill(w, self.launcher.as_ref(), Why::Stop);
             }
         }
@@ -99,12 +111,17 @@ impl Supervisor {
                 && !self.phase.stopping()
             {
                 self.slots[slot].respawn_at = None;
+                // After a hang the new worker replaces the hung one: a timeout recycle.
+                let replaces = self.slots[slot].hung.take().map(|pid| Replacing {
+                    pid,
+                    reason: RecycleReason::Timeout,
+                });
                 if !self
                     .workers
                     .iter()
                     .any(|w| w.slot == slot && !w.state.is_stopping())
                 {
-                    self.start_worker(slot, None);
+                    self.start_worker(slot, replaces);
                 }
             }
         }

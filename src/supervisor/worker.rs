@@ -32,12 +32,16 @@ pub enum Why {
     NotReady { replaces: Option<Replacing> },
     /// Over its limit with no cgroup to enforce it (`--cgroup none`): a failure.
     OverLimit { replaces: Option<Replacing> },
+    /// Missed its watchdog (`--timeout`): sent the timeout signal, SIGKILL at the end of
+    /// the grace. Its replacement is the supervisor's doing (not a restart): its exit
+    /// completes a timeout recycle.
+    Hung,
 }
 
 impl Why {
     /// An exit we asked for (not counted as a restart, no backoff).
     pub fn expected(self) -> bool {
-        matches!(self, Why::Stop | Why::Replaced(_))
+        matches!(self, Why::Stop | Why::Replaced(_) | Why::Hung)
     }
 }
 
@@ -60,6 +64,7 @@ impl State {
         match self {
             State::Starting { .. } => "starting",
             State::Ready => "ready",
+            State::Draining { why: Why::Hung, .. } | State::Killed { why: Why::Hung } => "hung",
             State::Draining { .. } | State::Killed { .. } => "draining",
         }
     }
@@ -145,6 +150,22 @@ impl fmt::Display for Exit {
     }
 }
 
+/// When a worker last sent `WATCHDOG=1`: written by its notify task, read by the
+/// supervisor's timers. Shared rather than sent as an event, so that a worker sending
+/// keep-alives often costs the pool nothing.
+#[derive(Debug, Clone, Default)]
+pub struct Keepalive(std::sync::Arc<std::sync::Mutex<Option<Instant>>>);
+
+impl Keepalive {
+    pub fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    pub fn last(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
     pub trims: u64,
@@ -161,6 +182,10 @@ pub struct Worker {
     pub pid: i32,
     pub started: Instant,
     pub state: State,
+    /// When it became ready: the watchdog's clock starts there.
+    pub ready_at: Option<Instant>,
+    /// Its last `WATCHDOG=1`.
+    pub keepalive: Keepalive,
     pub trim: Trim,
     pub notify_task: Option<JoinHandle<()>>,
     pub notify_path: Option<PathBuf>,
@@ -193,6 +218,7 @@ impl Worker {
                 .map(|r| r.to_string())
                 .or_else(|| self.stats.last_reason.clone()),
             recycle_threshold: self.policy.recycle_threshold(),
+            timeouts: 0,
         }
     }
 }

@@ -43,13 +43,15 @@ pub enum RecycleReason {
     Manual,
     /// Part of a rolling reload (SIGHUP).
     Reload,
+    /// It missed its watchdog (`--timeout`): replaced at once, not through the gate.
+    Timeout,
 }
 
 impl RecycleReason {
     /// Order among waiting workers with the same urgency: lower goes first.
     pub(crate) fn rank(self) -> u8 {
         match self {
-            RecycleReason::Memory => 0,
+            RecycleReason::Memory | RecycleReason::Timeout => 0,
             RecycleReason::Manual => 1,
             RecycleReason::Reload => 2,
             RecycleReason::Lifetime => 3,
@@ -64,6 +66,7 @@ impl fmt::Display for RecycleReason {
             RecycleReason::Lifetime => "lifetime",
             RecycleReason::Manual => "manual",
             RecycleReason::Reload => "reload",
+            RecycleReason::Timeout => "timeout",
         })
     }
 }
