@@ -6,7 +6,9 @@ It follows systemd's socket-passing rules: it uses fd 3 only when LISTEN_FDS is 
 LISTEN_PID is its own pid. It tells trimrun it is ready with sd_notify READY=1 when
 NOTIFY_SOCKET is set (`--ready notify`), and on SIGTERM it stops accepting, finishes the
 requests in flight and exits 0: the queued connections stay in the shared socket for the
-other workers.
+other workers. With `trimrun --timeout` (WATCHDOG_USEC) its serve loop sends WATCHDOG=1
+every quarter of the interval: that proves the loop accepting connections turns, not that
+request threads finish (see python/trimrun_worker for a keep-alive that checks those too).
 
 Routes:
   /            "hello from PID"
@@ -96,9 +98,21 @@ class Quiet(WSGIRequestHandler):
         pass
 
 
+WATCHDOG_EVERY = int(os.environ.get("WATCHDOG_USEC", "0") or 0) / 4e6
+
+
 class Server(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = False
     block_on_close = True
+    last_keepalive = 0.0
+
+    def service_actions(self):
+        # Called by serve_forever at every turn of its loop (at least every poll_interval).
+        super().service_actions()
+        now = time.monotonic()
+        if WATCHDOG_EVERY and now - self.last_keepalive >= WATCHDOG_EVERY:
+            notify("WATCHDOG=1")
+            self.last_keepalive = now
 
 
 def inherited_socket():
@@ -145,7 +159,7 @@ def main():
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     notify("READY=1")
-    server.serve_forever(poll_interval=0.5)
+    server.serve_forever(poll_interval=min(0.5, WATCHDOG_EVERY or 0.5))
     server.server_close()
 
 

@@ -138,6 +138,11 @@ pub struct RunArgs {
     /// A starting worker not ready after this long is stopped and retried with backoff
     #[arg(long, env = "TRIMRUN_READY_TIMEOUT", default_value = "60s", value_parser = parse_duration, help_heading = "Lifecycle")]
     pub ready_timeout: Duration,
+    /// Run the command once as a zygote that imports the app, and fork every worker from it
+    /// (pages shared copy-on-write; the command must speak the protocol of docs/preload.md,
+    /// as `python -m trimrun_worker` does)
+    #[arg(long, env = "TRIMRUN_PRELOAD", help_heading = "Lifecycle")]
+    pub preload: bool,
 
     /// Watchdog: each worker must send sd_notify `WATCHDOG=1` at least this often
     /// (it gets `WATCHDOG_USEC` and `WATCHDOG_PID` as under systemd's WatchdogSec=); a ready

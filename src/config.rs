@@ -109,6 +109,8 @@ pub struct Config {
     pub stop_signal: Signal,
     pub ready: Ready,
     pub ready_timeout: Duration,
+    /// `--preload`: workers are forked from a zygote (crate::zygote).
+    pub preload: bool,
     /// `--timeout`: the watchdog interval, None when off.
     pub timeout: Option<Duration>,
     pub timeout_signal: Signal,
@@ -203,6 +205,7 @@ impl Config {
             stop_signal: parse_signal(&a.stop_signal)?,
             ready: a.ready.parse()?,
             ready_timeout: a.ready_timeout,
+            preload: a.preload,
             timeout: a
                 .timeout
                 .as_deref()

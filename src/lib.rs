@@ -22,6 +22,7 @@ pub mod startup;
 pub mod status;
 pub mod supervisor;
 pub mod trim;
+pub mod zygote;
 
 use std::str::FromStr;
 
@@ -123,14 +124,21 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         let signals =
             supervisor::forward_signals().map_err(|e| failure("install signal handlers", e))?;
         let described = listeners.iter().map(|l| l.describe.clone()).collect();
-        let launcher = edge::ForkExec::new(program, listeners)
+        let preload = cfg.preload;
+        let ready_timeout = cfg.ready_timeout;
+        let fork_exec = edge::ForkExec::new(program, listeners)
             .map_err(|e| failure("install the SIGCHLD handler", e))?;
+        let launcher: Box<dyn edge::Launcher> = if preload {
+            Box::new(edge::Zygotes::new(fork_exec, ready_timeout))
+        } else {
+            Box::new(fork_exec)
+        };
         let setup = supervisor::Setup {
             config: cfg,
             settings,
             limit,
             groups: Box::new(cgroups),
-            launcher: Box::new(launcher),
+            launcher,
             injector: std::sync::Arc::new(edge::Ptrace::default()),
             rundir,
             signals,

@@ -39,6 +39,7 @@ const OWN_VARS: &[&str] = &[
     "NOTIFY_SOCKET",
     "TRIMRUN_WORKER_ID",
     "TRIMRUN_WORKER_GENERATION",
+    "TRIMRUN_ZYGOTE_FD",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 ];
@@ -133,6 +134,10 @@ pub struct WorkerSpec<'a> {
     pub cgroup_procs: Option<&'a OwnedFd>,
     /// The worker's own sd_notify socket path, if readiness is by notification.
     pub notify_socket: Option<&'a Path>,
+    /// `--preload`: this process is the zygote. Its end of the fork-request channel is
+    /// placed just after the listeners and named by `TRIMRUN_ZYGOTE_FD` (docs/preload.md);
+    /// the zygote gets no `TRIMRUN_WORKER_*` (each worker it forks gets its own).
+    pub zygote_channel: Option<RawFd>,
     /// `--timeout`: `WATCHDOG_USEC` and `WATCHDOG_PID` (the worker's own pid), as systemd
     /// sets them for `WatchdogSec=`.
     pub watchdog: Option<std::time::Duration>,
@@ -158,12 +163,20 @@ fn build_env(spec: &WorkerSpec<'_>) -> (Vec<CString>, Vec<usize>) {
             env.push(c);
         }
     }
-    push(&mut env, "TRIMRUN_WORKER_ID", &spec.slot.to_string());
-    push(
-        &mut env,
-        "TRIMRUN_WORKER_GENERATION",
-        &spec.generation.to_string(),
-    );
+    if spec.zygote_channel.is_some() {
+        push(
+            &mut env,
+            "TRIMRUN_ZYGOTE_FD",
+            &(3 + spec.listeners.len()).to_string(),
+        );
+    } else {
+        push(&mut env, "TRIMRUN_WORKER_ID", &spec.slot.to_string());
+        push(
+            &mut env,
+            "TRIMRUN_WORKER_GENERATION",
+            &spec.generation.to_string(),
+        );
+    }
     if let Some(p) = spec.notify_socket {
         push(&mut env, "NOTIFY_SOCKET", &p.to_string_lossy());
     }
@@ -247,7 +260,10 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     }
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| sys("create pipe", e.into()))?;
-    let listeners: Vec<RawFd> = spec.listeners.to_vec();
+    // The zygote's channel travels like one more listener (to fd 3+n), but is not counted
+    // in LISTEN_FDS.
+    let mut listeners: Vec<RawFd> = spec.listeners.to_vec();
+    listeners.extend(spec.zygote_channel);
     let procs_fd: RawFd = spec.cgroup_procs.map(|f| f.as_raw_fd()).unwrap_or(-1);
     let err_w_fd = err_w.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
@@ -471,6 +487,7 @@ mod tests {
             fd_names: &["http".into(), "admin".into()],
             cgroup_procs: None,
             notify_socket: Some(Path::new("/run/n.sock")),
+            zygote_channel: None,
             watchdog: None,
         };
         let (env, idx) = build_env(&spec);
@@ -490,6 +507,29 @@ mod tests {
             env.iter().filter(|e| e.starts_with("LISTEN_PID=")).count(),
             1
         );
+        assert!(!env.iter().any(|e| e.starts_with("TRIMRUN_ZYGOTE_FD=")));
+    }
+
+    #[test]
+    fn zygote_env_names_its_channel_after_the_listeners_and_no_worker() {
+        let spec = WorkerSpec {
+            slot: 0,
+            generation: 2,
+            listeners: &[10, 11],
+            fd_names: &["http".into(), "admin".into()],
+            cgroup_procs: None,
+            notify_socket: None,
+            zygote_channel: Some(12),
+            watchdog: None,
+        };
+        let (env, _) = build_env(&spec);
+        let env: Vec<String> = env
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        assert!(env.contains(&"TRIMRUN_ZYGOTE_FD=5".to_string()));
+        assert!(env.contains(&"LISTEN_FDS=2".to_string()));
+        assert!(!env.iter().any(|e| e.starts_with("TRIMRUN_WORKER_ID=")));
     }
 
     #[test]
@@ -501,6 +541,7 @@ mod tests {
             fd_names: &["http".into()],
             cgroup_procs: None,
             notify_socket: Some(Path::new("/run/n.sock")),
+            zygote_channel: None,
             watchdog: Some(std::time::Duration::from_millis(2500)),
         };
         let (env, idx) = build_env(&spec);

@@ -45,18 +45,25 @@ def parser():
     return p
 
 
+def configure_logging(level):
+    """Log lines name the worker (its slot, or "zygote") and pid."""
+    who = "zygote" if os.environ.get("TRIMRUN_ZYGOTE_FD") else "worker " + os.environ.get(
+        "TRIMRUN_WORKER_ID", "-")
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s [{who} pid %(process)d] %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
+    # "Task queue depth is N" on every busy moment: noise, not news.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     # A stack dump of every thread on SIGABRT (trimrun's --timeout-signal), SIGSEGV, ...
     if not faulthandler.is_enabled():
         faulthandler.enable()
-    slot = os.environ.get("TRIMRUN_WORKER_ID", "-")
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format=f"%(asctime)s [worker {slot} pid %(process)d] %(levelname)s %(name)s: %(message)s",
-    )
-    # "Task queue depth is N" on every busy moment: noise, not news.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    configure_logging(args.log_level)
     try:
         app = appmod.load(args.app, factory=args.factory, app_dir=args.app_dir)
     except appmod.AppError as e:

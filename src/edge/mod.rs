@@ -13,6 +13,7 @@
 
 pub mod fake;
 mod real;
+mod zygote;
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -27,6 +28,10 @@ use crate::supervisor::Exit;
 use crate::trim::{TrimError, TrimReport};
 
 pub use real::{ForkExec, Ptrace};
+pub use zygote::Zygotes;
+
+/// The zygote of `--preload`, for `trimrun status`.
+pub use crate::status::ZygoteSnapshot as ZygoteInfo;
 
 /// Creates one [`Group`] per worker generation; removes the pool's tree at the end.
 pub trait Groups: Send {
@@ -87,6 +92,13 @@ pub trait Launcher: Send {
     /// Collect ended children without blocking, orphans included (the caller ignores pids
     /// it does not know).
     fn reap(&mut self) -> Vec<(i32, Exit)>;
+    /// A rolling restart begins (HUP, `ctl reload`): workers launched from now on must run
+    /// the new code. (The zygote launcher starts a new zygote.)
+    fn reload(&mut self) {}
+    /// The zygote workers are forked from, with `--preload`.
+    fn zygote(&self) -> Option<ZygoteInfo> {
+        None
+    }
 }
 
 /// Trims the processes of a worker. Blocking (ptrace wants one OS thread from attach to

@@ -95,6 +95,21 @@ impl ForkExec {
     }
 }
 
+impl ForkExec {
+    /// The worker command (the zygote launcher starts it as its zygote).
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+    /// The listening sockets every worker gets at fds 3.. .
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+    /// Their `LISTEN_FDNAMES`, in order.
+    pub fn fd_names(&self) -> &[String] {
+        &self.fd_names
+    }
+}
+
 impl Launcher for ForkExec {
     fn launch(&mut self, req: &Launch<'_>) -> Result<i32, SpawnError> {
         let procs = req.group.open_procs().map_err(|e| SpawnError::Sys {
@@ -110,6 +125,7 @@ impl Launcher for ForkExec {
             fd_names: &self.fd_names,
             cgroup_procs: procs.as_ref(),
             notify_socket: req.notify_socket,
+            zygote_channel: None,
             watchdog: req.watchdog,
         };
         spawn::spawn(&self.program, &spec)

@@ -89,6 +89,9 @@ pub struct Snapshot {
     pub slots: Vec<SlotSnapshot>,
     /// Lines of trimrun's own log lost so far (stderr closed or not keeping up).
     pub log_lines_dropped: u64,
+    /// The zygote workers are forked from (`--preload`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zygote: Option<ZygoteSnapshot>,
 }
 
 /// One slot of the pool across its generations.
@@ -124,6 +127,20 @@ impl SlotSnapshot {
             None
         }
     }
+}
+
+/// The zygote of `--preload`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct ZygoteSnapshot {
+    pub pid: i32,
+    /// Counts the zygotes of this pool (a HUP or a restart makes a new one).
+    pub generation: u64,
+    /// `starting` (importing the app) or `ready`.
+    pub state: String,
+    pub age_secs: f64,
+    /// Workers forked by all zygotes of this pool.
+    pub forks: u64,
 }
 
 /// One worker (one slot of the pool, one generation of that slot).

@@ -68,8 +68,13 @@ pub fn render_compact(s: &Snapshot) -> String {
             short_bytes(s.released_bytes)
         ),
     ];
+    let mut fields = fields.to_vec();
+    if s.timeouts > 0 {
+        fields.push(format!("watchdog timeouts {}", s.timeouts));
+    }
     out.push_str(&wrap_fields(&fields, COMPACT_COLUMNS));
     out.push_str(&trouble_lines(s));
+    out.push_str(&zygote_line(s));
     if s.workers.is_empty() {
         out.push_str("(no workers)\n");
         return out;
@@ -246,6 +251,7 @@ pub fn render_table(s: &Snapshot) -> String {
     let mut out = String::new();
     out.push_str(&pool_line(s));
     out.push('\n');
+    out.push_str(&zygote_line(s));
     out.push_str(&trouble_lines(s));
     if s.workers.is_empty() {
         out.push_str("(no workers)\n");
@@ -298,6 +304,21 @@ pub fn render_table(s: &Snapshot) -> String {
     ];
     push_rows(&mut out, &header, &rows, &right);
     out
+}
+
+/// The zygote of `--preload`, when there is one (a line, or nothing).
+fn zygote_line(s: &Snapshot) -> String {
+    match &s.zygote {
+        Some(z) => format!(
+            "zygote pid {} ({}, up {}, generation {})  {} workers forked\n",
+            z.pid,
+            z.state,
+            human_age(z.age_secs),
+            z.generation,
+            z.forks
+        ),
+        None => String::new(),
+    }
 }
 
 fn pool_line(s: &Snapshot) -> String {
@@ -434,6 +455,7 @@ mod tests {
             state: "running".into(),
             slots: vec![],
             log_lines_dropped: 0,
+            zygote: None,
             workers: vec![
                 WorkerSnapshot {
                     slot: 1,
@@ -501,6 +523,26 @@ mod tests {
         assert!(row1.contains("draining"), "{row1}");
         assert!(row1.contains("59s"), "{row1}");
         assert!(row1.trim_end().ends_with('-'), "no reason yet: {row1}");
+    }
+
+    #[test]
+    fn table_shows_the_zygote_under_the_pool_line() {
+        let mut s = pool();
+        s.zygote = Some(crate::status::ZygoteSnapshot {
+            pid: 4243,
+            generation: 2,
+            state: "ready".into(),
+            age_secs: 75.0,
+            forks: 9,
+        });
+        let t = render_table(&s);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[1],
+            "zygote pid 4243 (ready, up 1m15s, generation 2)  9 workers forked"
+        );
+        assert!(lines[2].starts_with("SLOT  "), "{t}");
+        assert!(!render_table(&pool()).contains("zygote"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ impl Supervisor {
             }
         }
         info!(workers = pids.len(), trigger = why, "rolling restart");
+        self.launcher.reload();
         self.notifier.reloading();
         self.reloading = true;
     }
@@ -228,6 +229,7 @@ impl Supervisor {
             released_bytes: self.totals.released,
             slots: self.slot_snapshots(),
             log_lines_dropped: crate::logging::dropped_lines(),
+            zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",
                 Phase::Running if self.reloading => "reloading",

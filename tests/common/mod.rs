@@ -2,6 +2,7 @@
 //! CI, and one timeout helper for waiting on conditions (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod load;
 pub mod pool;
 pub mod vm;
 

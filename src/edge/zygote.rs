@@ -1,0 +1,264 @@
+//! The `--preload` launcher: workers are forks of a zygote ([`crate::zygote`]) instead of
+//! fresh fork+execs. Signals, exits and reaping are fork+exec's ([`ForkExec`]): a forked
+//! worker becomes trimrun's child (trimrun is a child subreaper) and is reaped the same way.
+//!
+//! - The zygote is started before the first worker; [`Launcher::launch`] waits for its
+//!   `ready` (up to `--ready-timeout`) when it is not ready yet.
+//! - HUP ([`Launcher::reload`]): the zygote is stopped and a new one started (new code);
+//!   the rolling restart then forks every replacement from it.
+//! - A zygote that dies is reaped here, not reported as a worker; one that had been ready is
+//!   started again at once, one that never got ready at the next launch (whose failures the
+//!   supervisor backs off). Serving workers are not touched either way.
+
+use std::future::Future;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use super::{ForkExec, Launch, Launcher, ZygoteInfo};
+use crate::spawn::SpawnError;
+use crate::supervisor::Exit;
+use crate::zygote::{Zygote, ZygoteError};
+
+/// How long the zygote may take to answer one fork request.
+const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Zygotes {
+    inner: ForkExec,
+    current: Option<Zygote>,
+    /// Zygotes asked to stop (HUP) whose exit is still to be reaped.
+    retired: Vec<i32>,
+    generation: u64,
+    ready_timeout: Duration,
+    forks: u64,
+}
+
+fn spawn_error(slot: usize, op: &'static str, e: ZygoteError) -> SpawnError {
+    match e {
+        ZygoteError::Start(e) => e,
+        e => SpawnError::Sys {
+            slot,
+            op,
+            source: std::io::Error::other(e.to_string()),
+        },
+    }
+}
+
+impl Zygotes {
+    /// `inner` provides the command, the sockets and the reaping.
+    pub fn new(inner: ForkExec, ready_timeout: Duration) -> Zygotes {
+        Zygotes {
+            inner,
+            current: None,
+            retired: vec![],
+            generation: 0,
+            ready_timeout,
+            forks: 0,
+        }
+    }
+
+    fn start(&mut self) -> Result<(), ZygoteError> {
+        self.generation += 1;
+        let fds: Vec<i32> = self
+            .inner
+            .listeners()
+            .iter()
+            .map(|l| l.fd.as_raw_fd())
+            .collect();
+        let z = Zygote::start(
+            self.inner.program(),
+            &fds,
+            self.inner.fd_names(),
+            self.generation,
+        )?;
+        info!(pid = z.pid, generation = self.generation, "zygote started");
+        self.current = Some(z);
+        Ok(())
+    }
+
+    /// Forget the current zygote and make sure it is gone.
+    fn discard(&mut self) {
+        if let Some(z) = self.current.take() {
+            let _ = crate::spawn::signal_group(z.pid, Signal::SIGKILL);
+            self.retired.push(z.pid);
+        }
+    }
+
+    /// The current zygote, started and ready.
+    fn ready(&mut self, slot: usize) -> Result<&Zygote, SpawnError> {
+        if self.current.is_none() {
+            self.start()
+                .map_err(|e| spawn_error(slot, "start the zygote", e))?;
+        }
+        let timeout = self.ready_timeout;
+        let z = self.current.as_mut().expect("started above");
+        if !z.is_ready() {
+            match z.wait_ready(timeout) {
+                Ok(true) => info!(
+                    pid = z.pid,
+                    generation = z.generation,
+                    ready_ms = z.started.elapsed().as_millis() as u64,
+                    "zygote ready"
+                ),
+                Ok(false) => {
+                    let pid = z.pid;
+                    self.discard();
+                    return Err(spawn_error(
+                        slot,
+                        "wait for the zygote",
+                        ZygoteError::Timeout {
+                            pid,
+                            what: "say ready",
+                            after: timeout,
+                        },
+                    ));
+                }
+                Err(e) => {
+                    self.discard();
+                    return Err(spawn_error(slot, "wait for the zygote", e));
+                }
+            }
+        }
+        Ok(self.current.as_ref().expect("ready above"))
+    }
+}
+
+impl Launcher for Zygotes {
+    fn launch(&mut self, req: &Launch<'_>) -> Result<i32, SpawnError> {
+        let procs = req.group.open_procs().map_err(|e| SpawnError::Sys {
+            slot: req.slot,
+            op: "open the worker's cgroup.procs",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let (slot, generation) = (req.slot, req.generation);
+        let id = slot.to_string();
+        let gen_s = generation.to_string();
+        let n = self.inner.listeners().len().to_string();
+        let names = self.inner.fd_names().join(":");
+        let notify = req.notify_socket.map(|p| p.to_string_lossy().into_owned());
+        let mut env: Vec<(&str, &str)> = vec![
+            ("TRIMRUN_WORKER_ID", &id),
+            ("TRIMRUN_WORKER_GENERATION", &gen_s),
+            ("LISTEN_FDS", &n),
+            ("LISTEN_FDNAMES", &names),
+        ];
+        if let Some(p) = &notify {
+            env.push(("NOTIFY_SOCKET", p));
+        }
+        let watchdog = req.watchdog.map(|d| d.as_micros().max(1).to_string());
+        if let Some(usec) = &watchdog {
+            env.push(("WATCHDOG_USEC", usec));
+        }
+        let z = self.ready(slot)?;
+        let started = Instant::now();
+        match z.fork(slot, generation, &env, procs.as_ref(), FORK_TIMEOUT) {
+            Ok(pid) => {
+                self.forks += 1;
+                tracing::debug!(
+                    slot,
+                    pid,
+                    fork_us = started.elapsed().as_micros() as u64,
+                    "forked from the zygote"
+                );
+                Ok(pid)
+            }
+            Err(e @ ZygoteError::Refused { .. }) => Err(spawn_error(slot, "fork", e)),
+            Err(e) => {
+                // The channel is broken or the zygote hangs: the next launch starts a new one.
+                warn!(error = %e, "zygote unusable: starting a new one at the next launch");
+                self.discard();
+                Err(spawn_error(slot, "fork from the zygote", e))
+            }
+        }
+    }
+
+    fn signal(&self, pid: i32, sig: Signal) {
+        self.inner.signal(pid, sig)
+    }
+
+    fn exited(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        self.inner.exited()
+    }
+
+    fn reap(&mut self) -> Vec<(i32, Exit)> {
+        let mut out = self.inner.reap();
+        let current = self.current.as_ref().map(|z| (z.pid, z.is_ready()));
+        let retired = &mut self.retired;
+        let mut zygote_died = None;
+        out.retain(|(pid, exit)| {
+            if let Some(i) = retired.iter().position(|p| p == pid) {
+                retired.swap_remove(i);
+                return false;
+            }
+            if let Some((zpid, was_ready)) = current
+                && zpid == *pid
+            {
+                warn!(pid, exit = %exit, "zygote exited; the workers keep serving");
+                zygote_died = Some(was_ready);
+                return false;
+            }
+            true
+        });
+        if let Some(was_ready) = zygote_died {
+            self.current = None;
+            if was_ready && let Err(e) = self.start() {
+                warn!(error = %e, "cannot restart the zygote; the next launch tries again");
+            }
+        }
+        // Called after every event of the pool: notice a restarted zygote's `ready` even
+        // while no worker is launched.
+        if let Some(z) = self.current.as_mut()
+            && !z.is_ready()
+        {
+            match z.wait_ready(Duration::ZERO) {
+                Ok(true) => info!(
+                    pid = z.pid,
+                    generation = z.generation,
+                    ready_ms = z.started.elapsed().as_millis() as u64,
+                    "zygote ready"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(error = %e, "zygote failed before it was ready");
+                    self.discard();
+                }
+            }
+        }
+        out
+    }
+
+    fn reload(&mut self) {
+        if let Some(z) = self.current.take() {
+            info!(
+                pid = z.pid,
+                "stopping the zygote: a new one imports the new code"
+            );
+            z.stop();
+            self.retired.push(z.pid);
+        }
+        if let Err(e) = self.start() {
+            warn!(error = %e, "cannot start the new zygote; the next launch tries again");
+        }
+    }
+
+    fn zygote(&self) -> Option<ZygoteInfo> {
+        self.current.as_ref().map(|z| ZygoteInfo {
+            pid: z.pid,
+            generation: z.generation,
+            state: if z.is_ready() { "ready" } else { "starting" }.into(),
+            age_secs: z.started.elapsed().as_secs_f64(),
+            forks: self.forks,
+        })
+    }
+}
+
+impl Drop for Zygotes {
+    fn drop(&mut self) {
+        if let Some(z) = &self.current {
+            z.stop();
+        }
+    }
+}

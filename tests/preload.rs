@@ -1,0 +1,248 @@
+//! `--preload` on the real kernel, with `python -m trimrun_worker` as the zygote: workers
+//! are forks of one zygote that imported the app, trimrun's own children, in their own
+//! process groups (and cgroups), sharing the zygote's pages; HUP, a recycle and a zygote
+//! that dies cost no request.
+
+mod common;
+
+use std::time::Duration;
+
+use common::load::{Client, Load};
+use common::pool::*;
+use common::wait_for;
+
+fn python_dir() -> String {
+    format!("{}/python", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn apps_dir() -> String {
+    format!("{}/tests/apps", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn have_python_deps(modules: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .env("PYTHONPATH", python_dir())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        common::cannot_run(&format!(
+            "python3 with {modules} (scripts/install-test-deps.sh installs them)"
+        ));
+    }
+    ok
+}
+
+fn preload_pool(n: usize, app: &str, extra: &[&str], env: &[(&str, &str)]) -> Pool {
+    let n = n.to_string();
+    let mut args = vec!["-n", &n, "--ready", "notify", "--preload"];
+    args.extend_from_slice(extra);
+    let apps = apps_dir();
+    let py = python_dir();
+    let mut env = env.to_vec();
+    env.push(("PYTHONPATH", &py));
+    let pool = Pool::start_env(
+        &args,
+        &["python3", "-m", "trimrun_worker", "--app-dir", &apps, app],
+        &env,
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(60));
+    pool
+}
+
+fn stat_field(pid: i32, n: usize) -> i32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after "(comm)": state is field 3, ppid 4, pgrp 5.
+    s.rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(n - 3)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The environment a process was exec'ed with (a fork's is its zygote's).
+fn environ(pid: i32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect()
+}
+
+fn smaps(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(&format!("{key}:")))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn zygote_pid(pool: &Pool) -> Option<(i64, String)> {
+    let s = pool.status();
+    let z = s.get("zygote")?;
+    Some((z["pid"].as_i64()?, z["state"].as_str()?.to_string()))
+}
+
+fn worker_pids(pool: &Pool) -> Vec<i32> {
+    let s = pool.status();
+    let mut v: Vec<i32> = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["pid"].as_i64().unwrap() as i32)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn preloaded_workers_are_forks_of_the_zygote_owned_by_trimrun_and_share_its_pages() {
+    if !have_python_deps("waitress, trimrun_worker") {
+        return;
+    }
+    // A 40 MiB import: enough to see sharing, quick to build.
+    let cgroup = if common::is_root() {
+        vec!["--cgroup", "auto"]
+    } else {
+        vec![]
+    };
+    let pool = preload_pool(2, "big_app:app", &cgroup, &[("BIG_APP_MB", "40")]);
+    let (zpid, state) = zygote_pid(&pool).expect("trimrun status shows the zygote");
+    assert_eq!(state, "ready");
+    let zpid = zpid as i32;
+    assert_eq!(
+        stat_field(zpid, 4),
+        pool.pid(),
+        "the zygote is trimrun's child"
+    );
+    assert!(
+        environ(zpid)
+            .iter()
+            .any(|e| e.starts_with("TRIMRUN_ZYGOTE_FD="))
+    );
+    let workers = worker_pids(&pool);
+    assert_eq!(workers.len(), 2);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        let body = get(pool.port, "/").unwrap();
+        seen.insert(
+            body.split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse::<i32>()
+                .unwrap(),
+        );
+    }
+    assert!(
+        seen.iter().all(|p| workers.contains(p)),
+        "answers came from {seen:?}, workers are {workers:?}"
+    );
+    // What the app sees in os.environ (/proc/PID/environ of a fork is the zygote's).
+    for _ in 0..20 {
+        let env = get(pool.port, "/env").unwrap();
+        let pid = env.split_whitespace().next().unwrap();
+        assert!(env.contains(&format!("LISTEN_PID={pid} ")), "{env}");
+        assert!(!env.contains("TRIMRUN_WORKER_ID=None"), "{env}");
+        assert!(env.contains("TRIMRUN_ZYGOTE_FD=None"), "{env}");
+    }
+    for (slot, &w) in workers.iter().enumerate() {
+        assert_eq!(
+            stat_field(w, 4),
+            pool.pid(),
+            "worker {w} is trimrun's child"
+        );
+        assert_eq!(
+            stat_field(w, 5),
+            w,
+            "worker {w} leads its own process group"
+        );
+        let (rss, pss) = (smaps(w, "Rss"), smaps(w, "Pss"));
+        assert!(
+            pss * 10 < rss * 7,
+            "worker {w} shares the zygote's pages: Pss {pss} should be well below Rss {rss}"
+        );
+        if common::is_root() && pool.log().contains("backend=v1") {
+            let cg = std::fs::read_to_string(format!("/proc/{w}/cgroup")).unwrap();
+            let line = cg.lines().find(|l| l.contains(":memory:")).unwrap_or("");
+            assert!(
+                line.contains("/worker-"),
+                "worker {w} (slot {slot}) is in its own memory cgroup: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn preload_loses_no_request_to_hup_recycle_or_a_dying_zygote() {
+    if !have_python_deps("flask, waitress, trimrun_worker") {
+        return;
+    }
+    let pool = preload_pool(2, "flask_app:app", &["--graceful-timeout", "20s"], &[]);
+    let load = Load::start(
+        pool.port,
+        &[
+            Client::OneShot,
+            Client::KeepAlive,
+            Client::KeepAlive,
+            Client::Slow,
+        ],
+    );
+    load.wait_more(50);
+    let (z1, _) = zygote_pid(&pool).unwrap();
+
+    // HUP: a new zygote, then every worker replaced by a fork of it.
+    pool.signal(libc::SIGHUP);
+    pool.wait_log("rolling restart complete", Duration::from_secs(60));
+    let (z2, state) = zygote_pid(&pool).unwrap();
+    assert_ne!(z1, z2, "HUP starts a new zygote");
+    assert_eq!(state, "ready");
+    load.wait_more(50);
+
+    // A dying zygote is restarted; no worker is touched.
+    let before = worker_pids(&pool);
+    // SAFETY: kill(2) of the zygote this test's trimrun started.
+    unsafe { libc::kill(z2 as i32, libc::SIGKILL) };
+    let z3 = wait_for(Duration::from_secs(30), || {
+        zygote_pid(&pool).filter(|(p, s)| *p != z2 && s == "ready")
+    })
+    .unwrap_or_else(|| panic!("no new zygote after the old one died:\n{}", pool.log()));
+    assert_eq!(worker_pids(&pool), before, "no worker restarted");
+    load.wait_more(50);
+
+    // A recycle forks the replacement from the new zygote.
+    let recycles = pool.count_log("recycle complete");
+    let (code, out) = pool.ctl(&["recycle", "0"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        wait_for(Duration::from_secs(60), || (pool
+            .count_log("recycle complete")
+            > recycles)
+            .then_some(()))
+        .is_some(),
+        "{}",
+        pool.log()
+    );
+    load.wait_more(50);
+    let newest = *worker_pids(&pool).iter().max().unwrap();
+    assert_eq!(stat_field(newest, 4), pool.pid());
+    assert_eq!(zygote_pid(&pool).unwrap().0, z3.0);
+
+    let (ok, retried, failures, pids) = load.finish();
+    eprintln!(
+        "preload: {ok} requests ok, {retried} resent after a keep-alive close, {} failed, {pids} worker pids",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} requests failed: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(10)],
+        pool.log()
+    );
+}
