@@ -48,9 +48,9 @@ pub enum Command {
     Trim(TrimArgs),
     /// Show the running pool: one row per worker (memory against its limit, trims,
     /// recycles) and a pool line
-    Status(crate::status::StatusArgs),
+    Status(crate::commands::status::StatusArgs),
     /// Act on the running pool: reload, scale, recycle a slot, trim, stop
-    Ctl(crate::status::CtlArgs),
+    Ctl(crate::commands::status::CtlArgs),
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod edge;
 pub mod logging;

@@ -27,7 +27,7 @@ fn main() {
     let cli = Cli::parse();
     init_logging(cli.run.verbose, cli.run.quiet, cli.run.log_format);
     let code = match &cli.command {
-        Some(Command::Trim(a)) => trimrun::trim::run_cli(&a.pids, a.json, a.timeout),
+        Some(Command::Trim(a)) => trimrun::commands::trim::run(&a.pids, a.json, a.timeout),
         Some(Command::Status(a)) => a.run(),
         Some(Command::Ctl(a)) => a.run(),
         None => match trimrun::run_pool(&cli.run) {

@@ -49,10 +49,6 @@ impl Notifier {
         self.keepalive_every
     }
 
-    pub fn is_active(&self) -> bool {
-        self.sock.is_some()
-    }
-
     /// Send one notification (`READY=1\nSTATUS=...`). Failures are logged, never fatal:
     /// a service manager that went away must not take the pool down.
     pub fn send(&self, msg: &str) {

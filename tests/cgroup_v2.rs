@@ -170,7 +170,7 @@ fn inner_oom_kill_counted_neighbour_untouched() {
         .expect("the hog was not killed within 300 s");
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     let kills = hog_group.oom_kills().unwrap();
-    let events = read(hog_group.events_path().unwrap());
+    let events = read(hog_group.path().unwrap().join("memory.events"));
     assert!(events.contains("oom_group_kill 1"), "{events}");
     assert!(
         kills >= 1,

@@ -487,16 +487,6 @@ impl WorkerGroup {
         }
     }
 
-    /// v2 `memory.events`: the kernel signals changes to it (inotify `IN_MODIFY`, or poll
-    /// `POLLPRI`), so an OOM kill or `memory.high` throttling can wake the supervisor
-    /// instead of waiting for the next tick. None on v1 and none.
-    pub fn events_path(&self) -> Option<PathBuf> {
-        match &self.backend {
-            Backend::V2(d) => Some(d.join("memory.events")),
-            _ => None,
-        }
-    }
-
     /// The limit the group was created with.
     pub fn limit(&self) -> Option<u64> {
         self.limit

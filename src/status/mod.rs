@@ -47,9 +47,10 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{
-    Client, CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
+pub use crate::commands::status::{
+    CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
 };
+pub use client::{Client, sanitize};
 pub use render::{
     human_age, human_bytes, human_pause, render_compact, render_for, render_table, short_bytes,
 };
