@@ -116,7 +116,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             code: exit::FAILURE,
             message: format!("cannot {what}: {e}"),
         };
-        let rundir = notify::RunDir::create().map_err(|e| Fatal {
+        let rundir = notify::RunDir::create(cfg.credentials.is_some()).map_err(|e| Fatal {
             code: exit::FAILURE,
             message: format!(
                 "cannot create trimrun's run directory: {e} (check $XDG_RUNTIME_DIR or $TMPDIR)"
@@ -128,7 +128,8 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         let preload = cfg.preload;
         let ready_timeout = cfg.ready_timeout;
         let fork_exec = edge::ForkExec::new(program, listeners)
-            .map_err(|e| failure("install the SIGCHLD handler", e))?;
+            .map_err(|e| failure("install the SIGCHLD handler", e))?
+            .with_credentials(cfg.credentials.clone());
         let launcher: Box<dyn edge::Launcher> = if preload {
             Box::new(edge::Zygotes::new(fork_exec, ready_timeout))
         } else {

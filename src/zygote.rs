@@ -158,6 +158,8 @@ impl Zygote {
             notify_socket: None,
             zygote_channel: Some(theirs.as_raw_fd()),
             watchdog: None,
+            // --user with --preload is refused at start-up (config.rs).
+            credentials: None,
         };
         let pid = spawn::spawn(program, &spec)?;
         drop(theirs);

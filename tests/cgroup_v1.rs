@@ -237,6 +237,50 @@ fn stale_group_of_a_killed_run_is_cleaned_at_setup() {
     drop(m);
 }
 
+/// A forward clock step (here: the group's mtime set an hour back) never makes a live
+/// pool's group look stale to the next start: liveness is the lock the pool holds.
+#[test]
+fn a_live_pools_group_survives_the_next_start_whatever_the_clock_says() {
+    let Some(live) = manager("live") else {
+        return;
+    };
+    let base = live.base().unwrap().to_path_buf();
+    let g = live.create_worker(0, 0, None).unwrap();
+    let mut worker = spawn_in(&g, Command::new("sleep").arg("300"));
+    let hour_ago = nix::sys::time::TimeSpec::new(
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+            .unwrap()
+            .tv_sec()
+            - 3600,
+        0,
+    );
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &base,
+        &hour_ago,
+        &hour_ago,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    // The next start, as another pid would make it.
+    let mut t = Command::new("true").spawn().unwrap();
+    let other_pid = t.id() as i32;
+    t.wait().unwrap();
+    let roots = Roots {
+        pid: other_pid,
+        ..Roots::system_instance("next")
+    };
+    let next = Manager::setup_at(Choice::V1, &roots).unwrap();
+    let alive = worker.try_wait().unwrap().is_none();
+    let kept = base.exists();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    drop(next);
+    assert!(alive, "the next start killed a live pool's worker");
+    assert!(kept, "the next start removed a live pool's group");
+    g.remove().unwrap();
+}
+
 /// `--limit auto` inside a cgroup with a limit: a re-exec of this test binary runs inside a
 /// 512 MiB group and computes its figures there.
 #[test]

@@ -249,18 +249,22 @@ fn ttin_and_ttou_scale_by_one_never_below_one() {
 fn usr1_is_forwarded_to_every_worker() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("usr1");
+    // Ready (by sd_notify) only once the handler is in place: no race with start-up.
     let script = format!(
-        "import os,signal,time\n\
+        "import os,signal,socket,time\n\
          def h(s,f): open('{}-%d' % os.getpid(), 'w').close()\n\
          signal.signal(signal.SIGUSR1, h)\n\
+         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+         s.connect(os.environ['NOTIFY_SOCKET'])\n\
+         s.send(b'READY=1')\n\
          time.sleep(1000)",
         marker.display()
     );
     let pool = Pool::start(
-        &["-n", "2", "--ready", "delay:500ms"],
+        &["-n", "2", "--ready", "notify"],
         &["python3", "-c", &script],
     );
-    pool.wait_log("all workers ready", Duration::from_secs(10));
+    pool.wait_log("all workers ready", Duration::from_secs(30));
     let workers = pool.workers();
     pool.signal(libc::SIGUSR1);
     for w in workers {

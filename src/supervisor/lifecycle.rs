@@ -60,7 +60,7 @@ impl Supervisor {
         let notify_path = (ready_by_notify || self.cfg.timeout.is_some())
             .then(|| self.rundir.notify_path(slot, generation));
         let notify_sock = match &notify_path {
-            Some(p) => match notify::bind_worker_socket(p) {
+            Some(p) => match notify::bind_worker_socket(p, self.cfg.credentials.as_ref()) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     error!(slot, path = %p.display(), error = %e, "cannot bind the worker's notify socket");
@@ -205,6 +205,23 @@ impl Supervisor {
             ready_ms = took.as_millis() as u64,
             "worker ready"
         );
+        if self.cfg.ready == crate::config::Ready::Notify {
+            // The policy's ready time (recycle spacing and cadence) follows what start-ups
+            // really take, instead of a fixed guess.
+            if self.ready_times.len() == policy::READY_SAMPLES {
+                self.ready_times.pop_front();
+            }
+            self.ready_times.push_back(took);
+            let measured = policy::ready_time(self.ready_times.iter().copied());
+            if measured != self.settings.ready_time {
+                debug!(
+                    ready_ms = measured.as_millis() as u64,
+                    "ready time from start-ups"
+                );
+                self.settings.ready_time = measured;
+                self.gate.update(&self.settings);
+            }
+        }
         if let Some(r) = replaces {
             let until = Instant::now() + self.cfg.graceful_timeout;
             let sig = self.cfg.stop_signal;
@@ -275,6 +292,11 @@ impl Supervisor {
         let slot = w.slot;
         // Anything the worker left behind in its group (children in other process groups).
         let _ = w.group.kill_all(pid);
+        // Without a cgroup, its daemons were re-parented to us: kill those that no live
+        // worker's tree ever held.
+        if self.groups.kind() == crate::cgroup::Kind::None {
+            self.kill_orphans();
+        }
         let group = w.group;
         // rmdir may have to wait for the kernel to finish tearing the group down: not on
         // the supervisor's thread.

@@ -52,8 +52,9 @@ pub use worker::{Exit, Replacing, State, Trim, Why, Worker};
 
 /// How often memory is read and trim/recycle decisions are made.
 const TICK: Duration = Duration::from_secs(1);
-/// A worker that lived at least this long and then exited resets its slot's backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A worker that lived at least this long and then exited resets its slot's backoff (as
+/// the backoff's own documentation says: twice its cap).
+const STABLE_AFTER: Duration = policy::BACKOFF_RESET_AFTER;
 
 /// What the pool needs from start-up: the validated config and the policy settings
 /// derived from it, the per-worker limit (resolved and checked once), and the kernel edge.
@@ -194,6 +195,8 @@ pub struct Supervisor {
     trim_unavailable_logged: bool,
     reloading: bool,
     totals: Totals,
+    /// With `--ready notify`: the last start-up times measured (see `policy::ready_time`).
+    ready_times: std::collections::VecDeque<Duration>,
 }
 
 impl Supervisor {
@@ -229,6 +232,7 @@ impl Supervisor {
             metrics: setup.metrics,
             trim_unavailable_logged: false,
             reloading: false,
+            ready_times: Default::default(),
             totals: Totals::default(),
             cfg,
         }
