@@ -456,3 +456,47 @@ fn a_workers_daemonized_child_dies_with_it_without_a_cgroup() {
     assert_eq!(code.and_then(|s| s.code()), Some(0), "{log}");
     assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
 }
+
+/// `--control new/dir/x.sock` creates `new/dir/`; a clean exit removes what it created.
+#[test]
+fn a_control_directory_trimrun_created_is_removed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("new/dir/x.sock");
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-n", "1", "--ready", "delay:100ms", "--control"])
+        .arg(&sock)
+        .args(["--", "sleep", "300"])
+        .env("TRIMRUN_CGROUP", "none")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    if wait_for(Duration::from_secs(20), || {
+        read_log(dir.path())
+            .contains("all workers ready")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!("not ready: {}", read_log(dir.path()));
+    }
+    assert!(sock.exists());
+    // SAFETY: kill(2) of the trimrun this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+    assert_eq!(
+        code.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        read_log(dir.path())
+    );
+    assert!(
+        !dir.path().join("new").exists(),
+        "left behind: {}",
+        dir.path().join("new").display()
+    );
+}

@@ -366,6 +366,7 @@ impl WireReply {
 pub fn parse_request_line(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
     let text = text.trim();
+    refuse_duplicate_keys(text)?;
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| format!("malformed request (expected one JSON object per line, e.g. {{\"v\":1,\"cmd\":\"status\"}}): {e}"))?;
     if !value.is_object() {
@@ -389,6 +390,65 @@ pub fn parse_request_line(line: &[u8]) -> Result<Request, String> {
     let wire: WireRequest =
         serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))?;
     Ok(wire.req)
+}
+
+/// A key given twice in one object is refused: serde_json would keep the last, so
+/// `{"cmd":"status","cmd":"stop"}` would be read as whichever a filter in between did not see.
+fn refuse_duplicate_keys(text: &str) -> Result<(), String> {
+    use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    struct Unique;
+    impl<'de> DeserializeSeed<'de> for Unique {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if !seen.insert(k.clone()) {
+                    return Err(A::Error::custom(format!("key \"{k}\" given twice")));
+                }
+                m.next_value_seed(Unique)?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+            while s.next_element_seed(Unique)?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut d = serde_json::Deserializer::from_str(text);
+    match Unique.deserialize(&mut d) {
+        Err(e) if e.to_string().contains("given twice") => {
+            Err(format!("malformed request: {e} (give each key once)"))
+        }
+        // Other syntax errors are reported by the parse that follows.
+        _ => Ok(()),
+    }
 }
 
 /// The request line for `req` (without its newline).
@@ -497,6 +557,22 @@ pub(crate) fn fallback_dir(uid: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_given_twice_is_refused_never_last_wins() {
+        for line in [
+            &br#"{"v":1,"cmd":"status","cmd":"stop"}"#[..],
+            br#"{"cmd":"stop","graceful":true,"graceful":false}"#,
+            br#"{"cmd":"trim","slot":1,"slot":2}"#,
+        ] {
+            let e = parse_request_line(line).unwrap_err();
+            assert!(e.contains("given twice"), "{e}");
+        }
+        assert_eq!(
+            parse_request_line(br#"{"v":1,"cmd":"status"}"#).unwrap(),
+            Request::Status
+        );
+    }
 
     #[test]
     fn scale_to_parses_relative_and_absolute_counts() {

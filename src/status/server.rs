@@ -56,6 +56,8 @@ pub struct ControlServer {
     id: (u64, u64),
     task: JoinHandle<()>,
     closing: watch::Sender<bool>,
+    /// Directories created for the socket (outermost first), removed again if empty.
+    created: Vec<PathBuf>,
 }
 
 impl ControlServer {
@@ -92,6 +94,9 @@ impl Drop for ControlServer {
             Ok(_) => debug!(path = %self.path.display(), "control socket was replaced; leaving it"),
             Err(_) => {}
         }
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -111,7 +116,17 @@ pub async fn serve(
             max: MAX_SOCKET_PATH,
         });
     }
-    prepare_dir(&path)?;
+    let created = prepare_dir(&path)?;
+    // Directories made for a socket that then fails to come up are removed again.
+    struct Made(Vec<PathBuf>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            for dir in self.0.iter().rev() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    let mut made = Made(created);
     clear_stale(&path).await?;
 
     let listener = match bind_private(&path) {
@@ -160,6 +175,7 @@ pub async fn serve(
         path,
         task,
         closing,
+        created: std::mem::take(&mut made.0),
     })
 }
 
@@ -173,10 +189,18 @@ fn absolute(path: &Path) -> Result<PathBuf, StatusError> {
 
 /// Create the socket's directory (0700) if missing. The per-user fallback directory under
 /// the temp dir must be ours: anyone could have created it first.
-fn prepare_dir(path: &Path) -> Result<(), StatusError> {
+fn prepare_dir(path: &Path) -> Result<Vec<PathBuf>, StatusError> {
     let Some(dir) = path.parent() else {
-        return Ok(());
+        return Ok(vec![]);
     };
+    let created: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -204,7 +228,7 @@ fn prepare_dir(path: &Path) -> Result<(), StatusError> {
             });
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Remove a stale socket file at `path`; refuse when a live process answers on it or when

@@ -193,7 +193,12 @@ impl Supervisor {
         }
         // What workers left behind outside any cgroup (re-parented daemons) goes with us.
         self.kill_orphans();
-        self.groups.teardown();
+        // Removing the groups may wait on the kernel (rmdir of a group whose last process is
+        // still exiting): on a blocking thread, not this one.
+        let groups = self.groups;
+        if let Err(e) = tokio::task::spawn_blocking(move || groups.teardown()).await {
+            warn!(error = %e, "cgroup teardown did not finish");
+        }
         info!("trimrun stopped");
         outcome
     }
