@@ -16,6 +16,7 @@ pub mod edge;
 pub mod logging;
 pub mod notify;
 pub mod policy;
+pub mod procfs;
 pub mod size;
 pub mod sockets;
 pub mod spawn;

@@ -339,7 +339,7 @@ async fn status_client_prints_the_table_and_json() {
         std::process::id()
     )));
     assert!(
-        lines[0].contains("workers 2/2  memory 300.0 MiB of 800.0 MiB"),
+        lines[0].contains("workers 2/2  memory 300 MiB of 800 MiB"),
         "{table}"
     );
     assert!(lines[1].starts_with("SLOT"), "{table}");

@@ -5,6 +5,7 @@
 //! (`--wide`, or any terminal wide enough for it, see [`render_for`]).
 
 use super::Snapshot;
+pub use crate::size::human_bytes;
 
 /// Width of the memory bar, in cells.
 const BAR_CELLS: usize = 10;
@@ -358,7 +359,7 @@ fn pool_line(s: &Snapshot) -> String {
     )
 }
 
-/// `[######....]  61%  312.0 MiB / 512.0 MiB`, or the bare size without a limit.
+/// `[######....]  61%  312 MiB / 512 MiB`, or the bare size without a limit.
 fn memory_cell(used: u64, limit: Option<u64>) -> String {
     match limit {
         Some(limit) if limit > 0 => {
@@ -386,23 +387,6 @@ fn bar(used: u64, limit: u64) -> String {
     }
     let filled = ((used as f64 / limit as f64) * BAR_CELLS as f64).round() as usize;
     format!("[{}{}]", "#".repeat(filled), ".".repeat(BAR_CELLS - filled))
-}
-
-/// Bytes for people: `512 B`, `12.0 KiB`, `312.4 MiB`, `1.50 GiB`.
-pub fn human_bytes(b: u64) -> String {
-    const KIB: f64 = 1024.0;
-    const MIB: f64 = KIB * 1024.0;
-    const GIB: f64 = MIB * 1024.0;
-    let f = b as f64;
-    if b < 1024 {
-        format!("{b} B")
-    } else if f < MIB {
-        format!("{:.1} KiB", f / KIB)
-    } else if f < GIB {
-        format!("{:.1} MiB", f / MIB)
-    } else {
-        format!("{:.2} GiB", f / GIB)
-    }
 }
 
 /// Ages for people: `45s`, `12m03s`, `1h02m`, `3d04h`.
@@ -500,8 +484,8 @@ mod tests {
         assert_eq!(
             lines[0],
             "trimrun pid 4242 (running, up 1h02m)  backend v2  workers 2/2  \
-             memory 912.0 MiB of 1.00 GiB  OOM kills 1  restarts 2  recycles 3 (1 in progress)  \
-             trims 9 (80.0 MiB released)"
+             memory 912 MiB of 1 GiB  OOM kills 1  restarts 2  recycles 3 (1 in progress)  \
+             trims 9 (80 MiB released)"
         );
         assert!(lines[1].starts_with("SLOT  "), "{t}");
         assert!(lines[1].ends_with("LAST REASON"), "{t}");
@@ -510,7 +494,7 @@ mod tests {
             "4250",
             "ready",
             "12m03s",
-            "[######....]  61%  312.0 MiB / 512.0 MiB",
+            "[######....]  61%  312 MiB / 512 MiB",
             "401.2 MiB",
             "12.3 MiB",
             "850us",
@@ -650,7 +634,7 @@ mod tests {
         assert_eq!(render_for(&s, true, Some(80)), wide);
         assert_eq!(render_for(&s, false, Some(width)), wide);
         assert!(wide.contains("RECYCLE AT"), "{wide}");
-        assert!(wide.contains("460.0 MiB"), "{wide}");
+        assert!(wide.contains("460 MiB"), "{wide}");
     }
 
     #[test]
@@ -679,9 +663,9 @@ mod tests {
         let mut s = pool();
         s.workers[0].limit = None;
         let t = render_table(&s);
-        assert!(t.contains("[          ]    -  600.0 MiB / no limit"), "{t}");
+        assert!(t.contains("[          ]    -  600 MiB / no limit"), "{t}");
         assert!(
-            t.lines().next().unwrap().contains("memory 912.0 MiB  "),
+            t.lines().next().unwrap().contains("memory 912 MiB  "),
             "{t}"
         );
     }
@@ -727,7 +711,7 @@ mod tests {
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(312 * MIB), "312.0 MiB");
+        assert_eq!(human_bytes(312 * MIB), "312 MiB");
         assert_eq!(human_bytes(3 * 512 * MIB), "1.50 GiB");
         assert_eq!(human_age(0.4), "0s");
         assert_eq!(human_age(-3.0), "0s");
