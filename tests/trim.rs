@@ -479,7 +479,14 @@ fn lockheld_with_the_arena_locked(dir: &Path) -> (Proc, ChildStderr, i32) {
     cmd.stderr(Stdio::piped());
     let mut p = Proc::spawn(&mut cmd);
     let stderr = p.child.stderr.take().unwrap();
-    let (lines, _) = p.until("ready");
+    // The threads print their tids as they start: on a loaded machine after "ready".
+    let mut lines = Vec::new();
+    while !(["sleeper", "stats", "ready"]
+        .iter()
+        .all(|n| lines.iter().any(|l: &String| l.starts_with(n))))
+    {
+        lines.push(p.line());
+    }
     let tid = |name: &str| -> i32 {
         let l = lines.iter().find(|l| l.starts_with(name)).unwrap();
         field(l, 1) as i32
