@@ -286,6 +286,23 @@ const STAGES: &[&str] = &[
     "change its user and group (--user/--group)",
 ];
 
+/// The fd limit trimrun started with, which workers get back (see [`raise_fd_limit`]).
+static WORKER_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raise trimrun's soft `RLIMIT_NOFILE` to its hard limit (sockets of clients, pidfds,
+/// cgroup files add up), remembering the original, which every worker gets back before
+/// exec: an app that uses `select()` must not see fds above 1023 because of us.
+/// Returns (old soft, new soft).
+pub fn raise_fd_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = WORKER_NOFILE.set((soft, hard));
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
+
 /// Fork and exec one worker. Returns its pid (also its process group id).
 pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError> {
     let sys = |op: &'static str, e: std::io::Error| SpawnError::Sys {
@@ -334,10 +351,14 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     let err_w_fd = err_w.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let sig_max = libc::SIGRTMAX() + 1;
+    let nofile = WORKER_NOFILE.get().map(|&(soft, hard)| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
 
     // SAFETY: fork() in a multi-threaded process: the child only calls async-signal-safe
     // functions and raw syscalls (write, fcntl, dup2, close_range, sigprocmask, signal,
-    // setpgid, setgroups, setresgid, setresuid, prctl, getppid, getpid, execve, _exit) on
+    // setpgid, setgroups, setresgid, setresuid, prctl, getppid, getpid, setrlimit, execve, _exit) on
     // memory prepared above, and never returns into Rust code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -356,6 +377,7 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
                 err_fd: err_w_fd,
                 parent,
                 sig_max,
+                nofile,
                 uid,
                 gid,
             })
@@ -394,6 +416,8 @@ struct ChildArgs<'a> {
     err_fd: RawFd,
     parent: libc::pid_t,
     sig_max: libc::c_int,
+    /// The fd limit trimrun started with, restored for the worker.
+    nofile: Option<libc::rlimit>,
     uid: Option<u32>,
     gid: Option<u32>,
 }
@@ -526,6 +550,10 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
                 *slot.add(i) = digits[len - 1 - i];
             }
             *slot.add(len) = 0;
+        }
+        // 7. The fd limit trimrun started with (it raised its own soft limit).
+        if let Some(r) = &a.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, r);
         }
         libc::execve(a.path, a.argv, a.envp);
         fail(5, err_fd)

@@ -181,7 +181,7 @@ fn usage_anon_matches_smaps_rollup_within_5_percent() {
     let smaps: u64 = u
         .pids
         .iter()
-        .map(|p| parse_smaps_rollup(&read(format!("/proc/{p}/smaps_rollup"))).anonymous)
+        .map(|p| parse_smaps_rollup(&read(format!("/proc/{p}/smaps_rollup"))).map_or(0, |s| s.anon))
         .sum();
     let diff = u.anon.abs_diff(smaps) as f64 / smaps as f64;
     assert!(
@@ -292,6 +292,7 @@ fn limit_auto_divides_the_enclosing_cgroup_limit() {
         Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
+                "--ignored",
                 "inner_limit_auto",
                 "--nocapture",
                 "--test-threads=1",
@@ -319,8 +320,12 @@ fn limit_auto_divides_the_enclosing_cgroup_limit() {
 }
 
 #[test]
+#[ignore = "inner test: its outer test re-runs it in a limited cgroup"]
 fn inner_limit_auto() {
-    if std::env::var("TRIMRUN_INNER").as_deref() != Ok("limit_auto") {
+    if common::not_inside(
+        std::env::var("TRIMRUN_INNER").as_deref() == Ok("limit_auto"),
+        "its outer test re-runs it in a limited cgroup",
+    ) {
         return;
     }
     let m = Manager::setup_at(Choice::Auto, &Roots::system_instance("inner")).unwrap();
@@ -338,6 +343,7 @@ fn a_limit_above_the_enclosing_limit_is_refused() {
         Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
+                "--ignored",
                 "inner_limit_above",
                 "--nocapture",
                 "--test-threads=1",
@@ -359,8 +365,12 @@ fn a_limit_above_the_enclosing_limit_is_refused() {
 }
 
 #[test]
+#[ignore = "inner test: its outer test re-runs it in a limited cgroup"]
 fn inner_limit_above() {
-    if std::env::var("TRIMRUN_INNER").as_deref() != Ok("limit_above") {
+    if common::not_inside(
+        std::env::var("TRIMRUN_INNER").as_deref() == Ok("limit_above"),
+        "its outer test re-runs it in a limited cgroup",
+    ) {
         return;
     }
     let m = Manager::setup_at(Choice::V1, &Roots::system_instance("inner")).unwrap();

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+pub use crate::procfs::parse_smaps_rollup;
 pub use detect::Roots;
 pub use error::CgroupError;
 pub use none::tree_pids;
@@ -47,7 +48,7 @@ pub fn children_of(proc: &Path, pid: i32) -> Vec<i32> {
 pub use parse::{
     CgroupLine, MemoryEvents, Mount, OomControl, SmapsRollup, parse_flat_keyed, parse_limit,
     parse_meminfo_total, parse_memory_events, parse_memory_stat, parse_mountinfo,
-    parse_oom_control, parse_proc_self_cgroup, parse_smaps_rollup,
+    parse_oom_control, parse_proc_self_cgroup,
 };
 
 /// The smallest per-worker limit we accept: a Python interpreter with a web framework
@@ -134,24 +135,6 @@ pub struct Usage {
     pub oom_kills: u64,
     pub limit: Option<u64>,
     pub pids: Vec<i32>,
-}
-
-/// `512 MiB`-style text for messages.
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else if (v - v.round()).abs() < 0.005 {
-        format!("{} {}", v.round(), UNITS[u])
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
 }
 
 /// `--limit auto`: share what trimrun may use (`available`, see

@@ -116,7 +116,7 @@ pub fn usage(proc: &Path, root: Option<i32>, limit: Option<u64>) -> (Usage, Vec<
     for &pid in &pids {
         let dir = proc.join(pid.to_string());
         let text = fs::read_to_string(dir.join("smaps_rollup")).unwrap_or_default();
-        let s = parse::parse_smaps_rollup(&text);
+        let s = crate::procfs::parse_smaps_rollup(&text).unwrap_or_default();
         if s.pss == 0 && s.rss == 0 {
             // Unreadable (or empty: a kernel thread, a zombie): RSS from statm.
             let Some((resident, shared)) = fs::read_to_string(dir.join("statm"))
@@ -134,10 +134,10 @@ pub fn usage(proc: &Path, root: Option<i32>, limit: Option<u64>) -> (Usage, Vec<
             u.file += shared.min(resident) * page;
             continue;
         }
-        let anon = s.pss_anon.unwrap_or(s.anonymous);
+        let anon = s.pss_anon.unwrap_or(s.anon);
         let file = match (s.pss_file, s.pss_shmem) {
             (Some(f), sh) => f + sh.unwrap_or(0),
-            (None, _) => s.rss.saturating_sub(s.anonymous),
+            (None, _) => s.rss.saturating_sub(s.anon),
         };
         u.current += if s.pss > 0 { s.pss } else { s.rss };
         u.anon += anon;

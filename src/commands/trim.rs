@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::size::human_bytes_signed;
 use crate::trim::{self, TrimOptions};
 
 /// `trimrun trim [--json] [--timeout DUR] PID...`: trim each pid, print one line per pid
@@ -27,11 +28,11 @@ pub fn run(pids: &[i32], json: bool, timeout: Duration) -> i32 {
                 } else {
                     println!(
                         "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {}), malloc_trim returned {}",
-                        human(r.released()),
-                        human(r.rss_before as i64),
-                        human(r.rss_after as i64),
-                        human(r.anon_before as i64),
-                        human(r.anon_after as i64),
+                        human_bytes_signed(r.released()),
+                        human_bytes_signed(r.rss_before as i64),
+                        human_bytes_signed(r.rss_after as i64),
+                        human_bytes_signed(r.anon_before as i64),
+                        human_bytes_signed(r.anon_after as i64),
                         r.pause_us,
                         r.syscall,
                         r.tid,
@@ -96,17 +97,5 @@ impl Drop for HeldSignals {
         if let Some(old) = self.0.take() {
             let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
         }
-    }
-}
-
-fn human(bytes: i64) -> String {
-    let b = bytes.unsigned_abs() as f64;
-    let sign = if bytes < 0 { "-" } else { "" };
-    if b >= 1024.0 * 1024.0 {
-        format!("{sign}{:.1} MiB", b / (1024.0 * 1024.0))
-    } else if b >= 1024.0 {
-        format!("{sign}{:.1} KiB", b / 1024.0)
-    } else {
-        format!("{sign}{b} B")
     }
 }
