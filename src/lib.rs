@@ -4,15 +4,18 @@
 //! trims them from the outside (`malloc_trim(0)` injected through ptrace) as they approach
 //! their limit, and recycles them one at a time, replacement first, with jitter.
 //!
-//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`] and the
-//! parsers; thin kernel layers in [`spawn`], [`sockets`], [`cgroup`] and [`trim`]; one task
-//! that owns the pool in [`supervisor`].
+//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`],
+//! [`startup`] and the parsers ([`procfs`], `cgroup::parse`); thin kernel layers in
+//! [`spawn`], [`sockets`], [`cgroup`], [`zygote`] and [`trim`], which the supervisor reaches
+//! only through the traits of [`edge`] (with in-memory fakes for its tests); one task that
+//! owns the pool in [`supervisor`]; the subcommands' user interfaces in [`commands`].
 
 pub mod cgroup;
 pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod edge;
+pub mod logging;
 pub mod notify;
 pub mod policy;
 pub mod procfs;
@@ -27,7 +30,7 @@ pub mod zygote;
 
 use std::str::FromStr;
 
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -61,6 +64,17 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     listeners.extend(sockets::open(&cfg.binds, cfg.bind_mode).map_err(bad_input)?);
     if listeners.is_empty() {
         info!("no --bind and no sockets from systemd: workers get no listening socket");
+    }
+    match spawn::raise_fd_limit() {
+        Ok((old, new)) if new > old => {
+            info!(
+                from = old,
+                to = new,
+                "raised the open-file limit (workers keep the original)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
     let choice = cgroup::Choice::from_str(&cfg.cgroup).map_err(bad_input)?;
     let cgroups = cgroup::Manager::setup(choice).map_err(bad_input)?;
@@ -159,16 +173,17 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         };
         let sup = supervisor::Supervisor::new(setup);
         let outcome = sup.run().await;
-        drop(control);
+        control.close().await;
         Ok::<_, Fatal>(outcome)
     });
+    // A trim in flight (on a blocking thread) is finished, not cut off by the exit.
+    if !trim::finish_trims(std::time::Duration::from_secs(10)) {
+        warn!("a trim was still running at exit");
+    }
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),
         Ok(supervisor::Outcome::Escalated) => Ok(exit::ESCALATED),
-        Err(f) => {
-            error!("{}", f.message);
-            Err(f)
-        }
+        Err(f) => Err(f),
     }
 }

@@ -372,9 +372,26 @@ pub fn from_systemd() -> Result<Vec<Listener>, SocketError> {
         .collect()
 }
 
+/// `ADDRESS (systemd)` for a socket systemd passed: `0.0.0.0:8000`, `[::]:8000`, a unix
+/// path, `@name` for an abstract one. (nix's `SockaddrStorage` Display says "Address family
+/// unspecified" for inet sockets got from `getsockname`; std parses those.)
 fn local_name(fd: &OwnedFd) -> Option<String> {
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
-    Some(format!("{addr} (systemd)"))
+    let name = if let Some(u) = addr.as_unix_addr() {
+        match (u.path(), u.as_abstract()) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(a)) => format!("@{}", String::from_utf8_lossy(a)),
+            _ => "unnamed unix socket".to_string(),
+        }
+    } else {
+        // std reads inet addresses right; on a duplicate, so the socket itself is untouched.
+        let dup = fd.try_clone().ok()?;
+        std::net::TcpListener::from(dup)
+            .local_addr()
+            .ok()?
+            .to_string()
+    };
+    Some(format!("{name} (systemd)"))
 }
 
 #[cfg(test)]
@@ -520,5 +537,36 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         let err = open(&[BindAddr::Tcp(addr)], None).unwrap_err().to_string();
         assert!(err.contains("another process listens there"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod local_name_tests {
+    #[test]
+    fn systemd_sockets_are_named_by_their_real_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fd: std::os::fd::OwnedFd = l.into();
+        assert_eq!(
+            super::local_name(&fd).unwrap(),
+            format!("127.0.0.1:{port} (systemd)")
+        );
+        let l6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(l6) = l6 {
+            let port = l6.local_addr().unwrap().port();
+            let fd: std::os::fd::OwnedFd = l6.into();
+            assert_eq!(
+                super::local_name(&fd).unwrap(),
+                format!("[::1]:{port} (systemd)")
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let u = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd: std::os::fd::OwnedFd = u.into();
+        assert_eq!(
+            super::local_name(&fd).unwrap(),
+            format!("{} (systemd)", path.display())
+        );
     }
 }

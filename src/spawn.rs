@@ -139,7 +139,8 @@ pub struct Credentials {
 
 impl Credentials {
     /// Resolve `--user` and `--group` (names or numbers). With `--user` alone the group is
-    /// the user's primary group, as `su` would give it.
+    /// the user's primary group, as `su` would give it (for a uid without a passwd entry,
+    /// the group of the same number: never root's group by default).
     pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
         if user.is_none() && group.is_none() {
             return Ok(None);
@@ -186,8 +187,11 @@ impl Credentials {
                     .as_raw(),
             ),
         };
-        let euid = nix::unistd::geteuid().as_raw();
-        if euid != 0 && (uid.is_some_and(|u| u != euid) || gid.is_some()) {
+        let (euid, egid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        if euid != 0 && (uid.is_some_and(|u| u != euid) || gid.is_some_and(|g| g != egid)) {
             return Err(format!(
                 "--user/--group need trimrun to run as root (it runs as uid {euid}): run it as root, or run it as that user without --user"
             ));
@@ -282,6 +286,23 @@ const STAGES: &[&str] = &[
     "change its user and group (--user/--group)",
 ];
 
+/// The fd limit trimrun started with, which workers get back (see [`raise_fd_limit`]).
+static WORKER_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raise trimrun's soft `RLIMIT_NOFILE` to its hard limit (sockets of clients, pidfds,
+/// cgroup files add up), remembering the original, which every worker gets back before
+/// exec: an app that uses `select()` must not see fds above 1023 because of us.
+/// Returns (old soft, new soft).
+pub fn raise_fd_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = WORKER_NOFILE.set((soft, hard));
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
+
 /// Fork and exec one worker. Returns its pid (also its process group id).
 pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError> {
     let sys = |op: &'static str, e: std::io::Error| SpawnError::Sys {
@@ -330,10 +351,14 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     let err_w_fd = err_w.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let sig_max = libc::SIGRTMAX() + 1;
+    let nofile = WORKER_NOFILE.get().map(|&(soft, hard)| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
 
     // SAFETY: fork() in a multi-threaded process: the child only calls async-signal-safe
     // functions and raw syscalls (write, fcntl, dup2, close_range, sigprocmask, signal,
-    // setpgid, setgroups, setresgid, setresuid, prctl, getppid, getpid, execve, _exit) on
+    // setpgid, setgroups, setresgid, setresuid, prctl, getppid, getpid, setrlimit, execve, _exit) on
     // memory prepared above, and never returns into Rust code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -352,6 +377,7 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
                 err_fd: err_w_fd,
                 parent,
                 sig_max,
+                nofile,
                 uid,
                 gid,
             })
@@ -390,6 +416,8 @@ struct ChildArgs<'a> {
     err_fd: RawFd,
     parent: libc::pid_t,
     sig_max: libc::c_int,
+    /// The fd limit trimrun started with, restored for the worker.
+    nofile: Option<libc::rlimit>,
     uid: Option<u32>,
     gid: Option<u32>,
 }
@@ -523,6 +551,10 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
             }
             *slot.add(len) = 0;
         }
+        // 7. The fd limit trimrun started with (it raised its own soft limit).
+        if let Some(r) = &a.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, r);
+        }
         libc::execve(a.path, a.argv, a.envp);
         fail(5, err_fd)
     }
@@ -548,6 +580,31 @@ pub fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) -> nix::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_and_group_resolve_from_names_or_numbers() {
+        assert_eq!(Credentials::resolve(None, None).unwrap(), None);
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let c = Credentials::resolve(Some("root"), None).unwrap().unwrap();
+        assert_eq!((c.uid, c.gid), (Some(0), Some(0)));
+        let c = Credentials::resolve(Some("65534"), Some("0"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.uid, c.gid), (Some(65534), Some(0)));
+        let c = Credentials::resolve(None, Some("12345")).unwrap().unwrap();
+        assert_eq!((c.uid, c.gid), (None, Some(12345)));
+        for (u, g, want) in [
+            (Some("no-such-user-xyz"), None, "unknown --user"),
+            (None, Some("no-such-group-xyz"), "unknown --group"),
+            (Some(""), None, "invalid --user"),
+            (Some("99999999999"), None, "not a valid user id"),
+        ] {
+            let e = Credentials::resolve(u, g).unwrap_err();
+            assert!(e.contains(want), "{u:?} {g:?}: {e}");
+        }
+    }
 
     #[test]
     fn finds_commands_on_path_like_execvp() {

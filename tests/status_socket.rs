@@ -374,7 +374,10 @@ async fn ctl_sends_each_command_and_exits_by_the_reply() {
             CtlCommand::Trim {
                 target: TrimTarget::All,
             },
-            CtlCommand::Stop { graceful: true },
+            CtlCommand::Stop {
+                now: false,
+                graceful: true,
+            },
         ]
         .iter()
         .map(|c| run_ctl_cli(Some(p.clone()), c))
@@ -392,7 +395,7 @@ async fn ctl_sends_each_command_and_exits_by_the_reply() {
             Request::Recycle { slot: 1 },
             Request::Recycle { slot: 5 },
             Request::Trim { slot: None },
-            Request::Stop { graceful: true },
+            Request::Stop { now: false },
         ]
     );
     let p = sock(&dir);

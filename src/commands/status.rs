@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::status::{
     Client, ROOT_CONTROL_PATH, Request, ScaleTo, Snapshot, StatusError, default_control_path,
-    render_table,
+    render_for, render_table, sanitize,
 };
 
 /// How long `ctl` waits for an answer (the supervisor answers when it has acted).
@@ -32,12 +32,16 @@ pub struct StatusArgs {
     /// Redraw every second until interrupted
     #[arg(long, short = 'w')]
     pub watch: bool,
+    /// Every column (peak, generation, bytes released, last pause...); the default is the
+    /// 80-column table, or the wide one when the terminal is wide enough for it
+    #[arg(long)]
+    pub wide: bool,
 }
 
 impl StatusArgs {
     /// Run `trimrun status`; returns the exit code.
     pub fn run(&self) -> i32 {
-        run_status_cli(self.control.clone(), self.json, self.watch)
+        run_status_cli_with(self.control.clone(), self.json, self.watch, self.wide)
     }
 }
 
@@ -81,10 +85,14 @@ pub enum CtlCommand {
         #[arg(value_name = "SLOT|all")]
         target: TrimTarget,
     },
-    /// Stop trimrun and its workers
+    /// Stop trimrun and its workers gracefully, as SIGTERM does: each worker gets the stop
+    /// signal and up to --graceful-timeout to finish its requests
     Stop {
-        /// Let workers finish their requests (up to the graceful timeout) before stopping
+        /// Kill every worker now, as SIGQUIT does (requests in flight are lost)
         #[arg(long)]
+        now: bool,
+        /// The default; accepted for scripts written for older versions
+        #[arg(long, hide = true, conflicts_with = "now")]
         graceful: bool,
     },
 }
@@ -102,7 +110,7 @@ impl CtlCommand {
                     TrimTarget::All => None,
                 },
             },
-            CtlCommand::Stop { graceful } => Request::Stop { graceful },
+            CtlCommand::Stop { now, .. } => Request::Stop { now },
         }
     }
 }
@@ -133,6 +141,15 @@ pub fn status_output(path: &Path, json: bool) -> Result<String, StatusError> {
     Ok(format_snapshot(&snap, json))
 }
 
+/// Columns of the terminal on stdout, if it is one.
+fn terminal_columns() -> Option<usize> {
+    let out = std::io::stdout();
+    if !out.is_terminal() {
+        return None;
+    }
+    terminal_size::terminal_size_of(&out).map(|(w, _)| usize::from(w.0))
+}
+
 fn format_snapshot(s: &Snapshot, json: bool) -> String {
     if json {
         let mut line = serde_json::to_string(s).expect("a snapshot always serialises");
@@ -149,6 +166,12 @@ fn format_snapshot(s: &Snapshot, json: bool) -> String {
 /// goes away (exit 1). On a terminal the screen is cleared before each table; otherwise
 /// the tables (or JSON lines) follow each other.
 pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
+    run_status_cli_with(path, json, watch, false)
+}
+
+/// [`run_status_cli`] with the choice of the wide table (`--wide`): without it, the table
+/// fits 80 columns unless the terminal is wide enough for every column.
+pub fn run_status_cli_with(path: Option<PathBuf>, json: bool, watch: bool, wide: bool) -> i32 {
     let defaulted = path.is_none();
     let path = path.unwrap_or_else(default_control_path);
     let mut client = match Client::connect(&path) {
@@ -174,7 +197,11 @@ pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
                 utc_clock(SystemTime::now())
             ));
         }
-        text.push_str(&format_snapshot(&snap, json));
+        if json {
+            text.push_str(&format_snapshot(&snap, true));
+        } else {
+            text.push_str(&render_for(&snap, wide, terminal_columns()));
+        }
         if watch && !json && !clear {
             text.push('\n');
         }
@@ -212,7 +239,7 @@ pub fn run_ctl_cli(path: Option<PathBuf>, cmd: &CtlCommand) -> i32 {
         Ok(data) => {
             let text = match data {
                 serde_json::Value::Null => "ok".to_string(),
-                serde_json::Value::String(s) => s,
+                serde_json::Value::String(s) => sanitize(&s),
                 other => serde_json::to_string_pretty(&other).expect("json value serialises"),
             };
             let mut out = std::io::stdout().lock();
@@ -224,7 +251,8 @@ pub fn run_ctl_cli(path: Option<PathBuf>, cmd: &CtlCommand) -> i32 {
 }
 
 fn fail(e: &StatusError) -> i32 {
-    eprintln!("trimrun: {e}");
+    // Remote errors and protocol details carry text from the socket.
+    eprintln!("trimrun: {}", sanitize(&e.to_string()));
     1
 }
 
@@ -280,7 +308,7 @@ mod tests {
 
     #[test]
     fn ctl_commands_parse_into_requests() {
-        let cases: [(&[&str], Request); 9] = [
+        let cases: [(&[&str], Request); 10] = [
             (&["reload"], Request::Reload),
             (&["scale", "+1"], Request::Scale { to: ScaleTo::Up(1) }),
             (
@@ -298,8 +326,9 @@ mod tests {
             (&["recycle", "2"], Request::Recycle { slot: 2 }),
             (&["trim", "0"], Request::Trim { slot: Some(0) }),
             (&["trim", "all"], Request::Trim { slot: None }),
-            (&["stop"], Request::Stop { graceful: false }),
-            (&["stop", "--graceful"], Request::Stop { graceful: true }),
+            (&["stop"], Request::Stop { now: false }),
+            (&["stop", "--graceful"], Request::Stop { now: false }),
+            (&["stop", "--now"], Request::Stop { now: true }),
         ];
         for (argv, want) in cases {
             let a = ctl(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
@@ -333,7 +362,7 @@ mod tests {
             &["recycle", "-1"],
             &["trim"],
             &["trim", "some"],
-            &["stop", "--now"],
+            &["stop", "--now", "--graceful"],
         ] {
             let e = ctl(argv).expect_err(&format!("{argv:?} should not parse"));
             assert_eq!(e.exit_code(), 2, "{argv:?}: {e}");
@@ -347,8 +376,10 @@ mod tests {
         let s = Status::try_parse_from(["status", "--json", "-w", "--control", "/x"])
             .unwrap()
             .args;
-        assert!(s.json && s.watch);
+        assert!(s.json && s.watch && !s.wide);
         assert_eq!(s.control, Some(PathBuf::from("/x")));
+        let s = Status::try_parse_from(["status", "--wide"]).unwrap().args;
+        assert!(s.wide);
     }
 
     #[test]

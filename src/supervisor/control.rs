@@ -167,16 +167,16 @@ impl Supervisor {
                     Ok(serde_json::json!({"trimming": started}))
                 }
             }
-            Request::Stop { graceful } => {
+            Request::Stop { now } => {
                 let _ = msg.reply.send(Ok(serde_json::json!({"stopping": true})));
-                if *graceful {
+                if !*now {
                     if !self.phase.stopping() {
                         info!("ctl stop: graceful shutdown");
                         self.begin_shutdown();
                     }
                     return None;
                 }
-                info!("ctl stop: fast shutdown");
+                info!("ctl stop --now: fast shutdown");
                 self.kill_all();
                 return Some(Outcome::Stopped);
             }
@@ -195,6 +195,28 @@ impl Supervisor {
             "{ready}/{} workers ready, {} recycles, {} OOM kills",
             self.target, self.totals.recycles, self.totals.oom_kills
         )
+    }
+
+    /// Every slot of the pool (0..target): its history and whether it is backing off.
+    fn slot_snapshots(&self) -> Vec<status::SlotSnapshot> {
+        let now = tokio::time::Instant::now();
+        self.slots
+            .iter()
+            .enumerate()
+            .take(self.target)
+            .map(|(i, s)| status::SlotSnapshot {
+                slot: i,
+                restarts: s.restarts,
+                oom_kills: s.oom_kills,
+                failures: s.backoff.failures(),
+                last_exit: s.last_exit.clone(),
+                retry_in_secs: s
+                    .respawn_at
+                    .or(s.retry_recycle_at)
+                    .filter(|t| *t > now)
+                    .map(|t| (t - now).as_secs_f64()),
+            })
+            .collect()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -220,8 +242,10 @@ impl Supervisor {
             recycles: self.totals.recycles,
             recycles_in_progress: self.in_progress(),
             timeouts: self.totals.timeouts,
-            trims: self.workers.iter().map(|w| w.stats.trims).sum(),
-            released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
+            trims: self.totals.trims,
+            released_bytes: self.totals.released,
+            slots: self.slot_snapshots(),
+            log_lines_dropped: crate::logging::dropped_lines(),
             zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",

@@ -131,15 +131,14 @@ impl Supervisor {
             replaces = replaces.map(|r| r.pid),
             "worker started"
         );
-        // The slot's history carries over to the replacement.
+        // The slot's recycle count and the reason its predecessor went carry over; trims
+        // and bytes released are this worker's own (the pool's totals keep every trim).
         let mut inherited = Stats::default();
         if let Some(r) = replaces
             && let Some(w) = self.worker_mut(r.pid)
         {
             inherited.recycles = w.stats.recycles + 1;
             inherited.last_reason = Some(r.reason.to_string());
-            inherited.trims = w.stats.trims;
-            inherited.released = w.stats.released;
         }
         self.workers.push(Worker {
             slot,
@@ -319,6 +318,9 @@ impl Supervisor {
         let cause = if oom { "oom_kill" } else { exit.cause() };
         if oom {
             self.totals.oom_kills += 1;
+            if let Some(s) = self.slots.get_mut(slot) {
+                s.oom_kills += 1;
+            }
             let served = w.ready_at.map_or(Duration::ZERO, |t| t.elapsed());
             if w.ready_at.is_some() && self.pool.oom_unavoidable(served) {
                 warn!(
@@ -368,13 +370,25 @@ impl Supervisor {
                 self.pool.recycle_finished(t.elapsed());
             }
             self.totals.recycles += 1;
-            info!(slot, pid, reason = %reason, waited_s = ?w.stats.recycle_wait.map(|d| d.as_secs_f64()), "recycle complete");
+            if let Some(m) = &self.metrics {
+                m.recycled(slot, &reason.to_string());
+            }
+            info!(slot, pid, reason = %reason, waited_s = w.stats.recycle_wait.map(|d| d.as_secs_f64()), "recycle complete");
             self.after_recycle_progress();
         }
         if expected {
             return;
         }
         self.totals.restarts += 1;
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.restarts += 1;
+            s.last_exit = Some(match w.state.why() {
+                _ if oom => "oom_kill".to_string(),
+                Some(Why::NotReady { .. }) => "not ready in time".to_string(),
+                Some(Why::OverLimit { .. }) => "over its limit".to_string(),
+                _ => exit.to_string(),
+            });
+        }
         // A replacement that died before it was ready: the old worker keeps serving (unless
         // it is a hung one on its way out: then the slot restarts with backoff, below).
         if let Some(old) = w.state.replaces()

@@ -133,6 +133,11 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// A recycle of this slot failed (replacement never ready): not before this.
     retry_recycle_at: Option<Instant>,
+    /// Unexpected exits of this slot's workers, OOM kills among all its exits, and how the
+    /// last unexpected one ended (for `status` and `/metrics`).
+    restarts: u64,
+    oom_kills: u64,
+    last_exit: Option<String>,
     /// The hung worker whose replacement waits for `respawn_at` (`--timeout`).
     hung: Option<i32>,
     /// Watchdog timeouts of this slot so far.
@@ -150,6 +155,9 @@ impl Slot {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
             respawn_at: None,
             retry_recycle_at: None,
+            restarts: 0,
+            oom_kills: 0,
+            last_exit: None,
             hung: None,
             timeouts: 0,
             recycle_started: None,
@@ -163,6 +171,11 @@ struct Totals {
     restarts: u64,
     oom_kills: u64,
     recycles: u64,
+    /// Every trim of every worker so far, and what they released: counters that only go
+    /// up, whatever happens to the workers (a sum over live workers would drop a gone
+    /// worker's trims, and count a draining one twice if its replacement inherited them).
+    trims: u64,
+    released: u64,
     timeouts: u64,
 }
 

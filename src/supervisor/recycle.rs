@@ -168,9 +168,6 @@ impl Supervisor {
                 "recycling worker: starting its replacement"
             }
         );
-        if let Some(m) = &self.metrics {
-            m.recycled(slot, &reason.to_string());
-        }
         self.slots[slot].recycle_started = Some(Instant::now());
         if stop_first {
             let until = Instant::now() + self.cfg.graceful_timeout;

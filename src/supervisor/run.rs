@@ -63,10 +63,10 @@ impl Supervisor {
     pub async fn run(mut self) -> Outcome {
         info!(
             workers = self.target,
-            cmd = ?self.cfg.cmd,
-            listeners = ?self.listeners,
+            cmd = ?crate::logging::AsJson(&self.cfg.cmd),
+            listeners = ?crate::logging::AsJson(&self.listeners),
             cgroup = %self.groups.kind(),
-            limit = ?self.limit,
+            limit = self.limit,
             "starting pool"
         );
         // Every slot is due now; the timers start them a batch at a time (see START_BATCH).
