@@ -488,7 +488,13 @@ fn worker_output_log(extra: &[&str]) -> String {
         .unwrap();
     let text = wait_for(SETTLE, || {
         let t = std::fs::read_to_string(&log).unwrap();
-        (t.matches("oops").count() >= 2 && t.matches("hello from").count() >= 2).then_some(t)
+        // Two lines from each of two workers (the command line in the log says them too).
+        let lines = |w: &str| {
+            t.lines()
+                .filter(|l| l.contains(w) && !l.contains("\"cmd\""))
+                .count()
+        };
+        (lines("oops") >= 2 && lines("hello from") >= 2).then_some(t)
     });
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
