@@ -4,9 +4,11 @@
 //! trims them from the outside (`malloc_trim(0)` injected through ptrace) as they approach
 //! their limit, and recycles them one at a time, replacement first, with jitter.
 //!
-//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`] and the
-//! parsers; thin kernel layers in [`spawn`], [`sockets`], [`cgroup`] and [`trim`]; one task
-//! that owns the pool in [`supervisor`].
+//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`],
+//! [`startup`] and the parsers ([`procfs`], `cgroup::parse`); thin kernel layers in
+//! [`spawn`], [`sockets`], [`cgroup`], [`zygote`] and [`trim`], which the supervisor reaches
+//! only through the traits of [`edge`] (with in-memory fakes for its tests); one task that
+//! owns the pool in [`supervisor`]; the subcommands' user interfaces in [`commands`].
 
 pub mod cgroup;
 pub mod cli;
@@ -28,7 +30,7 @@ pub mod zygote;
 
 use std::str::FromStr;
 
-use tracing::info;
+use tracing::{info, warn};
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -156,6 +158,10 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         control.close().await;
         Ok::<_, Fatal>(outcome)
     });
+    // A trim in flight (on a blocking thread) is finished, not cut off by the exit.
+    if !trim::finish_trims(std::time::Duration::from_secs(10)) {
+        warn!("a trim was still running at exit");
+    }
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),
