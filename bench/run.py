@@ -22,8 +22,8 @@ Phases
 
 Everything is written to --out (default bench/results for full runs, bench/out/quick for
 --quick): results.json, results.md (tables), PNG plots, and each contender's log.
-trimrun is found at $TRIMRUN, else /work/main/target/release/trimrun, else
-<repo>/target/release/trimrun; if missing or not working its columns say "not run (reason)".
+trimrun is found at $TRIMRUN, else <repo>/target/release/trimrun (the checkout this script
+is in); if missing or not working its columns say "not run (reason)".
 The trimprobe phase (one-shot `trimrun trim --json PID...` of loaded gunicorn workers) uses
 $TRIMRUN_TRIM if set (a build that has the `trim` subcommand), else the same binary.
 """
@@ -83,8 +83,7 @@ def free_port():
 
 
 def find_trimrun():
-    for cand in [os.environ.get("TRIMRUN"), "/work/main/target/release/trimrun",
-                 os.path.join(REPO, "target", "release", "trimrun")]:
+    for cand in [os.environ.get("TRIMRUN"), os.path.join(REPO, "target", "release", "trimrun")]:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand, None
     return None, "no trimrun binary (set TRIMRUN=..., or cargo build --release)"
@@ -994,7 +993,7 @@ def environment(cfg):
     except Exception as e:  # noqa: BLE001
         env["error"] = str(e)
     env["trimrun"] = {"path": cfg.trimrun, "version": trimrun_version(cfg.trimrun)} if cfg.trimrun else cfg.trimrun_missing
-    src = os.environ.get("TRIMRUN_SRC", "/work/main")
+    src = os.environ.get("TRIMRUN_SRC", REPO)
     try:
         env["trimrun_source"] = src + " at " + subprocess.run(
             ["git", "-C", src, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=5).stdout.strip()

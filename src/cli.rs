@@ -48,9 +48,9 @@ pub enum Command {
     Trim(TrimArgs),
     /// Show the running pool: one row per worker (memory against its limit, trims,
     /// recycles) and a pool line
-    Status(crate::status::StatusArgs),
+    Status(crate::commands::status::StatusArgs),
     /// Act on the running pool: reload, scale, recycle a slot, trim, stop
-    Ctl(crate::status::CtlArgs),
+    Ctl(crate::commands::status::CtlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -115,6 +115,13 @@ pub struct RunArgs {
         help_heading = "Sockets"
     )]
     pub bind_mode: Option<String>,
+
+    /// Run the workers as this user (name or number); trimrun itself keeps root for cgroups and trimming
+    #[arg(long, env = "TRIMRUN_USER", help_heading = "Lifecycle")]
+    pub user: Option<String>,
+    /// Run the workers with this group (name or number) [default: the --user's primary group]; supplementary groups are reset
+    #[arg(long, env = "TRIMRUN_GROUP", help_heading = "Lifecycle")]
+    pub group: Option<String>,
 
     /// How long a stopping worker may take before SIGKILL
     #[arg(long, env = "TRIMRUN_GRACEFUL_TIMEOUT", default_value = "30s", value_parser = parse_duration, help_heading = "Lifecycle")]

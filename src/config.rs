@@ -128,6 +128,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_format: LogFormat,
+    /// `--user` / `--group`, resolved.
+    pub credentials: Option<crate::spawn::Credentials>,
 }
 
 /// Upper bound on `--workers`: far beyond any host, low enough to catch a typo.
@@ -196,14 +198,30 @@ impl Config {
         if a.graceful_timeout.is_zero() {
             return Err("invalid --graceful-timeout 0: give workers some time, e.g. 5s".into());
         }
+        check_binds_unique(&binds)?;
+        let ready: Ready = a.ready.parse()?;
+        check_ready_timeout(ready, a.ready_timeout)?;
+        if a.max_lifetime.is_some_and(|l| l.is_zero()) {
+            return Err(
+                "invalid --max-lifetime 0: every worker would be recycled as soon as it starts; give a lifetime such as 1h, or leave it out".into(),
+            );
+        }
+        let credentials =
+            crate::spawn::Credentials::resolve(a.user.as_deref(), a.group.as_deref())?;
+        if credentials.is_some() && a.preload {
+            return Err(
+                "--user/--group with --preload is not supported yet: the zygote would run as root; drop one of them".into(),
+            );
+        }
         Ok(Config {
+            credentials,
             cmd: a.cmd.clone(),
             workers,
             binds,
             bind_mode,
             graceful_timeout: a.graceful_timeout,
             stop_signal: parse_signal(&a.stop_signal)?,
-            ready: a.ready.parse()?,
+            ready,
             ready_timeout: a.ready_timeout,
             preload: a.preload,
             timeout: a
@@ -232,6 +250,36 @@ impl Config {
             log_format: a.log_format,
         })
     }
+}
+
+/// The same socket twice would be handed to every worker twice (and `fd://N` adopted
+/// twice, closing it under the first owner): refused.
+pub fn check_binds_unique(binds: &[BindAddr]) -> Result<(), String> {
+    for (i, b) in binds.iter().enumerate() {
+        if binds[..i].contains(b) {
+            return Err(format!(
+                "invalid --bind: {b} is given more than once (give each address once)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A readiness deadline a worker can meet: not zero, and after the ready delay.
+pub fn check_ready_timeout(ready: Ready, timeout: Duration) -> Result<(), String> {
+    if timeout.is_zero() {
+        return Err(
+            "invalid --ready-timeout 0: every worker would be stopped before it could become ready; give it time, e.g. 60s".into(),
+        );
+    }
+    if let Ready::Delay(d) = ready
+        && d >= timeout
+    {
+        return Err(format!(
+            "--ready delay:{d:?} never comes before --ready-timeout {timeout:?}: workers would be stopped as not ready, forever; make the timeout longer than the delay"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -316,6 +364,30 @@ mod tests {
                 "auto, v2, v1 or none",
             ),
             (&["trimrun", "--trim-at", "95%", "--", "x"], "must be above"),
+            (
+                &["trimrun", "--ready-timeout", "0s", "--", "x"],
+                "--ready-timeout 0",
+            ),
+            (
+                &[
+                    "trimrun",
+                    "--ready",
+                    "delay:3s",
+                    "--ready-timeout",
+                    "3s",
+                    "--",
+                    "x",
+                ],
+                "never comes before",
+            ),
+            (
+                &["trimrun", "--bind", "fd://3", "--bind", "fd://3", "--", "x"],
+                "more than once",
+            ),
+            (
+                &["trimrun", "--max-lifetime", "0s", "--", "x"],
+                "--max-lifetime 0",
+            ),
         ];
         for (args, want) in cases {
             let err = parse(args).unwrap_err();

@@ -10,10 +10,13 @@
 
 pub mod cgroup;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod edge;
+pub mod logging;
 pub mod notify;
 pub mod policy;
+pub mod procfs;
 pub mod size;
 pub mod sockets;
 pub mod spawn;
@@ -25,7 +28,7 @@ pub mod zygote;
 
 use std::str::FromStr;
 
-use tracing::{error, info};
+use tracing::info;
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -59,6 +62,17 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     listeners.extend(sockets::open(&cfg.binds, cfg.bind_mode).map_err(bad_input)?);
     if listeners.is_empty() {
         info!("no --bind and no sockets from systemd: workers get no listening socket");
+    }
+    match spawn::raise_fd_limit() {
+        Ok((old, new)) if new > old => {
+            info!(
+                from = old,
+                to = new,
+                "raised the open-file limit (workers keep the original)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
     }
     let choice = cgroup::Choice::from_str(&cfg.cgroup).map_err(bad_input)?;
     let cgroups = cgroup::Manager::setup(choice).map_err(bad_input)?;
@@ -103,7 +117,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             code: exit::FAILURE,
             message: format!("cannot {what}: {e}"),
         };
-        let rundir = notify::RunDir::create().map_err(|e| Fatal {
+        let rundir = notify::RunDir::create(cfg.credentials.is_some()).map_err(|e| Fatal {
             code: exit::FAILURE,
             message: format!(
                 "cannot create trimrun's run directory: {e} (check $XDG_RUNTIME_DIR or $TMPDIR)"
@@ -115,7 +129,8 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         let preload = cfg.preload;
         let ready_timeout = cfg.ready_timeout;
         let fork_exec = edge::ForkExec::new(program, listeners)
-            .map_err(|e| failure("install the SIGCHLD handler", e))?;
+            .map_err(|e| failure("install the SIGCHLD handler", e))?
+            .with_credentials(cfg.credentials.clone());
         let launcher: Box<dyn edge::Launcher> = if preload {
             Box::new(edge::Zygotes::new(fork_exec, ready_timeout))
         } else {
@@ -137,16 +152,13 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         };
         let sup = supervisor::Supervisor::new(setup);
         let outcome = sup.run().await;
-        drop(control);
+        control.close().await;
         Ok::<_, Fatal>(outcome)
     });
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),
         Ok(supervisor::Outcome::Escalated) => Ok(exit::ESCALATED),
-        Err(f) => {
-            error!("{}", f.message);
-            Err(f)
-        }
+        Err(f) => Err(f),
     }
 }

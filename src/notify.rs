@@ -49,10 +49,6 @@ impl Notifier {
         self.keepalive_every
     }
 
-    pub fn is_active(&self) -> bool {
-        self.sock.is_some()
-    }
-
     /// Send one notification (`READY=1\nSTATUS=...`). Failures are logged, never fatal:
     /// a service manager that went away must not take the pool down.
     pub fn send(&self, msg: &str) {
@@ -129,21 +125,86 @@ pub fn says_ready(msg: &[u8]) -> bool {
     parse(msg).iter().any(|(k, v)| k == "READY" && v == "1")
 }
 
+/// Name prefix of trimrun's run directories: `trimrun-notify.<pid>.<random>`, apart from
+/// the per-user control directory (`trimrun-<uid>`) and the cgroups (`trimrun-<pid>`).
+pub const RUN_DIR_PREFIX: &str = "trimrun-notify.";
+
 /// The directory of trimrun's per-run files (worker notify sockets): removed on drop.
+///
+/// It lives in `$XDG_RUNTIME_DIR`, else the temp dir, and is created the way `mkdtemp`
+/// does it: a fresh random name, mode 0700, never a directory that already exists (one
+/// made first by someone else is never used), and checked to be ours once open. While the
+/// pool runs it holds an `flock` on the directory; a later start removes the directories
+/// of this user whose lock is free (left by a trimrun that was SIGKILLed).
 pub struct RunDir {
     pub path: PathBuf,
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl RunDir {
-    pub fn create() -> std::io::Result<RunDir> {
+    /// `workers_connect`: workers run as another user (`--user`), so the directory is made
+    /// searchable (0711, still not listable) and each notify socket is given to them.
+    pub fn create(workers_connect: bool) -> std::io::Result<RunDir> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
-            .filter(|p| p.is_dir())
+            .filter(|p| p.is_absolute() && p.is_dir())
             .unwrap_or_else(std::env::temp_dir);
-        let path = base.join(format!("trimrun-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)?;
-        Ok(RunDir { path })
+        RunDir::create_in(&base, workers_connect)
+    }
+
+    pub fn create_in(base: &Path, workers_connect: bool) -> std::io::Result<RunDir> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+        for name in clean_stale_run_dirs(base) {
+            tracing::info!(dir = %base.join(name).display(), "removed the run directory of an earlier trimrun");
+        }
+        let uid = nix::unistd::geteuid().as_raw();
+        for _ in 0..32 {
+            let path = base.join(format!(
+                "{RUN_DIR_PREFIX}{}.{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("cannot create {}: {e}", path.display()),
+                    ));
+                }
+            }
+            let dir = std::fs::File::open(&path)?;
+            let m = dir.metadata()?;
+            if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} is not a private directory of uid {uid} right after creating it (someone is tampering with {})",
+                    path.display(),
+                    base.display()
+                )));
+            }
+            let lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|(_, e)| {
+                    std::io::Error::other(format!("cannot lock {}: {e}", path.display()))
+                })?;
+            if workers_connect {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711))?;
+            }
+            return Ok(RunDir {
+                path,
+                _lock: Some(lock),
+            });
+        }
+        Err(std::io::Error::other(format!(
+            "no free name for a run directory in {}",
+            base.display()
+        )))
+    }
+
+    /// An existing directory, used as is (the supervisor's tests, on a temp dir).
+    #[cfg(test)]
+    pub(crate) fn existing(path: PathBuf) -> RunDir {
+        RunDir { path, _lock: None }
     }
 
     pub fn notify_path(&self, slot: usize, generation: u64) -> PathBuf {
@@ -157,10 +218,53 @@ impl Drop for RunDir {
     }
 }
 
-/// Bind a worker's notify socket.
-pub fn bind_worker_socket(path: &Path) -> std::io::Result<tokio::net::UnixDatagram> {
+/// Remove this user's run directories in `base` that no live trimrun holds (their lock is
+/// free). Returns the names removed.
+pub fn clean_stale_run_dirs(base: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = nix::unistd::geteuid().as_raw();
+    let mut removed = vec![];
+    let Ok(rd) = std::fs::read_dir(base) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(RUN_DIR_PREFIX) {
+            continue;
+        }
+        let path = e.path();
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() && m.uid() == uid => {}
+            _ => continue,
+        }
+        let Ok(dir) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if let Ok(lock) = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            if std::fs::remove_dir_all(&path).is_ok() {
+                removed.push(name);
+            }
+            drop(lock);
+        }
+    }
+    removed
+}
+
+/// Bind a worker's notify socket (0600; given to the worker's user with `--user`, the
+/// directory being ours alone to write, so the path cannot be swapped meanwhile).
+pub fn bind_worker_socket(
+    path: &Path,
+    owner: Option<&crate::spawn::Credentials>,
+) -> std::io::Result<tokio::net::UnixDatagram> {
+    use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(path);
-    tokio::net::UnixDatagram::bind(path)
+    let sock = tokio::net::UnixDatagram::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(c) = owner {
+        std::os::unix::fs::chown(path, c.uid, c.gid)?;
+    }
+    Ok(sock)
 }
 
 #[cfg(test)]
@@ -176,6 +280,39 @@ mod tests {
             parse(b"A=1\nB=x=y"),
             vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
+    }
+
+    #[test]
+    fn run_dir_is_fresh_private_locked_and_a_leftover_one_is_cleaned() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = tempfile::tempdir().unwrap();
+        // Someone else's directory with the old predictable name is never used.
+        let squat = base.path().join(format!("trimrun-{}", std::process::id()));
+        std::fs::create_dir(&squat).unwrap();
+        std::fs::set_permissions(&squat, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let a = RunDir::create_in(base.path(), false).unwrap();
+        assert_ne!(a.path, squat);
+        assert!(
+            a.path
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(RUN_DIR_PREFIX)
+        );
+        let m = std::fs::metadata(&a.path).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o700);
+        assert_eq!(m.uid(), nix::unistd::geteuid().as_raw());
+        // A live one (locked) survives the next start; one whose owner died is removed.
+        let dead = base.path().join(format!("{RUN_DIR_PREFIX}1.deadbeef"));
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join("notify-0-0.sock"), "").unwrap();
+        let b = RunDir::create_in(base.path(), true).unwrap();
+        assert!(a.path.exists(), "a live run directory was removed");
+        assert!(!dead.exists(), "a leftover run directory was kept");
+        assert_eq!(std::fs::metadata(&b.path).unwrap().mode() & 0o777, 0o711);
+        let (pa, pb) = (a.path.clone(), b.path.clone());
+        drop((a, b));
+        assert!(!pa.exists() && !pb.exists());
     }
 
     #[test]

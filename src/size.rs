@@ -104,7 +104,9 @@ fn secs_to_duration(secs: f64) -> Option<Duration> {
     (secs.is_finite() && (0.0..1e12).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }
 
-/// Format bytes for people: `512.0MiB`, `1.5GiB`, `900B`.
+/// Bytes for people, the one formatter of trimrun (messages, logs, `trimrun status`,
+/// `trimrun trim`): `900 B`, `12.5 KiB`, `512 MiB`, `312.4 MiB`, `1.50 GiB`. Whole values
+/// drop their decimals.
 pub fn human_bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = bytes as f64;
@@ -114,10 +116,20 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 {
-        format!("{bytes}B")
+        format!("{bytes} B")
+    } else if (value - value.round()).abs() < 0.005 {
+        format!("{} {}", value.round(), UNITS[unit])
+    } else if unit < 3 {
+        format!("{value:.1} {}", UNITS[unit])
     } else {
-        format!("{value:.1}{}", UNITS[unit])
+        format!("{value:.2} {}", UNITS[unit])
     }
+}
+
+/// [`human_bytes`] of a difference: `-1.5 MiB` when it is negative.
+pub fn human_bytes_signed(bytes: i64) -> String {
+    let sign = if bytes < 0 { "-" } else { "" };
+    format!("{sign}{}", human_bytes(bytes.unsigned_abs()))
 }
 
 #[cfg(test)]
@@ -170,8 +182,13 @@ mod tests {
 
     #[test]
     fn human_bytes_reads_well() {
-        assert_eq!(human_bytes(900), "900B");
-        assert_eq!(human_bytes(512 << 20), "512.0MiB");
-        assert_eq!(human_bytes(3 << 29), "1.5GiB");
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(512 << 20), "512 MiB");
+        assert_eq!(human_bytes(312 * (1 << 20) + 400 * 1024), "312.4 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.50 GiB");
+        assert_eq!(human_bytes_signed(-(3 << 19)), "-1.5 MiB");
+        assert_eq!(human_bytes_signed(2048), "2 KiB");
     }
 }

@@ -7,9 +7,9 @@
 use std::fmt;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::socket::{
@@ -212,20 +212,15 @@ fn open_one(bind: &BindAddr, unix_mode: Option<u32>) -> Result<Listener, SocketE
         }
         BindAddr::Unix(path) => {
             remove_stale_unix_socket(path, &describe)?;
-            let l = UnixListener::bind(path).map_err(|e| SocketError::Bind {
+            let bound = match unix_mode {
+                Some(mode) => bind_unix_with_mode(path, mode),
+                None => UnixListener::bind(path),
+            };
+            let l = bound.map_err(|e| SocketError::Bind {
                 addr: describe.clone(),
                 hint: io_hint(&e),
                 source: e,
             })?;
-            if let Some(mode) = unix_mode {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
-                    |e| SocketError::Bind {
-                        addr: describe.clone(),
-                        hint: io_hint(&e),
-                        source: e,
-                    },
-                )?;
-            }
             let fd = OwnedFd::from(l);
             relisten(&fd, &describe)?;
             Ok(Listener {
@@ -245,6 +240,51 @@ fn open_one(bind: &BindAddr, unix_mode: Option<u32>) -> Result<Listener, SocketE
             })
         }
     }
+}
+
+/// Bind a unix socket whose file has exactly `mode` from the moment it exists: nothing
+/// is changed at the path afterwards (a chmod after bind would follow whatever the path
+/// had become meanwhile, e.g. a symlink to another file).
+///
+/// The bind runs on a short-lived thread that unshares its filesystem attributes
+/// (`CLONE_FS`) and sets its own umask to the complement of `mode` (a socket file is
+/// created 0777 minus the umask), so the multi-threaded process's umask is never touched.
+/// Where `unshare` is refused (container seccomp profiles), the socket is bound inside a
+/// fresh 0700 directory next to the path, chmod-ed there (nobody else can reach it), and
+/// hard-linked into place.
+pub fn bind_unix_with_mode(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    let p = path.to_path_buf();
+    let on_thread = std::thread::Builder::new()
+        .name("trimrun-bind".into())
+        .spawn(move || -> std::io::Result<Option<UnixListener>> {
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS).is_err() {
+                return Ok(None);
+            }
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(!mode & 0o777));
+            UnixListener::bind(&p).map(Some)
+        })?
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("bind thread panicked")))?;
+    if let Some(l) = on_thread {
+        return Ok(l);
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let private = parent.join(format!(
+        ".trimrun-bind-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let tmp = private.join("s");
+    let result = (|| {
+        let l = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::hard_link(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    result
 }
 
 /// A unix socket file left by a dead process is removed; one that a live process still
@@ -332,9 +372,26 @@ pub fn from_systemd() -> Result<Vec<Listener>, SocketError> {
         .collect()
 }
 
+/// `ADDRESS (systemd)` for a socket systemd passed: `0.0.0.0:8000`, `[::]:8000`, a unix
+/// path, `@name` for an abstract one. (nix's `SockaddrStorage` Display says "Address family
+/// unspecified" for inet sockets got from `getsockname`; std parses those.)
 fn local_name(fd: &OwnedFd) -> Option<String> {
     let addr: SockaddrStorage = getsockname(fd.as_raw_fd()).ok()?;
-    Some(format!("{addr} (systemd)"))
+    let name = if let Some(u) = addr.as_unix_addr() {
+        match (u.path(), u.as_abstract()) {
+            (Some(p), _) => p.display().to_string(),
+            (None, Some(a)) => format!("@{}", String::from_utf8_lossy(a)),
+            _ => "unnamed unix socket".to_string(),
+        }
+    } else {
+        // std reads inet addresses right; on a duplicate, so the socket itself is untouched.
+        let dup = fd.try_clone().ok()?;
+        std::net::TcpListener::from(dup)
+            .local_addr()
+            .ok()?
+            .to_string()
+    };
+    Some(format!("{name} (systemd)"))
 }
 
 #[cfg(test)]
@@ -408,6 +465,55 @@ mod tests {
         );
     }
 
+    /// `--bind-mode`: the socket file appears with its mode, and nothing touches its
+    /// permissions at the path afterwards (no chmod that could follow a swapped path).
+    #[test]
+    fn bind_mode_is_the_files_mode_from_creation_never_a_chmod_after_bind() {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("app.sock");
+        let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC).unwrap();
+        ino.add_watch(
+            dir.path(),
+            AddWatchFlags::IN_CREATE | AddWatchFlags::IN_ATTRIB,
+        )
+        .unwrap();
+        let ls = open(&[BindAddr::Unix(path.clone())], Some(0o660)).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o660);
+        let events = ino.read_events().unwrap_or_default();
+        let on_socket: Vec<_> = events
+            .iter()
+            .filter(|e| e.name.as_deref() == Some(std::ffi::OsStr::new("app.sock")))
+            .map(|e| e.mask)
+            .collect();
+        assert!(
+            on_socket
+                .iter()
+                .any(|m| m.contains(AddWatchFlags::IN_CREATE)),
+            "{on_socket:?}"
+        );
+        assert!(
+            !on_socket
+                .iter()
+                .any(|m| m.contains(AddWatchFlags::IN_ATTRIB)),
+            "the socket's permissions were changed after it appeared: {on_socket:?}"
+        );
+        // Works for a mode wider than the process umask allows, too.
+        drop(ls);
+        let _ls = open(&[BindAddr::Unix(path.clone())], Some(0o666)).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o666);
+    }
+
     #[test]
     fn tcp_listeners_and_their_connections_have_nodelay() {
         let ls = open(&[BindAddr::Tcp("127.0.0.1:0".into())], None).unwrap();
@@ -431,5 +537,36 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         let err = open(&[BindAddr::Tcp(addr)], None).unwrap_err().to_string();
         assert!(err.contains("another process listens there"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod local_name_tests {
+    #[test]
+    fn systemd_sockets_are_named_by_their_real_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let fd: std::os::fd::OwnedFd = l.into();
+        assert_eq!(
+            super::local_name(&fd).unwrap(),
+            format!("127.0.0.1:{port} (systemd)")
+        );
+        let l6 = std::net::TcpListener::bind("[::1]:0");
+        if let Ok(l6) = l6 {
+            let port = l6.local_addr().unwrap().port();
+            let fd: std::os::fd::OwnedFd = l6.into();
+            assert_eq!(
+                super::local_name(&fd).unwrap(),
+                format!("[::1]:{port} (systemd)")
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let u = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd: std::os::fd::OwnedFd = u.into();
+        assert_eq!(
+            super::local_name(&fd).unwrap(),
+            format!("{} (systemd)", path.display())
+        );
     }
 }

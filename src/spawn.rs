@@ -8,12 +8,19 @@
 //!    one instruction of the app),
 //! 2. move the listening sockets to fds 3.. (through temporary fds above them, so no
 //!    `dup2` can clobber a source),
+//!    and mark every other fd above them close-on-exec (`close_range`), so a worker gets
+//!    0, 1, 2 and its listeners and nothing else trimrun or its parent had open,
 //! 3. unblock every signal and reset every disposition (Rust ignores SIGPIPE; apps expect
 //!    the default),
 //! 4. `setpgid(0, 0)`: its own process group, so stopping a worker stops its whole tree,
-//! 5. `PR_SET_PDEATHSIG(SIGKILL)`, then check that trimrun did not die meanwhile,
-//! 6. write its own pid into `LISTEN_PID` (systemd's rule: the pid of the process that is
-//!    meant to use the fds) and, with `--timeout`, into `WATCHDOG_PID`, and `execve`.
+//! 5. with `--user`/`--group`: supplementary groups, gid, then uid (resolved from names
+//!    before fork; raw syscalls, which change only this one-threaded child), after the
+//!    cgroup move (which needs root) and before the parent-death signal (which a change of
+//!    credentials clears),
+//! 6. `PR_SET_PDEATHSIG(SIGKILL)`, then check that trimrun did not die meanwhile,
+//! 7. write its own pid into `LISTEN_PID` (systemd's rule: the pid of the process that is
+//!    meant to use the fds) and, with `--timeout`, into `WATCHDOG_PID`, in buffers the
+//!    child owns, and `execve`.
 //!
 //! A failure at any step is reported through a close-on-exec pipe, so the parent learns
 //! "exec failed: not found" rather than seeing a mysterious exit 127.
@@ -122,6 +129,73 @@ pub fn find_executable(cmd: &str, path_var: &OsStr) -> Result<PathBuf, SpawnErro
     Err(not_exec.unwrap_or_else(|| SpawnError::NotFound(cmd.into())))
 }
 
+/// `--user` / `--group`, resolved to numbers at start-up (name lookups allocate and read
+/// files: never after fork).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+impl Credentials {
+    /// Resolve `--user` and `--group` (names or numbers). With `--user` alone the group is
+    /// the user's primary group, as `su` would give it.
+    pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
+        if user.is_none() && group.is_none() {
+            return Ok(None);
+        }
+        let mut primary = None;
+        let uid = match user.map(str::trim) {
+            None => None,
+            Some("") => return Err("invalid --user '': give a user name or number".into()),
+            Some(u) if u.bytes().all(|b| b.is_ascii_digit()) => Some(
+                u.parse::<u32>()
+                    .map_err(|_| format!("invalid --user '{u}': not a valid user id"))?,
+            ),
+            Some(u) => {
+                let pw = nix::unistd::User::from_name(u)
+                    .map_err(|e| format!("cannot look up --user '{u}': {e}"))?
+                    .ok_or_else(|| {
+                        format!("unknown --user '{u}': no such user (give a name from /etc/passwd or a number)")
+                    })?;
+                primary = Some(pw.gid.as_raw());
+                Some(pw.uid.as_raw())
+            }
+        };
+        if primary.is_none()
+            && let Some(uid) = uid
+        {
+            primary = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|pw| pw.gid.as_raw());
+        }
+        let gid = match group.map(str::trim) {
+            None => primary.or(uid),
+            Some("") => return Err("invalid --group '': give a group name or number".into()),
+            Some(g) if g.bytes().all(|b| b.is_ascii_digit()) => Some(g.parse::<u32>().map_err(
+                |_| format!("invalid --group '{g}': not a valid group id"),
+            )?),
+            Some(g) => Some(
+                nix::unistd::Group::from_name(g)
+                    .map_err(|e| format!("cannot look up --group '{g}': {e}"))?
+                    .ok_or_else(|| {
+                        format!("unknown --group '{g}': no such group (give a name from /etc/group or a number)")
+                    })?
+                    .gid
+                    .as_raw(),
+            ),
+        };
+        let euid = nix::unistd::geteuid().as_raw();
+        if euid != 0 && (uid.is_some_and(|u| u != euid) || gid.is_some()) {
+            return Err(format!(
+                "--user/--group need trimrun to run as root (it runs as uid {euid}): run it as root, or run it as that user without --user"
+            ));
+        }
+        Ok(Some(Credentials { uid, gid }))
+    }
+}
+
 /// What one worker gets besides the program.
 pub struct WorkerSpec<'a> {
     pub slot: usize,
@@ -134,6 +208,8 @@ pub struct WorkerSpec<'a> {
     pub cgroup_procs: Option<&'a OwnedFd>,
     /// The worker's own sd_notify socket path, if readiness is by notification.
     pub notify_socket: Option<&'a Path>,
+    /// Who the worker runs as (`--user`/`--group`); None: as trimrun.
+    pub credentials: Option<&'a Credentials>,
     /// `--preload`: this process is the zygote. Its end of the fork-request channel is
     /// placed just after the listeners and named by `TRIMRUN_ZYGOTE_FD` (docs/preload.md);
     /// the zygote gets no `TRIMRUN_WORKER_*` (each worker it forks gets its own).
@@ -203,7 +279,25 @@ const STAGES: &[&str] = &[
     "create its process group",
     "set its parent-death signal",
     "exec",
+    "change its user and group (--user/--group)",
 ];
+
+/// The fd limit trimrun started with, which workers get back (see [`raise_fd_limit`]).
+static WORKER_NOFILE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Raise trimrun's soft `RLIMIT_NOFILE` to its hard limit (sockets of clients, pidfds,
+/// cgroup files add up), remembering the original, which every worker gets back before
+/// exec: an app that uses `select()` must not see fds above 1023 because of us.
+/// Returns (old soft, new soft).
+pub fn raise_fd_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let _ = WORKER_NOFILE.set((soft, hard));
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, hard))
+}
 
 /// Fork and exec one worker. Returns its pid (also its process group id).
 pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError> {
@@ -224,23 +318,25 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     let (env, pid_index) = build_env(spec);
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
-    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    // The environment in buffers this function owns (NUL-terminated), so the child may
+    // write its pid into one of them: every pointer below comes from `as_mut_ptr` of an
+    // owned Vec, never from a shared `&CString`.
+    let mut env_bufs: Vec<Vec<u8>> = env.into_iter().map(CString::into_bytes_with_nul).collect();
+    let mut env_ptrs: Vec<*const libc::c_char> = env_bufs
+        .iter_mut()
+        .map(|e| e.as_mut_ptr().cast_const().cast())
+        .collect();
     env_ptrs.push(std::ptr::null());
-    // Where the child writes its pid: just after "LISTEN_PID=" and "WATCHDOG_PID=".
+    // Where the child writes its pid: just after "LISTEN_PID=" and "WATCHDOG_PID=", inside
+    // owned buffers with room for PID_SLOT digits and the NUL.
     let mut pid_slots: [*mut u8; 2] = [std::ptr::null_mut(); 2];
     for (slot, &i) in pid_slots.iter_mut().zip(&pid_index) {
-        let key_len = env[i]
-            .as_bytes()
-            .iter()
-            .position(|&b| b == b'=')
-            .unwrap_or(0)
-            + 1;
-        *slot = env[i]
-            .as_ptr()
-            .cast_mut()
-            .cast::<u8>()
-            .wrapping_add(key_len);
+        let buf = &mut env_bufs[i];
+        let key_len = buf.iter().position(|&b| b == b'=').unwrap_or(0) + 1;
+        debug_assert!(buf.len() > key_len + PID_SLOT);
+        *slot = buf.as_mut_ptr().wrapping_add(key_len);
     }
+    let (uid, gid) = spec.credentials.map_or((None, None), |c| (c.uid, c.gid));
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| sys("create pipe", e.into()))?;
     // The zygote's channel travels like one more listener (to fd 3+n), but is not counted
@@ -251,10 +347,15 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     let err_w_fd = err_w.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let sig_max = libc::SIGRTMAX() + 1;
+    let nofile = WORKER_NOFILE.get().map(|&(soft, hard)| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
 
     // SAFETY: fork() in a multi-threaded process: the child only calls async-signal-safe
-    // functions (write, fcntl, dup2, sigprocmask, signal, setpgid, prctl, getppid,
-    // getpid, execve, _exit) on memory prepared above, and never returns into Rust code.
+    // functions and raw syscalls (write, fcntl, dup2, close_range, sigprocmask, signal,
+    // setpgid, setgroups, setresgid, setresuid, prctl, getppid, getpid, setrlimit, execve, _exit) on
+    // memory prepared above, and never returns into Rust code.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(sys("fork", std::io::Error::last_os_error()));
@@ -272,6 +373,9 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
                 err_fd: err_w_fd,
                 parent,
                 sig_max,
+                nofile,
+                uid,
+                gid,
             })
         }
     }
@@ -308,6 +412,10 @@ struct ChildArgs<'a> {
     err_fd: RawFd,
     parent: libc::pid_t,
     sig_max: libc::c_int,
+    /// The fd limit trimrun started with, restored for the worker.
+    nofile: Option<libc::rlimit>,
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 /// The child side of fork: async-signal-safe calls only, never returns.
@@ -355,6 +463,27 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
                 fail(1, err_fd);
             }
         }
+        // Everything above the listeners closes at exec: fds trimrun's parent left open
+        // without close-on-exec, and any of ours. (CLOEXEC rather than close: the error
+        // pipe must stay open until exec.)
+        if libc::syscall(
+            libc::SYS_close_range,
+            low as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            // Before Linux 5.11: one fcntl per possible fd.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur.min(1 << 20) as RawFd
+            } else {
+                1024
+            };
+            for fd in low..max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
         // 3. Signals as a freshly started program expects them.
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -370,7 +499,22 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         if libc::setpgid(0, 0) != 0 {
             fail(3, err_fd);
         }
-        // 5. Die with trimrun; and if trimrun already died, do not start at all.
+        // 5. --user/--group: groups first (setting them needs root), the uid last.
+        if let Some(gid) = a.gid {
+            let groups = [gid as libc::gid_t];
+            if libc::syscall(libc::SYS_setgroups, 1 as libc::size_t, groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+            {
+                fail(6, err_fd);
+            }
+        }
+        if let Some(uid) = a.uid
+            && libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+        {
+            fail(6, err_fd);
+        }
+        // 6. Die with trimrun; and if trimrun already died, do not start at all. (After the
+        //    credentials: changing them clears the parent-death signal.)
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
             libc::SIGKILL as libc::c_ulong,
@@ -384,7 +528,7 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         if libc::getppid() != a.parent {
             libc::_exit(1);
         }
-        // 6. LISTEN_PID (and WATCHDOG_PID) = our own pid, written into the fixed-width
+        // 7. LISTEN_PID (and WATCHDOG_PID) = our own pid, written into the fixed-width
         //    slots.
         let mut pid = libc::getpid() as u32;
         let mut digits = [0u8; PID_SLOT];
@@ -402,6 +546,10 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
                 *slot.add(i) = digits[len - 1 - i];
             }
             *slot.add(len) = 0;
+        }
+        // 7. The fd limit trimrun started with (it raised its own soft limit).
+        if let Some(r) = &a.nofile {
+            libc::setrlimit(libc::RLIMIT_NOFILE, r);
         }
         libc::execve(a.path, a.argv, a.envp);
         fail(5, err_fd)
@@ -459,6 +607,7 @@ mod tests {
             fd_names: &["http".into(), "admin".into()],
             cgroup_procs: None,
             notify_socket: Some(Path::new("/run/n.sock")),
+            credentials: None,
             zygote_channel: None,
             watchdog: None,
         };
@@ -493,6 +642,7 @@ mod tests {
             notify_socket: None,
             zygote_channel: Some(12),
             watchdog: None,
+            credentials: None,
         };
         let (env, _) = build_env(&spec);
         let env: Vec<String> = env
@@ -515,6 +665,7 @@ mod tests {
             notify_socket: Some(Path::new("/run/n.sock")),
             zygote_channel: None,
             watchdog: Some(std::time::Duration::from_millis(2500)),
+            credentials: None,
         };
         let (env, idx) = build_env(&spec);
         let env: Vec<String> = env

@@ -158,6 +158,8 @@ impl Zygote {
             notify_socket: None,
             zygote_channel: Some(theirs.as_raw_fd()),
             watchdog: None,
+            // --user with --preload is refused at start-up (config.rs).
+            credentials: None,
         };
         let pid = spawn::spawn(program, &spec)?;
         drop(theirs);
@@ -322,6 +324,78 @@ impl Zygote {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zygote end driven by the test: (trimrun's Zygote, the zygote's end).
+    fn pair() -> (Zygote, std::os::unix::net::UnixDatagram) {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let z = Zygote {
+            pid: 0,
+            generation: 1,
+            started: Instant::now(),
+            ready_at: None,
+            chan: ours,
+        };
+        // A SOCK_SEQPACKET fd works with UnixDatagram's send/recv (message boundaries kept).
+        (z, std::os::unix::net::UnixDatagram::from(theirs))
+    }
+
+    #[test]
+    fn ready_then_fork_round_trip_with_the_cgroup_fd() {
+        let (mut z, peer) = pair();
+        assert!(!z.wait_ready(Duration::ZERO).unwrap(), "nothing said yet");
+        peer.send(br#"{"type":"ready","pid":7}"#).unwrap();
+        assert!(z.wait_ready(Duration::from_secs(5)).unwrap());
+        let procs: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        let answer = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            let n = peer.recv(&mut buf).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&buf[..n]).unwrap();
+            peer.send(
+                format!(
+                    r#"{{"type":"forked","slot":{},"generation":{},"pid":4242}}"#,
+                    v["slot"], v["generation"]
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            (v, peer)
+        });
+        let pid = z
+            .fork(
+                2,
+                5,
+                &[("TRIMRUN_WORKER_ID", "2")],
+                Some(&procs),
+                Duration::from_secs(5),
+            )
+            .unwrap();
+        assert_eq!(pid, 4242);
+        let (v, _peer) = answer.join().unwrap();
+        assert_eq!(v["env"]["TRIMRUN_WORKER_ID"], "2");
+    }
+
+    #[test]
+    fn a_refusal_an_eof_and_a_silence_are_errors_that_say_which() {
+        let (z, peer) = pair();
+        peer.send(br#"{"type":"error","slot":1,"generation":3,"error":"fork: EAGAIN"}"#)
+            .unwrap();
+        let e = z.fork(1, 3, &[], None, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, ZygoteError::Refused { .. }), "{e}");
+        assert!(e.to_string().contains("fork: EAGAIN"), "{e}");
+        let e = z
+            .fork(1, 4, &[], None, Duration::from_millis(50))
+            .unwrap_err();
+        assert!(matches!(e, ZygoteError::Timeout { .. }), "{e}");
+        drop(peer);
+        let e = z.fork(1, 5, &[], None, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(e, ZygoteError::Closed { .. }), "{e}");
+    }
 
     #[test]
     fn fork_requests_carry_slot_generation_and_env() {

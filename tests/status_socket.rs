@@ -339,7 +339,7 @@ async fn status_client_prints_the_table_and_json() {
         std::process::id()
     )));
     assert!(
-        lines[0].contains("workers 2/2  memory 300.0 MiB of 800.0 MiB"),
+        lines[0].contains("workers 2/2  memory 300 MiB of 800 MiB"),
         "{table}"
     );
     assert!(lines[1].starts_with("SLOT"), "{table}");
@@ -374,7 +374,10 @@ async fn ctl_sends_each_command_and_exits_by_the_reply() {
             CtlCommand::Trim {
                 target: TrimTarget::All,
             },
-            CtlCommand::Stop { graceful: true },
+            CtlCommand::Stop {
+                now: false,
+                graceful: true,
+            },
         ]
         .iter()
         .map(|c| run_ctl_cli(Some(p.clone()), c))
@@ -392,7 +395,7 @@ async fn ctl_sends_each_command_and_exits_by_the_reply() {
             Request::Recycle { slot: 1 },
             Request::Recycle { slot: 5 },
             Request::Trim { slot: None },
-            Request::Stop { graceful: true },
+            Request::Stop { now: false },
         ]
     );
     let p = sock(&dir);

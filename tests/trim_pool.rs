@@ -70,8 +70,21 @@ fn trim_off_never_trims() {
     let Some(pool) = fragmenting_pool("off") else {
         return;
     };
-    std::thread::sleep(Duration::from_secs(3));
-    let s = pool.status();
+    // A memory tick has seen the worker above --trim-at (with --trim on it would be
+    // trimmed at the next one)...
+    let grown = common::wait_for(Duration::from_secs(30), || {
+        let s = pool.status();
+        (s["workers"][0]["working_set"].as_u64()? > 48 * MIB).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("the worker never grew past 48 MiB:\n{}", pool.log()));
+    // ...and three more seconds of the pool's own clock pass (ticks, however busy the
+    // machine), with the worker still above it.
+    let t0 = grown["uptime_secs"].as_f64().unwrap();
+    let s = common::wait_for(Duration::from_secs(60), || {
+        let s = pool.status();
+        (s["uptime_secs"].as_f64()? > t0 + 3.0).then_some(s)
+    })
+    .unwrap();
     assert_eq!(s["workers"][0]["trims"], 0, "{}", pool.log());
     assert!(s["workers"][0]["working_set"].as_u64().unwrap() > 48 * MIB);
     assert!(!pool.log().contains("trimmed"));

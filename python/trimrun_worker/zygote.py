@@ -8,7 +8,7 @@ requests one at a time:
 
     trimrun -> zygote  {"type": "fork", "slot": 3, "generation": 7, "env": {...}}
                        + SCM_RIGHTS: [the worker's cgroup.procs, opened for writing] (or none)
-    zygote             fork() -> A
+    zygote             fork() -> A (reaped later, before the next request)
     A                  joins the worker's cgroup (writes "0" to cgroup.procs), fork() -> B,
                        replies, exits
     A -> trimrun       {"type": "forked", "slot": 3, "generation": 7, "pid": B}
@@ -74,6 +74,7 @@ def run(app, interface, args):
              interface.upper(), args.app, gc.get_freeze_count(),
              (time.monotonic() - started) * 1000)
     while True:
+        _reap_children()
         try:
             data, fds, _flags, _addr = socket.recv_fds(chan, MAX_MESSAGE, 4)
         except InterruptedError:
@@ -100,6 +101,17 @@ def run(app, interface, args):
             os.close(procs)
 
 
+def _reap_children():
+    """Collect the intermediate children (A) that have exited."""
+    while True:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _fork(chan, req, procs, supervisor, app, interface, args):
     slot, generation = req.get("slot"), req.get("generation")
     try:
@@ -109,7 +121,8 @@ def _fork(chan, req, procs, supervisor, app, interface, args):
                      "error": f"fork: {e}"})
         return
     if a:
-        os.waitpid(a, 0)  # A replies, then exits at once
+        # A replies, then exits at once: it is reaped before the next request, without
+        # waiting here for its exit (unmapping a large heap takes a while).
         return
     # A: join the worker's cgroup, then fork the worker inside it.
     a = os.getpid()

@@ -77,22 +77,27 @@ pub fn kill_pids(pids: &[i32]) {
 }
 
 /// Kill every process in the cgroup at `dir`: through `cgroup.kill` (v2, Linux 5.14+) when
-/// it exists, else by SIGKILLing the listed pids a few rounds (to catch forks in between).
+/// it exists, else by SIGKILLing the listed pids once (no waiting: this runs on the
+/// supervisor's thread; [`destroy_tree`] repeats it before each rmdir attempt, which
+/// catches what forked meanwhile). A group already removed (by a concurrent teardown) has
+/// nothing left to kill: success.
 pub fn kill_cgroup(dir: &Path) -> Result<(), CgroupError> {
+    let gone = |e: &CgroupError| e.raw_os_error() == Some(libc::ENOENT);
     let kill_file = dir.join("cgroup.kill");
     if kill_file.exists() {
-        return write(&kill_file, "1");
+        return match write(&kill_file, "1") {
+            Err(e) if gone(&e) => Ok(()),
+            r => r,
+        };
     }
-    let procs = dir.join("cgroup.procs");
-    for _ in 0..20 {
-        let pids = read_pids(&procs)?;
-        if pids.is_empty() {
-            break;
+    match read_pids(&dir.join("cgroup.procs")) {
+        Ok(pids) => {
+            kill_pids(&pids);
+            Ok(())
         }
-        kill_pids(&pids);
-        std::thread::sleep(Duration::from_millis(5));
+        Err(e) if gone(&e) => Ok(()),
+        Err(e) => Err(e),
     }
-    Ok(())
 }
 
 /// rmdir a cgroup, retrying on EBUSY for up to `patience` while the kernel finishes
@@ -105,7 +110,8 @@ pub fn create_configured(
 ) -> Result<PathBuf, CgroupError> {
     mkdir(&dir)?;
     if let Err(e) = configure(&dir) {
-        let _ = rmdir_retry(&dir, Duration::from_millis(200));
+        // Nothing ever ran in it: it goes at once, no retry needed.
+        let _ = rmdir_retry(&dir, Duration::ZERO);
         return Err(e);
     }
     Ok(dir)
@@ -141,15 +147,27 @@ pub fn child_dirs(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Kill everything in a cgroup tree and remove it bottom-up.
+/// Kill everything in a cgroup tree and remove it bottom-up, killing again between rmdir
+/// attempts (a process may have forked while the first kill ran). Blocks up to `patience`
+/// per group: call it off the supervisor's thread, or with a zero patience.
 pub fn destroy_tree(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
     for child in child_dirs(dir) {
         destroy_tree(&child, patience)?;
     }
-    if dir.join("cgroup.procs").exists() {
+    let deadline = Instant::now() + patience;
+    let mut pause = Duration::from_millis(2);
+    loop {
         kill_cgroup(dir)?;
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(CgroupError::io("remove cgroup", dir, e)),
+        }
     }
-    rmdir_retry(dir, patience)
 }
 
 /// When a process started, as wall-clock time (from `/proc/<pid>/stat` and `btime`).
@@ -169,10 +187,44 @@ pub fn process_start_time(proc: &Path, pid: i32) -> Option<SystemTime> {
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(btime) + since_boot)
 }
 
-/// A `trimrun-<pid>[-instance]` group is stale when its creator is gone: the pid is dead, or
-/// it has been reused by a process that started after the group was created (kernfs keeps
-/// a directory's mtime at its creation time).
+/// Create the directory of trimrun's own group and take its lock: a running pool holds
+/// an `flock` on `trimrun-<pid>/` for its whole life, and the kernel drops it however the
+/// pool ends (SIGKILL included). A lock we cannot take means another start is removing a
+/// group it judged stale (it was created a moment ago): an error, never a shared tree.
+pub fn mkdir_locked(path: &Path) -> Result<GroupLock, CgroupError> {
+    mkdir(path)?;
+    try_lock(path)?.ok_or_else(|| {
+        CgroupError::io(
+            "lock",
+            path,
+            io::Error::other("another trimrun holds the lock of this new group"),
+        )
+    })
+}
+
+/// The lock of a pool's group (see [`mkdir_locked`]).
+pub type GroupLock = nix::fcntl::Flock<fs::File>;
+
+/// Take the lock of `dir` without waiting: None when someone holds it.
+pub fn try_lock(dir: &Path) -> Result<Option<GroupLock>, CgroupError> {
+    let f = fs::File::open(dir).map_err(|e| CgroupError::io("open", dir, e))?;
+    match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(CgroupError::io("lock", dir, e.into())),
+    }
+}
+
+/// A `trimrun-<pid>[-instance]` group is stale when no live pool holds its lock (see
+/// [`mkdir_locked`]): a clock step cannot fake that. Groups without a lock holder are also
+/// judged the way trimruns before the lock made them, so that a pool of such a version is
+/// not taken for dead: kept while their pid is alive and started before the group was
+/// created (kernfs keeps a directory's mtime at its creation time).
 pub fn group_is_stale(proc: &Path, dir: &Path, pid: i32) -> bool {
+    match try_lock(dir) {
+        Ok(Some(_free)) => {}
+        Ok(None) | Err(_) => return false,
+    }
     let Some(started) = process_start_time(proc, pid) else {
         return true;
     };

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-use super::human;
+use crate::size::human_bytes as human;
 
 /// Remedy for "we may not write here".
 pub const REMEDY_PERMISSION: &str =

@@ -36,13 +36,19 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
+pub use crate::procfs::parse_smaps_rollup;
 pub use detect::Roots;
 pub use error::CgroupError;
 pub use none::tree_pids;
+
+/// The children of `pid` (from `/proc/<pid>/task/*/children`; empty when unreadable).
+pub fn children_of(proc: &Path, pid: i32) -> Vec<i32> {
+    none::children_of(proc, pid).unwrap_or_default()
+}
 pub use parse::{
     CgroupLine, MemoryEvents, Mount, OomControl, SmapsRollup, parse_flat_keyed, parse_limit,
     parse_meminfo_total, parse_memory_events, parse_memory_stat, parse_mountinfo,
-    parse_oom_control, parse_proc_self_cgroup, parse_smaps_rollup,
+    parse_oom_control, parse_proc_self_cgroup,
 };
 
 /// The smallest per-worker limit we accept: a Python interpreter with a web framework
@@ -131,24 +137,6 @@ pub struct Usage {
     pub pids: Vec<i32>,
 }
 
-/// `512 MiB`-style text for messages.
-pub(crate) fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else if (v - v.round()).abs() < 0.005 {
-        format!("{} {}", v.round(), UNITS[u])
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
-
 /// `--limit auto`: share what trimrun may use (`available`, see
 /// [`Manager::available_memory`]) minus `reserve` (trimrun itself, the surge worker's
 /// start-up, the kernel) equally among `workers`, rounded down to whole pages.
@@ -189,8 +177,15 @@ pub fn check_limit(limit: u64) -> Result<(), CgroupError> {
 /// What the chosen backend set up.
 #[derive(Debug)]
 enum State {
-    V2 { parent: PathBuf, setup: v2::Setup },
-    V1 { base: PathBuf },
+    V2 {
+        parent: PathBuf,
+        setup: v2::Setup,
+    },
+    V1 {
+        base: PathBuf,
+        /// Held while the pool lives (see `common::mkdir_locked`).
+        _lock: common::GroupLock,
+    },
     None,
 }
 
@@ -289,12 +284,12 @@ impl Manager {
     fn try_v1(roots: &Roots, found: &detect::Found) -> Result<(State, String), CgroupError> {
         let place = detect::check_v1(found)?;
         Manager::clean_stale(roots, &place.dir);
-        let base = v1::setup(&place.dir, &roots.group_name())?;
+        let (base, lock) = v1::setup(&place.dir, &roots.group_name())?;
         let why = format!(
             "cgroup v1 memory hierarchy at {} is writable",
             place.dir.display()
         );
-        Ok((State::V1 { base }, why))
+        Ok((State::V1 { base, _lock: lock }, why))
     }
 
     fn clean_stale(roots: &Roots, parent: &Path) {
@@ -316,7 +311,7 @@ impl Manager {
     pub fn base(&self) -> Option<&Path> {
         match &self.state {
             State::V2 { setup, .. } => Some(&setup.base),
-            State::V1 { base } => Some(base),
+            State::V1 { base, .. } => Some(base),
             State::None => None,
         }
     }
@@ -398,7 +393,7 @@ impl Manager {
             State::V2 { setup, .. } => Backend::V2(Self::fresh(&setup.base, &name, |b, n| {
                 v2::create_worker(b, n, limit)
             })?),
-            State::V1 { base } => Backend::V1(Self::fresh(base, &name, |b, n| {
+            State::V1 { base, .. } => Backend::V1(Self::fresh(base, &name, |b, n| {
                 v1::create_worker(b, n, limit)
             })?),
             State::None => Backend::None,
@@ -408,6 +403,8 @@ impl Manager {
             backend,
             limit,
             proc: self.roots.proc.clone(),
+            seen: Default::default(),
+            warned_estimate: AtomicBool::new(false),
         })
     }
 
@@ -419,8 +416,10 @@ impl Manager {
     ) -> Result<PathBuf, CgroupError> {
         let dir = base.join(name);
         if dir.exists() {
+            // One attempt, no waiting (this runs on the supervisor's thread): a leftover that
+            // is still busy fails this start, and the slot retries after its backoff.
             warn!(group = %dir.display(), "replacing a leftover worker cgroup");
-            common::destroy_tree(&dir, REMOVE_PATIENCE)?;
+            common::destroy_tree(&dir, Duration::ZERO)?;
         }
         create(base, name)
     }
@@ -433,7 +432,7 @@ impl Manager {
         }
         match &self.state {
             State::V2 { parent, setup } => v2::teardown(parent, setup, self.roots.pid),
-            State::V1 { base } => {
+            State::V1 { base, .. } => {
                 if let Err(e) = common::destroy_tree(base, REMOVE_PATIENCE) {
                     warn!(error = %e, "cannot remove trimrun's cgroup tree");
                 }
@@ -463,6 +462,12 @@ pub struct WorkerGroup {
     backend: Backend,
     limit: Option<u64>,
     proc: PathBuf,
+    /// none: every process seen in the worker's tree, with its start time, so that what
+    /// the worker leaves behind (a daemon re-parented away from it) is still its own to
+    /// kill, and a recycled pid never is.
+    seen: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
+    /// none: a process of this worker was measured by RSS (smaps_rollup unreadable); said once.
+    warned_estimate: AtomicBool,
 }
 
 impl WorkerGroup {
@@ -484,16 +489,6 @@ impl WorkerGroup {
             Backend::V2(_) => Kind::V2,
             Backend::V1(_) => Kind::V1,
             Backend::None => Kind::None,
-        }
-    }
-
-    /// v2 `memory.events`: the kernel signals changes to it (inotify `IN_MODIFY`, or poll
-    /// `POLLPRI`), so an OOM kill or `memory.high` throttling can wake the supervisor
-    /// instead of waiting for the next tick. None on v1 and none.
-    pub fn events_path(&self) -> Option<PathBuf> {
-        match &self.backend {
-            Backend::V2(d) => Some(d.join("memory.events")),
-            _ => None,
         }
     }
 
@@ -524,8 +519,48 @@ impl WorkerGroup {
         match &self.backend {
             Backend::V2(d) => v2::usage(d),
             Backend::V1(d) => v1::usage(d),
-            Backend::None => Ok(none::usage(&self.proc, root_pid, self.limit)),
+            Backend::None => {
+                let (u, estimated) = none::usage(&self.proc, root_pid, self.limit);
+                self.remember(&u.pids);
+                if let Some(&pid) = estimated.first()
+                    && !self.warned_estimate.swap(true, Ordering::Relaxed)
+                {
+                    warn!(
+                        worker = %self.name,
+                        pid,
+                        "cannot read /proc/{pid}/smaps_rollup (a non-dumpable process, and trimrun lacks CAP_SYS_PTRACE): counting its RSS from statm instead, which includes shared pages"
+                    );
+                }
+                Ok(u)
+            }
         }
+    }
+
+    /// none: note the processes of the worker's tree (and when each started).
+    fn remember(&self, pids: &[i32]) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        seen.retain(|p, _| pids.contains(p) || self.proc.join(p.to_string()).exists());
+        for &p in pids {
+            if let std::collections::btree_map::Entry::Vacant(e) = seen.entry(p)
+                && let Some(t) = none::start_ticks(&self.proc, p)
+            {
+                e.insert(t);
+            }
+        }
+    }
+
+    /// none: processes once seen in the worker's tree that are still the same processes
+    /// (same pid, same start time), wherever they were re-parented since.
+    pub fn left_behind(&self) -> Vec<i32> {
+        let Ok(seen) = self.seen.lock() else {
+            return vec![];
+        };
+        seen.iter()
+            .filter(|(p, t)| none::start_ticks(&self.proc, **p) == Some(**t))
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// The kernel's OOM-kill counter of this group; 0 for none. Compare readings, don't
@@ -543,9 +578,13 @@ impl WorkerGroup {
     pub fn pids(&self, root_pid: Option<i32>) -> Result<Vec<i32>, CgroupError> {
         match &self.backend {
             Backend::V2(d) | Backend::V1(d) => common::read_pids(&d.join("cgroup.procs")),
-            Backend::None => Ok(root_pid
-                .map(|r| none::tree_pids(&self.proc, r))
-                .unwrap_or_default()),
+            Backend::None => {
+                let pids = root_pid
+                    .map(|r| none::tree_pids(&self.proc, r))
+                    .unwrap_or_default();
+                self.remember(&pids);
+                Ok(pids)
+            }
         }
     }
 
@@ -568,7 +607,8 @@ impl WorkerGroup {
         match &self.backend {
             Backend::V2(d) | Backend::V1(d) => common::kill_cgroup(d),
             Backend::None => {
-                // A few rounds, to catch children forked while we were killing.
+                // A few rounds, to catch children forked while we were killing; then what
+                // the worker left behind that is no longer in its tree (daemons).
                 for _ in 0..3 {
                     let pids = self.pids(root_pid)?;
                     if pids.is_empty() {
@@ -576,16 +616,18 @@ impl WorkerGroup {
                     }
                     common::kill_pids(&pids);
                 }
+                common::kill_pids(&self.left_behind());
                 Ok(())
             }
         }
     }
 
-    /// rmdir the group, retrying briefly while the kernel finishes its teardown (a group
-    /// is busy until its last process has exited). No-op for none.
+    /// Kill what is left and rmdir the group, retrying while the kernel finishes its
+    /// teardown (a group is busy until its last process has exited): blocks, so call it on
+    /// a blocking thread. No-op for none.
     pub fn remove(&self) -> Result<(), CgroupError> {
         match self.path() {
-            Some(d) => common::rmdir_retry(d, REMOVE_PATIENCE),
+            Some(d) => common::destroy_tree(d, REMOVE_PATIENCE),
             None => Ok(()),
         }
     }

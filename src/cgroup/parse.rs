@@ -169,47 +169,6 @@ pub fn parse_mountinfo(text: &str) -> Vec<Mount> {
         .collect()
 }
 
-/// The fields of `/proc/<pid>/smaps_rollup` trimrun uses, in bytes. The `pss_*` split
-/// appeared in Linux 5.9; before that they are `None`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SmapsRollup {
-    pub rss: u64,
-    pub pss: u64,
-    pub anonymous: u64,
-    pub swap: u64,
-    pub pss_anon: Option<u64>,
-    pub pss_file: Option<u64>,
-    pub pss_shmem: Option<u64>,
-}
-
-pub fn parse_smaps_rollup(text: &str) -> SmapsRollup {
-    let mut s = SmapsRollup::default();
-    for line in text.lines() {
-        let Some((key, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let mut it = rest.split_whitespace();
-        let Some(Ok(n)) = it.next().map(str::parse::<u64>) else {
-            continue;
-        };
-        let bytes = match it.next() {
-            Some("kB") => n * 1024,
-            _ => n,
-        };
-        match key {
-            "Rss" => s.rss = bytes,
-            "Pss" => s.pss = bytes,
-            "Anonymous" => s.anonymous = bytes,
-            "Swap" => s.swap = bytes,
-            "Pss_Anon" => s.pss_anon = Some(bytes),
-            "Pss_File" => s.pss_file = Some(bytes),
-            "Pss_Shmem" => s.pss_shmem = Some(bytes),
-            _ => {}
-        }
-    }
-    s
-}
-
 /// A limit file: v2 `memory.max`/`memory.high` (`max` = none) or v1
 /// `memory.limit_in_bytes` (huge = none). `None` for unlimited, `Err` for garbage.
 pub fn parse_limit(text: &str) -> Result<Option<u64>, String> {
@@ -224,27 +183,9 @@ pub fn parse_limit(text: &str) -> Result<Option<u64>, String> {
     }
 }
 
-/// `MemTotal` from `/proc/meminfo`, in bytes.
-pub fn parse_meminfo_total(text: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let rest = l.strip_prefix("MemTotal:")?;
-        let kb: u64 = rest.split_whitespace().next()?.parse().ok()?;
-        Some(kb * 1024)
-    })
-}
-
-/// `(ppid, starttime in clock ticks since boot)` from `/proc/<pid>/stat`. The command name
-/// (field 2) may contain spaces and parentheses, so fields are counted after the last `)`.
-pub fn parse_proc_stat(text: &str) -> Option<(i32, u64)> {
-    let after = &text[text.rfind(')')? + 1..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // after ')' : state(3) ppid(4) ... starttime(22) -> indexes 0, 1, ..., 19
-    let ppid = f.get(1)?.parse().ok()?;
-    let start = f.get(19)?.parse().ok()?;
-    Some((ppid, start))
-}
-
 /// `cgroup.procs`: one pid per line.
 pub fn parse_pids(text: &str) -> Vec<i32> {
     text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
+
+pub use crate::procfs::{SmapsRollup, parse_meminfo_total, parse_proc_stat};

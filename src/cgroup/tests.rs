@@ -101,15 +101,15 @@ fn parses_mountinfo_cgroup_mounts_and_escapes() {
 
 #[test]
 fn parses_smaps_rollup_in_bytes() {
-    let s = parse_smaps_rollup(V1_SMAPS);
+    let s = parse_smaps_rollup(V1_SMAPS).unwrap();
     assert_eq!(s.rss, 34024 * 1024);
     assert_eq!(s.pss, 32599 * 1024);
-    assert_eq!(s.anonymous, 27360 * 1024);
+    assert_eq!(s.anon, 27360 * 1024);
     assert_eq!(s.pss_anon, Some(27360 * 1024));
     assert_eq!(s.pss_file, Some(5239 * 1024));
     assert_eq!(s.pss_shmem, Some(0));
     // The v1 group held only this process: its anon charge equals Anonymous exactly.
-    assert_eq!(parse_memory_stat(V1_STAT)["total_rss"], s.anonymous);
+    assert_eq!(parse_memory_stat(V1_STAT)["total_rss"], s.anon);
 }
 
 #[test]
@@ -158,13 +158,6 @@ fn auto_limit_divides_after_the_reserve_and_rejects_tiny_shares() {
         e,
         "worker limit 16 MiB is below the minimum of 32 MiB for a python worker (raise --limit)"
     );
-}
-
-#[test]
-fn human_sizes() {
-    assert_eq!(human(512), "512 B");
-    assert_eq!(human(64 << 20), "64 MiB");
-    assert_eq!(human(1536 << 20), "1.50 GiB");
 }
 
 /// A temp tree shaped like a hybrid or unified cgroupfs, with its own mountinfo and
@@ -355,6 +348,17 @@ fn stale_groups_of_dead_or_reused_pids_are_removed_live_ones_kept() {
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
     .unwrap();
+    // A live pool's group: locked, and made to look older than its pid by a clock step.
+    let live = d.join(format!("trimrun-{}-live", young.id()));
+    let _lock = common::mkdir_locked(&live).unwrap();
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        &live,
+        &old,
+        &old,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
     fs::create_dir_all(d.join("unrelated")).unwrap();
     let mut removed = common::clean_stale(Path::new("/proc"), d, std::process::id() as i32);
     removed.sort();
@@ -365,6 +369,7 @@ fn stale_groups_of_dead_or_reused_pids_are_removed_live_ones_kept() {
     want.sort();
     assert_eq!(removed, want);
     assert!(d.join("trimrun-1").exists());
+    assert!(live.exists(), "a locked (live) group was judged stale");
     assert!(d.join("unrelated").exists());
     young.kill().unwrap();
     young.wait().unwrap();
@@ -407,4 +412,62 @@ fn manager_and_worker_groups_can_be_shared_across_threads() {
     shareable::<Manager>();
     shareable::<WorkerGroup>();
     shareable::<CgroupError>();
+}
+
+/// A fake `/proc` with a worker (pid 100, readable) and its child (pid 101, whose
+/// smaps_rollup cannot be read, as for a non-dumpable process).
+fn fake_proc(d: &Path) {
+    let smaps = V1_SMAPS.to_string();
+    for (pid, ppid, children) in [(100, 1, "101 "), (101, 100, "")] {
+        let p = d.join(pid.to_string());
+        fs::create_dir_all(p.join(format!("task/{pid}"))).unwrap();
+        fs::write(p.join(format!("task/{pid}/children")), children).unwrap();
+        fs::write(
+            p.join("stat"),
+            format!(
+                "{pid} (python3) S {ppid} {pid} {pid} 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {} 0 0",
+                1000 + pid
+            ),
+        )
+        .unwrap();
+    }
+    fs::write(d.join("100/smaps_rollup"), smaps).unwrap();
+    fs::write(d.join("101/statm"), "5000 1000 200 1 0 800 0\n").unwrap();
+}
+
+#[test]
+fn none_counts_a_process_with_unreadable_smaps_by_its_statm_rss() {
+    let dir = tempfile::tempdir().unwrap();
+    fake_proc(dir.path());
+    let roots = Roots {
+        proc: dir.path().to_path_buf(),
+        ..Roots::fixture(dir.path())
+    };
+    let m = Manager::setup_at(Choice::None, &roots).unwrap();
+    let g = m.create_worker(0, 0, None).unwrap();
+    let u = g.usage(Some(100)).unwrap();
+    let readable = parse_smaps_rollup(V1_SMAPS).unwrap();
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .unwrap()
+        .unwrap() as u64;
+    assert_eq!(u.pids, vec![100, 101]);
+    assert_eq!(u.current, readable.pss + 1000 * page, "{u:?}");
+    assert_eq!(u.working_set, u.current);
+    // What was seen stays the worker's, by pid and start time.
+    let mut left = g.left_behind();
+    left.sort();
+    assert_eq!(left, vec![100, 101]);
+}
+
+/// Teardown and a worker's own removal can race: the loser finds the group gone, which is
+/// success, not "cgroup.procs: No such file or directory".
+#[test]
+fn killing_or_destroying_a_group_removed_meanwhile_is_success() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("worker-0-0");
+    common::kill_cgroup(&gone).unwrap();
+    common::destroy_tree(&gone, std::time::Duration::ZERO).unwrap();
+    // A group whose cgroup.procs vanishes between the check and the read.
+    fs::create_dir(&gone).unwrap();
+    common::kill_cgroup(&gone).unwrap();
 }

@@ -16,16 +16,16 @@ use super::parse;
 /// Create `parent/name`. Hierarchical accounting (`memory.use_hierarchy=1`) is what makes
 /// the limits of ancestors apply to the workers; it is forced on since Linux 5.x, and on
 /// older kernels it can only be set on an empty group, i.e. now.
-pub fn setup(parent: &Path, name: &str) -> Result<PathBuf, CgroupError> {
+pub fn setup(parent: &Path, name: &str) -> Result<(PathBuf, common::GroupLock), CgroupError> {
     let base = parent.join(name);
-    common::mkdir(&base)?;
+    let lock = common::mkdir_locked(&base)?;
     let uh = base.join("memory.use_hierarchy");
     if read(&uh).map(|t| t.trim() == "0").unwrap_or(false)
         && let Err(e) = write(&uh, "1")
     {
         debug!(error = %e, "cannot enable memory.use_hierarchy");
     }
-    Ok(base)
+    Ok((base, lock))
 }
 
 pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<PathBuf, CgroupError> {

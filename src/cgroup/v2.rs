@@ -47,17 +47,22 @@ fn enable_memory(dir: &Path) -> Result<(), CgroupError> {
 pub struct Setup {
     pub base: PathBuf,
     pub enabled_in_parent: bool,
+    /// Held while the pool lives: what tells a later start that this tree is not stale.
+    pub _lock: std::sync::Arc<common::GroupLock>,
 }
 
 /// Build `parent/name/supervisor`, move `pid` there, enable +memory down to `parent/name`.
 /// On failure, whatever was done is undone.
 pub fn setup(parent: &Path, name: &str, pid: i32) -> Result<Setup, CgroupError> {
     let base = parent.join(name);
-    common::mkdir(&base)?;
+    let lock = common::mkdir_locked(&base).inspect_err(|_| {
+        let _ = std::fs::remove_dir(&base);
+    })?;
     let sup = base.join(SUPERVISOR);
     let mut s = Setup {
         base: base.clone(),
         enabled_in_parent: false,
+        _lock: std::sync::Arc::new(lock),
     };
     let result = (|| {
         common::mkdir(&sup)?;

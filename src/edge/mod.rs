@@ -68,6 +68,11 @@ pub trait Group: Send + Sync + 'static {
     fn kill_all(&self, root_pid: i32) -> Result<(), CgroupError>;
     /// Remove the group (may block while the kernel tears it down).
     fn remove(&self) -> Result<(), CgroupError>;
+    /// Processes once seen in the worker's tree that still run, wherever they were
+    /// re-parented since (none backend; a cgroup keeps them itself).
+    fn left_behind(&self) -> Vec<i32> {
+        Vec::new()
+    }
 }
 
 /// What one launch needs besides what the launcher was built with (command, sockets).
@@ -92,6 +97,11 @@ pub trait Launcher: Send {
     /// Collect ended children without blocking, orphans included (the caller ignores pids
     /// it does not know).
     fn reap(&mut self) -> Vec<(i32, Exit)>;
+    /// SIGKILL the processes re-parented to trimrun (it is a child subreaper: daemons a
+    /// worker left behind end up as its children) except those in `keep`. Returns them.
+    fn kill_orphans(&self, _keep: &[i32]) -> Vec<i32> {
+        Vec::new()
+    }
     /// A rolling restart begins (HUP, `ctl reload`): workers launched from now on must run
     /// the new code. (The zygote launcher starts a new zygote.)
     fn reload(&mut self) {}

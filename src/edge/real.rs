@@ -66,6 +66,9 @@ impl Group for cgroup::WorkerGroup {
     fn remove(&self) -> Result<(), CgroupError> {
         cgroup::WorkerGroup::remove(self)
     }
+    fn left_behind(&self) -> Vec<i32> {
+        cgroup::WorkerGroup::left_behind(self)
+    }
 }
 
 /// fork+exec of the worker command ([`spawn::spawn`]); exits from `waitpid` on SIGCHLD.
@@ -74,6 +77,7 @@ pub struct ForkExec {
     listeners: Vec<Listener>,
     fd_names: Vec<String>,
     sigchld: tokio::signal::unix::Signal,
+    credentials: Option<spawn::Credentials>,
 }
 
 impl ForkExec {
@@ -91,7 +95,14 @@ impl ForkExec {
             listeners,
             fd_names,
             sigchld,
+            credentials: None,
         })
+    }
+
+    /// Run the workers as this user and group (`--user`, `--group`).
+    pub fn with_credentials(mut self, c: Option<spawn::Credentials>) -> ForkExec {
+        self.credentials = c;
+        self
     }
 }
 
@@ -127,8 +138,21 @@ impl Launcher for ForkExec {
             notify_socket: req.notify_socket,
             zygote_channel: None,
             watchdog: req.watchdog,
+            credentials: self.credentials.as_ref(),
         };
         spawn::spawn(&self.program, &spec)
+    }
+
+    fn kill_orphans(&self, keep: &[i32]) -> Vec<i32> {
+        let mine = std::process::id() as i32;
+        let orphans: Vec<i32> = cgroup::children_of(std::path::Path::new("/proc"), mine)
+            .into_iter()
+            .filter(|p| !keep.contains(p))
+            .collect();
+        for &p in &orphans {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), Signal::SIGKILL);
+        }
+        orphans
     }
 
     fn signal(&self, pid: i32, sig: Signal) {

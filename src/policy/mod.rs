@@ -44,7 +44,7 @@ pub use backoff::{
 pub use gate::{
     Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, feasible_cadence, urgency_order,
 };
-pub use settings::{MIN_DERIVED_SPACING, Settings, SettingsError};
+pub use settings::{MIN_DERIVED_SPACING, READY_SAMPLES, Settings, SettingsError, ready_time};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
 pub use watchdog::{
     KILL_GRACE_MAX, KILL_GRACE_MIN, is_overdue, kept_alive_for, kill_grace, overdue_at,

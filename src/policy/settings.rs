@@ -157,9 +157,29 @@ impl Settings {
     }
 }
 
+/// How many start-ups [`ready_time`] looks back on.
+pub const READY_SAMPLES: usize = 8;
+
+/// The ready time the policy plans with, from measured start-ups (`--ready notify`): the
+/// slowest of the recent ones, so a recycle is never planned as faster than the last slow
+/// start-up; zero without samples.
+pub fn ready_time(samples: impl Iterator<Item = Duration>) -> Duration {
+    samples.max().unwrap_or(Duration::ZERO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ready_time_is_the_slowest_recent_start_up() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            ready_time([ms(800), ms(3100), ms(1200)].into_iter()),
+            ms(3100)
+        );
+        assert_eq!(ready_time(std::iter::empty()), Duration::ZERO);
+    }
 
     #[test]
     fn spacing_is_derived_from_ready_time_with_a_floor() {

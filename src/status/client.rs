@@ -1,136 +1,18 @@
-//! The client side: `trimrun status` and `trimrun ctl`, blocking, over a std `UnixStream`.
-//!
-//! Exit codes of both commands: 0 done, 1 trimrun is not reachable or refused the request,
-//! 2 bad arguments (clap's own usage errors).
+//! The client side of the control protocol: a blocking connection over a std `UnixStream`
+//! (`trimrun status` and `trimrun ctl` in [`crate::commands::status`] use it).
 
-use std::io::{BufRead, BufReader, ErrorKind, IsTerminal, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use super::{
-    PROTOCOL_VERSION, ROOT_CONTROL_PATH, Request, ScaleTo, Snapshot, StatusError, WireReply,
-    default_control_path, render_table, request_line,
-};
+use super::{PROTOCOL_VERSION, Request, Snapshot, StatusError, WireReply, request_line};
 
 /// How long `status` waits for an answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `ctl` waits for an answer (the supervisor answers when it has acted).
-const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest reply line read (a snapshot of a big pool is a few hundred KiB at most).
 const MAX_REPLY_LINE: u64 = 16 * 1024 * 1024;
-/// `--watch` period.
-const WATCH_PERIOD: Duration = Duration::from_secs(1);
-
-/// Show the workers of a running trimrun: pids, memory against limits, trims, recycles.
-#[derive(Debug, Clone, clap::Args)]
-pub struct StatusArgs {
-    /// Control socket of the trimrun to ask [default: /run/trimrun/trimrun.sock for root,
-    /// else $XDG_RUNTIME_DIR/trimrun.sock, else $TMPDIR/trimrun-UID/trimrun.sock]
-    #[arg(long, env = "TRIMRUN_CONTROL", value_name = "PATH")]
-    pub control: Option<PathBuf>,
-    /// Print the pool as JSON, one object per line
-    #[arg(long)]
-    pub json: bool,
-    /// Redraw every second until interrupted
-    #[arg(long, short = 'w')]
-    pub watch: bool,
-}
-
-impl StatusArgs {
-    /// Run `trimrun status`; returns the exit code.
-    pub fn run(&self) -> i32 {
-        run_status_cli(self.control.clone(), self.json, self.watch)
-    }
-}
-
-/// Steer a running trimrun: reload, scale, recycle or trim workers, stop.
-#[derive(Debug, Clone, clap::Args)]
-pub struct CtlArgs {
-    /// Control socket of the trimrun to steer [default: as for `trimrun status`]
-    #[arg(long, env = "TRIMRUN_CONTROL", value_name = "PATH", global = true)]
-    pub control: Option<PathBuf>,
-    #[command(subcommand)]
-    pub command: CtlCommand,
-}
-
-impl CtlArgs {
-    /// Run `trimrun ctl ...`; returns the exit code.
-    pub fn run(&self) -> i32 {
-        run_ctl_cli(self.control.clone(), &self.command)
-    }
-}
-
-/// The commands of `trimrun ctl`.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
-pub enum CtlCommand {
-    /// Replace every worker, one at a time, replacement first (as SIGHUP does)
-    Reload,
-    /// Change the number of workers: +N adds, -N removes, N sets
-    Scale {
-        /// +N adds N workers, -N removes N, N sets the count (at least 1)
-        #[arg(value_name = "+N|-N|N", allow_hyphen_values = true)]
-        to: ScaleTo,
-    },
-    /// Replace one worker: start its successor, then drain and stop it
-    Recycle {
-        /// Slot of the worker, as `trimrun status` shows it
-        #[arg(value_name = "SLOT")]
-        slot: usize,
-    },
-    /// Trim one worker now (malloc_trim from outside), or every worker
-    Trim {
-        /// Slot of the worker, or `all`
-        #[arg(value_name = "SLOT|all")]
-        target: TrimTarget,
-    },
-    /// Stop trimrun and its workers
-    Stop {
-        /// Let workers finish their requests (up to the graceful timeout) before stopping
-        #[arg(long)]
-        graceful: bool,
-    },
-}
-
-impl CtlCommand {
-    /// The request this command sends.
-    pub fn request(&self) -> Request {
-        match *self {
-            CtlCommand::Reload => Request::Reload,
-            CtlCommand::Scale { to } => Request::Scale { to },
-            CtlCommand::Recycle { slot } => Request::Recycle { slot },
-            CtlCommand::Trim { target } => Request::Trim {
-                slot: match target {
-                    TrimTarget::Slot(s) => Some(s),
-                    TrimTarget::All => None,
-                },
-            },
-            CtlCommand::Stop { graceful } => Request::Stop { graceful },
-        }
-    }
-}
-
-/// The argument of `ctl trim`: a slot number or `all`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrimTarget {
-    Slot(usize),
-    All,
-}
-
-impl FromStr for TrimTarget {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.eq_ignore_ascii_case("all") {
-            return Ok(TrimTarget::All);
-        }
-        s.parse()
-            .map(TrimTarget::Slot)
-            .map_err(|_| format!("invalid worker {s:?}: expected a slot number (e.g. 0) or `all`"))
-    }
-}
 
 /// A blocking connection to a control socket.
 #[derive(Debug)]
@@ -144,6 +26,7 @@ impl Client {
     /// Connect to the control socket at `path`, with clear errors for "nobody there" and
     /// "not allowed".
     pub fn connect(path: &Path) -> Result<Client, StatusError> {
+        check_trusted(path, nix::unistd::geteuid().as_raw())?;
         let stream = UnixStream::connect(path).map_err(|e| connect_error(path, e))?;
         let mut c = Client {
             path: path.to_path_buf(),
@@ -193,10 +76,12 @@ impl Client {
     /// Ask for the pool's [`Snapshot`].
     pub fn status(&mut self) -> Result<Snapshot, StatusError> {
         let data = self.request(&Request::Status)?;
-        serde_json::from_value(data).map_err(|e| StatusError::Protocol {
-            path: self.path.clone(),
-            detail: format!("status data is not a snapshot: {e}"),
-        })
+        serde_json::from_value(data)
+            .map(sanitize_snapshot)
+            .map_err(|e| StatusError::Protocol {
+                path: self.path.clone(),
+                detail: format!("status data is not a snapshot: {e}"),
+            })
     }
 
     fn read_reply(&mut self) -> Result<WireReply, StatusError> {
@@ -236,6 +121,118 @@ impl Client {
     }
 }
 
+/// Refuse a control socket that someone other than the pool's user could have put there,
+/// as the server refuses such a directory: what it answers would be printed as the pool's
+/// state, and `ctl` would act on it.
+///
+/// - the socket must be owned by us or root; a root client also accepts the owner of the
+///   directory the socket is in (a pool run with systemd's `User=` in its
+///   `RuntimeDirectory=`);
+/// - the directory holding it, and every directory above, must be owned by root, us (or
+///   that owner), and not writable by others, unless sticky (`/tmp`): in a sticky shared
+///   directory only a socket of our own or root's counts;
+/// - the per-user fallback directory (`$TMPDIR/trimrun-UID`) must be ours and 0700-ish.
+///
+/// A path that does not exist is left to `connect` (which says nobody is listening).
+pub(super) fn check_trusted(path: &Path, uid: u32) -> Result<(), StatusError> {
+    let insecure = |p: &Path, reason: String| StatusError::InsecureDir {
+        path: p.to_path_buf(),
+        reason,
+    };
+    let Ok(sock) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let Some(parent) = std::path::absolute(path)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    else {
+        return Ok(());
+    };
+    let dir = std::fs::canonicalize(&parent).unwrap_or(parent);
+    let Ok(dmeta) = std::fs::metadata(&dir) else {
+        return Ok(());
+    };
+    let owner = sock.uid();
+    let ours = |u: u32| u == uid || u == 0;
+    let sock_ok = ours(owner) || (uid == 0 && owner == dmeta.uid());
+    if !sock_ok {
+        return Err(insecure(
+            path,
+            format!(
+                "the socket belongs to uid {owner}, not to you (uid {uid}) or root, in a directory it does not own; a pool of another user is reached as root or that user"
+            ),
+        ));
+    }
+    if sock.file_type().is_symlink() {
+        return Err(insecure(path, "it is a symbolic link, not a socket".into()));
+    }
+    if dir == super::fallback_dir(uid) && (dmeta.uid() != uid || dmeta.mode() & 0o022 != 0) {
+        return Err(insecure(
+            &dir,
+            format!(
+                "it must be a directory owned by uid {uid} and writable only by it (someone else may have created it: remove it, or pass --control)"
+            ),
+        ));
+    }
+    let mut cur = Some(dir.as_path());
+    while let Some(d) = cur {
+        let Ok(m) = std::fs::metadata(d) else { break };
+        let shared = m.mode() & 0o022 != 0;
+        let sticky = m.mode() & 0o1000 != 0;
+        if shared && !sticky {
+            return Err(insecure(
+                d,
+                "others may write to it, so they could have put the socket there (pass a --control path in a directory only the pool's user can write)".into(),
+            ));
+        }
+        if shared && d == dir && !ours(owner) {
+            return Err(insecure(
+                path,
+                format!("the socket belongs to uid {owner} in a directory anyone can write to"),
+            ));
+        }
+        if !ours(m.uid()) && m.uid() != owner {
+            return Err(insecure(
+                d,
+                format!(
+                    "it belongs to uid {}, neither you, root nor the socket's owner",
+                    m.uid()
+                ),
+            ));
+        }
+        cur = d.parent();
+    }
+    Ok(())
+}
+
+/// `s` with every control character (escape sequences, carriage returns, newlines...)
+/// shown as `\u{..}`: what a socket sends is never written raw to a terminal.
+pub fn sanitize(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// The snapshot with every string field sanitised (see [`sanitize`]).
+fn sanitize_snapshot(mut s: Snapshot) -> Snapshot {
+    s.backend = sanitize(&s.backend);
+    s.state = sanitize(&s.state);
+    for w in &mut s.workers {
+        w.state = sanitize(&w.state);
+        w.last_reason = w.last_reason.as_deref().map(sanitize);
+    }
+    s
+}
+
 fn connect_error(path: &Path, e: std::io::Error) -> StatusError {
     match e.kind() {
         ErrorKind::NotFound | ErrorKind::ConnectionRefused | ErrorKind::NotADirectory => {
@@ -252,244 +249,5 @@ fn connect_error(path: &Path, e: std::io::Error) -> StatusError {
             path: path.to_path_buf(),
             source: e,
         },
-    }
-}
-
-/// One `trimrun status` output: the table, or the snapshot as one JSON line.
-pub fn status_output(path: &Path, json: bool) -> Result<String, StatusError> {
-    let snap = Client::connect(path)?.status()?;
-    Ok(format_snapshot(&snap, json))
-}
-
-fn format_snapshot(s: &Snapshot, json: bool) -> String {
-    if json {
-        let mut line = serde_json::to_string(s).expect("a snapshot always serialises");
-        line.push('\n');
-        line
-    } else {
-        render_table(s)
-    }
-}
-
-/// `trimrun status [--control PATH] [--json] [--watch]`; returns the exit code.
-///
-/// `--watch` asks once a second over one connection until interrupted or until trimrun
-/// goes away (exit 1). On a terminal the screen is cleared before each table; otherwise
-/// the tables (or JSON lines) follow each other.
-pub fn run_status_cli(path: Option<PathBuf>, json: bool, watch: bool) -> i32 {
-    let defaulted = path.is_none();
-    let path = path.unwrap_or_else(default_control_path);
-    let mut client = match Client::connect(&path) {
-        Ok(c) => c,
-        Err(e) => return fail_connect(&e, defaulted),
-    };
-    let stdout = std::io::stdout();
-    let clear = watch && !json && stdout.is_terminal();
-    loop {
-        let snap = match client.status() {
-            Ok(s) => s,
-            Err(e) => return fail(&e),
-        };
-        let mut text = String::new();
-        if clear {
-            text.push_str("\x1b[H\x1b[2J");
-        }
-        if watch && !json {
-            text.push_str(&format!(
-                "every {}s: trimrun status {}  {}\n\n",
-                WATCH_PERIOD.as_secs(),
-                path.display(),
-                utc_clock(SystemTime::now())
-            ));
-        }
-        text.push_str(&format_snapshot(&snap, json));
-        if watch && !json && !clear {
-            text.push('\n');
-        }
-        let mut out = stdout.lock();
-        match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-            Ok(()) => {}
-            // `trimrun status --watch | head`: the reader is done, so are we.
-            Err(e) if e.kind() == ErrorKind::BrokenPipe => return 0,
-            Err(e) => {
-                eprintln!("trimrun: cannot write to stdout: {e}");
-                return 1;
-            }
-        }
-        drop(out);
-        if !watch {
-            return 0;
-        }
-        std::thread::sleep(WATCH_PERIOD);
-    }
-}
-
-/// `trimrun ctl [--control PATH] COMMAND`; returns the exit code. Prints the supervisor's
-/// answer: its text, `ok` when it has nothing to say, or its data as JSON.
-pub fn run_ctl_cli(path: Option<PathBuf>, cmd: &CtlCommand) -> i32 {
-    let defaulted = path.is_none();
-    let path = path.unwrap_or_else(default_control_path);
-    let mut client = match Client::connect(&path) {
-        Ok(c) => c,
-        Err(e) => return fail_connect(&e, defaulted),
-    };
-    let result = client
-        .set_timeout(CTL_TIMEOUT)
-        .and_then(|()| client.request(&cmd.request()));
-    match result {
-        Ok(data) => {
-            let text = match data {
-                serde_json::Value::Null => "ok".to_string(),
-                serde_json::Value::String(s) => s,
-                other => serde_json::to_string_pretty(&other).expect("json value serialises"),
-            };
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{text}");
-            0
-        }
-        Err(e) => fail(&e),
-    }
-}
-
-fn fail(e: &StatusError) -> i32 {
-    eprintln!("trimrun: {e}");
-    1
-}
-
-/// As [`fail`], plus a hint for the usual surprise: a pool started with sudo listens on
-/// root's default path, which a normal user's default does not point at.
-fn fail_connect(e: &StatusError, defaulted: bool) -> i32 {
-    let code = fail(e);
-    let root_default = Path::new(ROOT_CONTROL_PATH);
-    if defaulted
-        && matches!(e, StatusError::NotListening { .. })
-        && !nix::unistd::geteuid().is_root()
-        && root_default.exists()
-    {
-        eprintln!(
-            "trimrun: hint: a trimrun started by root listens on {}: run this as root (sudo), or pass --control",
-            root_default.display()
-        );
-    }
-    code
-}
-
-/// `HH:MM:SS UTC` of `t`, for the `--watch` header.
-fn utc_clock(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()) % 86400;
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Debug, Parser)]
-    struct Ctl {
-        #[command(flatten)]
-        args: CtlArgs,
-    }
-
-    #[derive(Debug, Parser)]
-    struct Status {
-        #[command(flatten)]
-        args: StatusArgs,
-    }
-
-    fn ctl(args: &[&str]) -> Result<CtlArgs, clap::Error> {
-        Ctl::try_parse_from(std::iter::once("ctl").chain(args.iter().copied())).map(|c| c.args)
-    }
-
-    #[test]
-    fn ctl_commands_parse_into_requests() {
-        let cases: [(&[&str], Request); 9] = [
-            (&["reload"], Request::Reload),
-            (&["scale", "+1"], Request::Scale { to: ScaleTo::Up(1) }),
-            (
-                &["scale", "-1"],
-                Request::Scale {
-                    to: ScaleTo::Down(1),
-                },
-            ),
-            (
-                &["scale", "3"],
-                Request::Scale {
-                    to: ScaleTo::Exactly(3),
-                },
-            ),
-            (&["recycle", "2"], Request::Recycle { slot: 2 }),
-            (&["trim", "0"], Request::Trim { slot: Some(0) }),
-            (&["trim", "all"], Request::Trim { slot: None }),
-            (&["stop"], Request::Stop { graceful: false }),
-            (&["stop", "--graceful"], Request::Stop { graceful: true }),
-        ];
-        for (argv, want) in cases {
-            let a = ctl(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-            assert_eq!(a.command.request(), want, "{argv:?}");
-        }
-    }
-
-    #[test]
-    fn ctl_control_path_is_accepted_before_or_after_the_command() {
-        let a = ctl(&["--control", "/tmp/a.sock", "reload"]).unwrap();
-        assert_eq!(a.control, Some(PathBuf::from("/tmp/a.sock")));
-        let a = ctl(&["scale", "-1", "--control", "/tmp/b.sock"]).unwrap();
-        assert_eq!(a.control, Some(PathBuf::from("/tmp/b.sock")));
-        assert_eq!(
-            a.command,
-            CtlCommand::Scale {
-                to: ScaleTo::Down(1)
-            }
-        );
-    }
-
-    #[test]
-    fn bad_ctl_arguments_are_usage_errors_with_exit_code_2() {
-        for argv in [
-            &[][..],
-            &["explode"],
-            &["scale"],
-            &["scale", "+x"],
-            &["scale", "0"],
-            &["recycle", "one"],
-            &["recycle", "-1"],
-            &["trim"],
-            &["trim", "some"],
-            &["stop", "--now"],
-        ] {
-            let e = ctl(argv).expect_err(&format!("{argv:?} should not parse"));
-            assert_eq!(e.exit_code(), 2, "{argv:?}: {e}");
-        }
-        let e = ctl(&["scale", "+x"]).unwrap_err().to_string();
-        assert!(e.contains("expected +N"), "{e}");
-    }
-
-    #[test]
-    fn status_flags_parse() {
-        let s = Status::try_parse_from(["status", "--json", "-w", "--control", "/x"])
-            .unwrap()
-            .args;
-        assert!(s.json && s.watch);
-        assert_eq!(s.control, Some(PathBuf::from("/x")));
-    }
-
-    #[test]
-    fn trim_target_parses_slots_and_all() {
-        assert_eq!("all".parse::<TrimTarget>().unwrap(), TrimTarget::All);
-        assert_eq!("ALL".parse::<TrimTarget>().unwrap(), TrimTarget::All);
-        assert_eq!("3".parse::<TrimTarget>().unwrap(), TrimTarget::Slot(3));
-        assert!("-1".parse::<TrimTarget>().is_err());
-    }
-
-    #[test]
-    fn watch_header_clock_is_utc() {
-        let t = UNIX_EPOCH + Duration::from_secs(86400 * 3 + 3600 * 6 + 60 * 30 + 5);
-        assert_eq!(utc_clock(t), "06:30:05 UTC");
     }
 }

@@ -28,6 +28,13 @@
 //! | `trimrun_trim_pause_seconds` | histogram | `slot` |
 //! | `trimrun_recycles_total` | counter | `slot`, `reason` |
 //! | `trimrun_restarts_total` | counter | `slot`, `cause` (`exit`, `signal`, `oom_kill`) |
+//! | `trimrun_worker_state` | gauge (workers of the slot in that state) | `slot`, `state` (`starting`, `ready`, `draining`) |
+//! | `trimrun_slot_oom_kills_total` | counter | `slot` |
+//! | `trimrun_slot_failures` | gauge (failures in a row) | `slot` |
+//! | `trimrun_slot_crash_looping` | gauge, 0 or 1 | `slot` |
+//! | `trimrun_slot_backoff_seconds` | gauge (until the next start; 0 when not backing off) | `slot` |
+//! | `trimrun_slot_last_exit` | gauge, always 1 | `slot`, `cause` (`exit_code_1`, `killed_by_sigsegv`, `oom_kill`, ...) |
+//! | `trimrun_log_lines_dropped_total` | counter | |
 //! | `trimrun_worker_timeouts_total` | counter (workers that missed their `--timeout` watchdog) | `slot` |
 //!
 //! The per-worker gauges of a slot that no longer exists (after `scale -1`) are removed at
@@ -54,6 +61,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::limit::{ConnLimiter, ConnSlot};
 use super::{Snapshot, StatusError};
 
 /// Content type of the answer to `GET /metrics`.
@@ -80,6 +88,18 @@ struct RecycleLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RestartLabels {
+    slot: u64,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    slot: u64,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ExitLabels {
     slot: u64,
     cause: String,
 }
@@ -116,6 +136,13 @@ pub struct Metrics {
     pause: Family<SlotLabels, Histogram>,
     recycles: Family<RecycleLabels, Counter>,
     restarts: Family<RestartLabels, Counter>,
+    worker_state: Family<StateLabels, GaugeU64>,
+    slot_oom_kills: Family<SlotLabels, Counter>,
+    slot_failures: Family<SlotLabels, GaugeU64>,
+    slot_crash_looping: Family<SlotLabels, GaugeU64>,
+    slot_backoff: Family<SlotLabels, GaugeF64>,
+    slot_last_exit: Family<ExitLabels, GaugeU64>,
+    log_dropped: Counter,
     timeouts: Family<SlotLabels, Counter>,
     /// Slots with per-worker gauges, to drop those of slots that are gone.
     slots: Mutex<BTreeSet<usize>>,
@@ -150,6 +177,13 @@ impl Metrics {
             pause: Family::new_with_constructor(pause_histogram),
             recycles: Default::default(),
             restarts: Default::default(),
+            worker_state: Default::default(),
+            slot_oom_kills: Default::default(),
+            slot_failures: Default::default(),
+            slot_crash_looping: Default::default(),
+            slot_backoff: Default::default(),
+            slot_last_exit: Default::default(),
+            log_dropped: Default::default(),
             timeouts: Default::default(),
             slots: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
@@ -255,6 +289,42 @@ impl Metrics {
             m.restarts.clone(),
         );
         r.register(
+            "worker_state",
+            "Workers of a slot in each state (starting, ready, draining)",
+            m.worker_state.clone(),
+        );
+        r.register(
+            "slot_oom_kills",
+            "Workers of a slot killed by the kernel's OOM killer",
+            m.slot_oom_kills.clone(),
+        );
+        r.register(
+            "slot_failures",
+            "Unexpected exits of a slot's workers in a row (reset by a worker that lives)",
+            m.slot_failures.clone(),
+        );
+        r.register(
+            "slot_crash_looping",
+            "1 while a slot's workers keep failing (3 or more failures in a row)",
+            m.slot_crash_looping.clone(),
+        );
+        r.register_with_unit(
+            "slot_backoff",
+            "Time until a backing-off slot starts its next worker (0 when not backing off)",
+            Unit::Seconds,
+            m.slot_backoff.clone(),
+        );
+        r.register(
+            "slot_last_exit",
+            "How the last worker of a slot ended unexpectedly (always 1)",
+            m.slot_last_exit.clone(),
+        );
+        r.register(
+            "log_lines_dropped",
+            "Lines of trimrun's log lost (stderr closed or not keeping up)",
+            m.log_dropped.clone(),
+        );
+        r.register(
             "worker_timeouts",
             "Workers that missed their watchdog (--timeout) and were replaced",
             m.timeouts.clone(),
@@ -295,6 +365,7 @@ impl Metrics {
             .inc();
         if cause == "oom_kill" {
             self.oom_kills.inc();
+            self.slot_oom_kills.get_or_create(&slot_labels(slot)).inc();
         }
     }
 
@@ -320,9 +391,42 @@ impl Metrics {
             self.info.clear();
             self.info.get_or_create(&info).set(1);
         }
-        let seen = self.oom_kills.get();
-        if s.oom_kills > seen {
-            self.oom_kills.inc_by(s.oom_kills - seen);
+        catch_up(&self.oom_kills, s.oom_kills);
+        catch_up(&self.log_dropped, s.log_lines_dropped);
+        self.worker_state.clear();
+        for w in &s.workers {
+            self.worker_state
+                .get_or_create(&StateLabels {
+                    slot: w.slot as u64,
+                    state: label_value(&w.state),
+                })
+                .inc();
+        }
+        self.slot_last_exit.clear();
+        for f in [&self.slot_failures, &self.slot_crash_looping] {
+            f.clear();
+        }
+        self.slot_backoff.clear();
+        for x in &s.slots {
+            let l = slot_labels(x.slot);
+            catch_up(&self.slot_oom_kills.get_or_create(&l), x.oom_kills);
+            self.slot_failures
+                .get_or_create(&l)
+                .set(u64::from(x.failures));
+            self.slot_crash_looping
+                .get_or_create(&l)
+                .set(u64::from(x.failures >= super::CRASH_LOOP_FAILURES));
+            self.slot_backoff
+                .get_or_create(&l)
+                .set(x.retry_in_secs.unwrap_or(0.0));
+            if let Some(e) = &x.last_exit {
+                self.slot_last_exit
+                    .get_or_create(&ExitLabels {
+                        slot: x.slot as u64,
+                        cause: label_value(e),
+                    })
+                    .set(1);
+            }
         }
 
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -369,6 +473,14 @@ impl Metrics {
         let mut out = String::new();
         prometheus_text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// Move a counter up to `target` (never down).
+fn catch_up(c: &Counter, target: u64) {
+    let seen = c.get();
+    if target > seen {
+        c.inc_by(target - seen);
     }
 }
 
@@ -467,13 +579,21 @@ pub fn serve_metrics_on(listener: TcpListener, m: Arc<Metrics>) -> JoinHandle<()
     if let Ok(a) = listener.local_addr() {
         info!(addr = %a, "serving metrics on /metrics");
     }
+    let limiter = ConnLimiter::new(MAX_HTTP_CONNECTIONS);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    // At the cap, the connection waiting longest for its request head
+                    // makes room; when all are busy answering, this one is closed now.
+                    let Some(slot) = limiter.admit() else {
+                        debug!(%peer, "metrics connections all busy; closing a new one");
+                        drop(stream);
+                        continue;
+                    };
                     let m = m.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle_http(stream, &m).await {
+                        if let Err(e) = handle_http(stream, &m, &slot).await {
                             debug!(%peer, error = %e, "metrics request failed");
                         }
                     });
@@ -490,9 +610,13 @@ pub fn serve_metrics_on(listener: TcpListener, m: Arc<Metrics>) -> JoinHandle<()
 /// Largest request head read.
 const MAX_HTTP_HEAD: usize = 8192;
 /// A client has this long to send its request head.
-const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const HTTP_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// ... and this long to take the answer.
+const HTTP_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once (a scraper needs one; a few dashboards a few more).
+pub const MAX_HTTP_CONNECTIONS: usize = 64;
 
-async fn handle_http(mut stream: TcpStream, m: &Metrics) -> std::io::Result<()> {
+async fn handle_http(mut stream: TcpStream, m: &Metrics, slot: &ConnSlot) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = async {
@@ -510,15 +634,25 @@ async fn handle_http(mut stream: TcpStream, m: &Metrics) -> std::io::Result<()> 
             }
         }
     };
-    match tokio::time::timeout(HTTP_READ_TIMEOUT, read).await {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Ok(()),
+    tokio::select! {
+        r = tokio::time::timeout(HTTP_READ_TIMEOUT, read) => match r {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        },
+        _ = slot.evicted() => return Ok(()),
     }
+    slot.busy();
     let response = respond(&head, m);
-    stream.write_all(&response).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(&response).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(HTTP_WRITE_TIMEOUT, write).await {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
 }
 
 /// The whole HTTP/1.1 response to a request head.
@@ -785,6 +919,58 @@ mod tests {
                 "{want} missing:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn worker_states_slot_trouble_and_oom_kills_per_slot_are_exported() {
+        let m = Metrics::new();
+        let mut s = snapshot();
+        s.workers[0].state = "ready".into();
+        s.workers[1].state = "starting".into();
+        s.log_lines_dropped = 7;
+        s.slots = vec![
+            crate::status::SlotSnapshot {
+                slot: 0,
+                oom_kills: 2,
+                ..Default::default()
+            },
+            crate::status::SlotSnapshot {
+                slot: 1,
+                failures: 4,
+                restarts: 4,
+                last_exit: Some("exit code 1".into()),
+                retry_in_secs: Some(3.5),
+                ..Default::default()
+            },
+        ];
+        m.update(&s);
+        let text = m.encode();
+        let v = samples(&text);
+        assert_eq!(
+            v["trimrun_worker_state{slot=\"0\",state=\"ready\"}"], 1.0,
+            "{text}"
+        );
+        assert_eq!(
+            v["trimrun_worker_state{slot=\"1\",state=\"starting\"}"],
+            1.0
+        );
+        assert_eq!(v["trimrun_slot_oom_kills_total{slot=\"0\"}"], 2.0);
+        assert_eq!(v["trimrun_slot_crash_looping{slot=\"1\"}"], 1.0);
+        assert_eq!(v["trimrun_slot_crash_looping{slot=\"0\"}"], 0.0);
+        assert_eq!(v["trimrun_slot_failures{slot=\"1\"}"], 4.0);
+        assert_eq!(v["trimrun_slot_backoff_seconds{slot=\"1\"}"], 3.5);
+        assert_eq!(
+            v["trimrun_slot_last_exit{slot=\"1\",cause=\"exit_code_1\"}"],
+            1.0
+        );
+        assert_eq!(v["trimrun_log_lines_dropped_total"], 7.0);
+        // A state that is over disappears; counters never go back.
+        s.workers[1].state = "ready".into();
+        s.slots[0].oom_kills = 0;
+        m.update(&s);
+        let v = samples(&m.encode());
+        assert!(!v.contains_key("trimrun_worker_state{slot=\"1\",state=\"starting\"}"));
+        assert_eq!(v["trimrun_slot_oom_kills_total{slot=\"0\"}"], 2.0);
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! → {"v":1,"cmd":"recycle","slot":0}
 //! → {"v":1,"cmd":"trim","slot":null}          null or absent: every worker
 //! → {"v":1,"cmd":"reload"}
-//! → {"v":1,"cmd":"stop","graceful":true}
+//! → {"v":1,"cmd":"stop"}                     graceful, as SIGTERM
+//! → {"v":1,"cmd":"stop","now":true}          fast, as SIGQUIT
 //! ← {"v":1,"ok":false,"error":"..."}
 //! ```
 //!
@@ -35,6 +36,7 @@
 //! asked, and answers); a stale socket left by a killed trimrun is replaced.
 
 mod client;
+pub mod limit;
 pub mod metrics;
 mod render;
 mod server;
@@ -45,10 +47,13 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use client::{
-    Client, CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
+pub use crate::commands::status::{
+    CtlArgs, CtlCommand, StatusArgs, TrimTarget, run_ctl_cli, run_status_cli, status_output,
 };
-pub use render::{human_age, human_bytes, human_pause, render_table};
+pub use client::{Client, sanitize};
+pub use render::{
+    human_age, human_bytes, human_pause, render_compact, render_for, render_table, short_bytes,
+};
 pub use server::{ControlServer, serve};
 
 /// Version of the control protocol spoken by this build (the `v` field of every message).
@@ -81,9 +86,48 @@ pub struct Snapshot {
     pub released_bytes: u64,
     /// `starting`, `running`, `reloading` or `stopping`.
     pub state: String,
+    /// Every slot's history: restarts, OOM kills, last exit, backoff.
+    pub slots: Vec<SlotSnapshot>,
+    /// Lines of trimrun's own log lost so far (stderr closed or not keeping up).
+    pub log_lines_dropped: u64,
     /// The zygote workers are forked from (`--preload`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zygote: Option<ZygoteSnapshot>,
+}
+
+/// One slot of the pool across its generations.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct SlotSnapshot {
+    pub slot: usize,
+    /// Unexpected exits of this slot's workers (crashes, OOM kills, not ready in time).
+    pub restarts: u64,
+    pub oom_kills: u64,
+    /// Failures in a row, reset by a worker that lives long enough.
+    pub failures: u32,
+    /// How the last worker of this slot ended unexpectedly: `exit code 1`,
+    /// `killed by SIGSEGV`, `oom_kill`, `not ready in time`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+    /// Seconds until the slot's next start, while it is backing off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_in_secs: Option<f64>,
+}
+
+/// Failures in a row from which a slot counts as crash-looping.
+pub const CRASH_LOOP_FAILURES: u32 = 3;
+
+impl SlotSnapshot {
+    /// `crash-looping`, `backing off`, or None when the slot is fine.
+    pub fn trouble(&self) -> Option<&'static str> {
+        if self.failures >= CRASH_LOOP_FAILURES {
+            Some("crash-looping")
+        } else if self.retry_in_secs.is_some() {
+            Some("backing off")
+        } else {
+            None
+        }
+    }
 }
 
 /// The zygote of `--preload`.
@@ -162,10 +206,12 @@ pub enum Request {
         #[serde(default)]
         slot: Option<usize>,
     },
-    /// Stop trimrun: gracefully (drain every worker) or fast.
+    /// Stop trimrun: gracefully as SIGTERM does (drain every worker, exit 0), or with
+    /// `now` as SIGQUIT does (kill every worker now). Older clients sent `graceful`; it is
+    /// ignored: a stop is graceful unless `now` says otherwise.
     Stop {
-        #[serde(default)]
-        graceful: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        now: bool,
     },
 }
 
@@ -320,6 +366,7 @@ impl WireReply {
 pub fn parse_request_line(line: &[u8]) -> Result<Request, String> {
     let text = std::str::from_utf8(line).map_err(|_| "request is not UTF-8".to_string())?;
     let text = text.trim();
+    refuse_duplicate_keys(text)?;
     let value: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| format!("malformed request (expected one JSON object per line, e.g. {{\"v\":1,\"cmd\":\"status\"}}): {e}"))?;
     if !value.is_object() {
@@ -343,6 +390,65 @@ pub fn parse_request_line(line: &[u8]) -> Result<Request, String> {
     let wire: WireRequest =
         serde_json::from_value(value).map_err(|e| format!("invalid request: {e}"))?;
     Ok(wire.req)
+}
+
+/// A key given twice in one object is refused: serde_json would keep the last, so
+/// `{"cmd":"status","cmd":"stop"}` would be read as whichever a filter in between did not see.
+fn refuse_duplicate_keys(text: &str) -> Result<(), String> {
+    use serde::de::{DeserializeSeed, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+    struct Unique;
+    impl<'de> DeserializeSeed<'de> for Unique {
+        type Value = ();
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Unique {
+        type Value = ();
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("JSON")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if !seen.insert(k.clone()) {
+                    return Err(A::Error::custom(format!("key \"{k}\" given twice")));
+                }
+                m.next_value_seed(Unique)?;
+            }
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+            while s.next_element_seed(Unique)?.is_some() {}
+            Ok(())
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<(), E> {
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            Ok(())
+        }
+    }
+    let mut d = serde_json::Deserializer::from_str(text);
+    match Unique.deserialize(&mut d) {
+        Err(e) if e.to_string().contains("given twice") => {
+            Err(format!("malformed request: {e} (give each key once)"))
+        }
+        // Other syntax errors are reported by the parse that follows.
+        _ => Ok(()),
+    }
 }
 
 /// The request line for `req` (without its newline).
@@ -444,13 +550,29 @@ pub fn default_control_path() -> PathBuf {
 }
 
 /// The per-user directory under the temp dir used when there is no runtime dir.
-fn fallback_dir(uid: u32) -> PathBuf {
+pub(crate) fn fallback_dir(uid: u32) -> PathBuf {
     std::env::temp_dir().join(format!("trimrun-{uid}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_given_twice_is_refused_never_last_wins() {
+        for line in [
+            &br#"{"v":1,"cmd":"status","cmd":"stop"}"#[..],
+            br#"{"cmd":"stop","graceful":true,"graceful":false}"#,
+            br#"{"cmd":"trim","slot":1,"slot":2}"#,
+        ] {
+            let e = parse_request_line(line).unwrap_err();
+            assert!(e.contains("given twice"), "{e}");
+        }
+        assert_eq!(
+            parse_request_line(br#"{"v":1,"cmd":"status"}"#).unwrap(),
+            Request::Status
+        );
+    }
 
     #[test]
     fn scale_to_parses_relative_and_absolute_counts() {
@@ -488,8 +610,8 @@ mod tests {
             Request::Recycle { slot: 3 },
             Request::Trim { slot: Some(0) },
             Request::Trim { slot: None },
-            Request::Stop { graceful: true },
-            Request::Stop { graceful: false },
+            Request::Stop { now: true },
+            Request::Stop { now: false },
         ];
         for req in reqs {
             let line = request_line(&req);
@@ -518,7 +640,12 @@ mod tests {
                 r#"{"v":1,"cmd":"trim","slot":null}"#,
                 Request::Trim { slot: None },
             ),
-            (r#"{"v":1,"cmd":"stop"}"#, Request::Stop { graceful: false }),
+            (r#"{"v":1,"cmd":"stop"}"#, Request::Stop { now: false }),
+            (
+                r#"{"v":1,"cmd":"stop","graceful":false}"#,
+                Request::Stop { now: false },
+            ),
+            (r#"{"cmd":"stop","now":true}"#, Request::Stop { now: true }),
         ];
         for (line, want) in ok {
             assert_eq!(parse_request_line(line.as_bytes()).unwrap(), want, "{line}");

@@ -1,82 +1,187 @@
 //! The `trimrun status` table: pure functions from a [`Snapshot`] to text.
+//!
+//! Two layouts: [`render_compact`] fits 80 columns (the default, and what `--watch` shows
+//! in an 80-column terminal); [`render_table`] is the wide one with every column
+//! (`--wide`, or any terminal wide enough for it, see [`render_for`]).
 
 use super::Snapshot;
+pub use crate::size::human_bytes;
 
 /// Width of the memory bar, in cells.
 const BAR_CELLS: usize = 10;
 
-/// Render the pool line and one row per worker. Pure; ends with a newline.
+/// The layout for a terminal `cols` wide (None: not a terminal): wide when asked, or when
+/// the wide table fits; else the 80-column one.
+pub fn render_for(s: &Snapshot, wide: bool, cols: Option<usize>) -> String {
+    let w = render_table(s);
+    if wide || cols.is_some_and(|c| w.lines().all(|l| l.chars().count() <= c)) {
+        w
+    } else {
+        render_compact(s)
+    }
+}
+
+/// The 80-column layout: two pool lines, a line per slot in trouble, one short row per
+/// worker (memory as `used/limit pct`, the recycle threshold, trims, recycles and the
+/// last reason). Pure; ends with a newline.
 ///
 /// ```text
-/// trimrun pid 4242 (running, up 1h02m)  backend v2  workers 2/2  memory 808.0 MiB of 1.00 GiB ...
-/// SLOT  PID    GEN  STATE  AGE    MEMORY                                   PEAK ...
-/// 0     4250   3    ready  12m03s [######....]  61%  312.0 MiB / 512.0 MiB  401.2 MiB ...
+/// trimrun pid 4242 (running, up 1h02m)  v2  workers 2/2  memory 912M of 1.00G
+/// OOM kills 1  restarts 2  recycles 3 (1 in progress)  trims 9 (80.0M released)
+/// SLOT   PID  STATE      AGE  MEMORY           RECYCLE@  TRIMS  RECYCLED
+///    0  4250  ready   12m03s  312M/512M  61%       460M      4  2 memory
 /// ```
-pub fn render_table(s: &Snapshot) -> String {
+pub fn render_compact(s: &Snapshot) -> String {
     let mut out = String::new();
-    out.push_str(&pool_line(s));
-    out.push('\n');
-    if let Some(z) = &s.zygote {
-        out.push_str(&format!(
-            "zygote pid {} ({}, up {}, generation {})  {} workers forked\n",
-            z.pid,
-            z.state,
-            human_age(z.age_secs),
-            z.generation,
-            z.forks
-        ));
+    let state = if s.state.is_empty() {
+        "running"
+    } else {
+        &s.state
+    };
+    let backend = if s.backend.is_empty() {
+        "?"
+    } else {
+        &s.backend
+    };
+    let total = short_bytes(s.total_working_set());
+    let memory = match s.total_limit() {
+        Some(limit) => format!("{total} of {}", short_bytes(limit)),
+        None => total,
+    };
+    let fields = [
+        format!(
+            "trimrun pid {} ({state}, up {})",
+            s.pid,
+            human_age(s.uptime_secs)
+        ),
+        backend.to_string(),
+        format!("workers {}/{}", s.workers.len(), s.target_workers),
+        format!("memory {memory}"),
+        format!("OOM kills {}", s.oom_kills),
+        format!("restarts {}", s.restarts),
+        format!(
+            "recycles {} ({} in progress)",
+            s.recycles, s.recycles_in_progress
+        ),
+        format!(
+            "trims {} ({} released)",
+            s.trims,
+            short_bytes(s.released_bytes)
+        ),
+    ];
+    let mut fields = fields.to_vec();
+    if s.timeouts > 0 {
+        fields.push(format!("watchdog timeouts {}", s.timeouts));
     }
+    out.push_str(&wrap_fields(&fields, COMPACT_COLUMNS));
+    out.push_str(&trouble_lines(s));
+    out.push_str(&zygote_line(s));
     if s.workers.is_empty() {
         out.push_str("(no workers)\n");
         return out;
     }
     let header = [
-        "SLOT",
-        "PID",
-        "GEN",
-        "STATE",
-        "AGE",
-        "MEMORY",
-        "PEAK",
-        "TRIMS",
-        "RELEASED",
-        "LAST PAUSE",
-        "RECYCLES",
-        "LAST REASON",
+        "SLOT", "PID", "STATE", "AGE", "MEMORY", "RECYCLE@", "TRIMS", "RECYCLED",
     ];
     let mut workers: Vec<_> = s.workers.iter().collect();
     workers.sort_by_key(|w| (w.slot, w.generation));
-    let rows: Vec<[String; 12]> = workers
+    let rows: Vec<[String; 8]> = workers
         .iter()
         .map(|w| {
+            let memory = match w.limit {
+                Some(l) if l > 0 => format!(
+                    "{}/{} {:>3.0}%",
+                    short_bytes(w.working_set),
+                    short_bytes(l),
+                    w.working_set as f64 * 100.0 / l as f64
+                ),
+                _ => short_bytes(w.working_set),
+            };
+            let recycled = match &w.last_reason {
+                Some(r) => format!("{} {}", w.recycles, r),
+                None => w.recycles.to_string(),
+            };
             [
                 w.slot.to_string(),
                 w.pid.to_string(),
-                w.generation.to_string(),
                 w.state.clone(),
                 human_age(w.age_secs),
-                memory_cell(w.working_set, w.limit),
-                w.peak.map(human_bytes).unwrap_or_else(|| "-".into()),
-                w.trims.to_string(),
-                human_bytes(w.released_bytes),
-                w.last_trim_pause_us
-                    .map(human_pause)
+                memory,
+                w.recycle_threshold
+                    .map(short_bytes)
                     .unwrap_or_else(|| "-".into()),
-                w.recycles.to_string(),
-                w.last_reason.clone().unwrap_or_else(|| "-".into()),
+                w.trims.to_string(),
+                recycled,
             ]
         })
         .collect();
+    let right = [true, true, false, true, false, true, true, false];
+    push_rows(&mut out, &header, &rows, &right);
+    out
+}
+
+/// Width of the compact layout.
+const COMPACT_COLUMNS: usize = 80;
+
+/// `fields` two spaces apart, on as few lines of at most `width` as they fit.
+fn wrap_fields(fields: &[String], width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for f in fields {
+        if !line.is_empty() && line.chars().count() + 2 + f.chars().count() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push_str("  ");
+        }
+        line.push_str(f);
+    }
+    if !line.is_empty() {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// One line per slot that is crash-looping or backing off, with how its last worker ended.
+fn trouble_lines(s: &Snapshot) -> String {
+    let mut out = String::new();
+    for slot in &s.slots {
+        let Some(what) = slot.trouble() else { continue };
+        let mut line = format!("slot {} {what}: {} failures", slot.slot, slot.failures);
+        if let Some(e) = &slot.last_exit {
+            line.push_str(&format!(", last {e}"));
+        }
+        if let Some(t) = slot.retry_in_secs {
+            line.push_str(&format!(", next start in {}", human_age(t.ceil())));
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    if s.log_lines_dropped > 0 {
+        out.push_str(&format!(
+            "log lines dropped: {} (stderr closed or not keeping up)\n",
+            s.log_lines_dropped
+        ));
+    }
+    out
+}
+
+/// Header and rows, columns padded to their widest cell, two spaces apart.
+fn push_rows<const N: usize>(
+    out: &mut String,
+    header: &[&str; N],
+    rows: &[[String; N]],
+    right: &[bool; N],
+) {
     let mut widths = header.map(str::len);
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    // Numbers read best right-aligned; words and the bar left-aligned.
-    let right = [
-        true, true, true, false, true, false, true, true, true, true, true, false,
-    ];
     let mut push_row = |cells: &[&str]| {
         let mut line = String::new();
         for (i, cell) in cells.iter().enumerate() {
@@ -97,12 +202,124 @@ pub fn render_table(s: &Snapshot) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     };
-    push_row(&header);
-    for row in &rows {
+    push_row(header);
+    for row in rows {
         let cells: Vec<&str> = row.iter().map(String::as_str).collect();
         push_row(&cells);
     }
+}
+
+/// Sizes in at most five characters: `900B`, `12K`, `9.5M`, `312M`, `1.50G`, `12.3G`.
+pub fn short_bytes(b: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = b as f64;
+    let unit = |v: f64, u: char| {
+        if v < 10.0 {
+            format!("{v:.1}{u}")
+        } else {
+            format!("{:.0}{u}", v.floor())
+        }
+    };
+    if b < 1000 {
+        format!("{b}B")
+    } else if f < 1000.0 * K {
+        unit(f / K, 'K')
+    } else if f < 1000.0 * K * K {
+        unit(f / K / K, 'M')
+    } else {
+        let g = f / K / K / K;
+        if g < 10.0 {
+            format!("{g:.2}G")
+        } else if g < 100.0 {
+            format!("{g:.1}G")
+        } else if g < 1000.0 {
+            format!("{:.0}G", g.floor())
+        } else {
+            unit(g / K, 'T')
+        }
+    }
+}
+
+/// Render the pool line and one row per worker, every column (the wide layout). Pure;
+/// ends with a newline.
+///
+/// ```text
+/// trimrun pid 4242 (running, up 1h02m)  backend v2  workers 2/2  memory 808.0 MiB of 1.00 GiB ...
+/// SLOT  PID    GEN  STATE  AGE    MEMORY                                   PEAK ...
+/// 0     4250   3    ready  12m03s [######....]  61%  312.0 MiB / 512.0 MiB  401.2 MiB ...
+/// ```
+pub fn render_table(s: &Snapshot) -> String {
+    let mut out = String::new();
+    out.push_str(&pool_line(s));
+    out.push('\n');
+    out.push_str(&zygote_line(s));
+    out.push_str(&trouble_lines(s));
+    if s.workers.is_empty() {
+        out.push_str("(no workers)\n");
+        return out;
+    }
+    let header = [
+        "SLOT",
+        "PID",
+        "GEN",
+        "STATE",
+        "AGE",
+        "MEMORY",
+        "PEAK",
+        "RECYCLE AT",
+        "TRIMS",
+        "RELEASED",
+        "LAST PAUSE",
+        "RECYCLES",
+        "LAST REASON",
+    ];
+    let mut workers: Vec<_> = s.workers.iter().collect();
+    workers.sort_by_key(|w| (w.slot, w.generation));
+    let rows: Vec<[String; 13]> = workers
+        .iter()
+        .map(|w| {
+            [
+                w.slot.to_string(),
+                w.pid.to_string(),
+                w.generation.to_string(),
+                w.state.clone(),
+                human_age(w.age_secs),
+                memory_cell(w.working_set, w.limit),
+                w.peak.map(human_bytes).unwrap_or_else(|| "-".into()),
+                w.recycle_threshold
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "-".into()),
+                w.trims.to_string(),
+                human_bytes(w.released_bytes),
+                w.last_trim_pause_us
+                    .map(human_pause)
+                    .unwrap_or_else(|| "-".into()),
+                w.recycles.to_string(),
+                w.last_reason.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    // Numbers read best right-aligned; words and the bar left-aligned.
+    let right = [
+        true, true, true, false, true, false, true, true, true, true, true, true, false,
+    ];
+    push_rows(&mut out, &header, &rows, &right);
     out
+}
+
+/// The zygote of `--preload`, when there is one (a line, or nothing).
+fn zygote_line(s: &Snapshot) -> String {
+    match &s.zygote {
+        Some(z) => format!(
+            "zygote pid {} ({}, up {}, generation {})  {} workers forked\n",
+            z.pid,
+            z.state,
+            human_age(z.age_secs),
+            z.generation,
+            z.forks
+        ),
+        None => String::new(),
+    }
 }
 
 fn pool_line(s: &Snapshot) -> String {
@@ -142,7 +359,7 @@ fn pool_line(s: &Snapshot) -> String {
     )
 }
 
-/// `[######....]  61%  312.0 MiB / 512.0 MiB`, or the bare size without a limit.
+/// `[######....]  61%  312 MiB / 512 MiB`, or the bare size without a limit.
 fn memory_cell(used: u64, limit: Option<u64>) -> String {
     match limit {
         Some(limit) if limit > 0 => {
@@ -170,23 +387,6 @@ fn bar(used: u64, limit: u64) -> String {
     }
     let filled = ((used as f64 / limit as f64) * BAR_CELLS as f64).round() as usize;
     format!("[{}{}]", "#".repeat(filled), ".".repeat(BAR_CELLS - filled))
-}
-
-/// Bytes for people: `512 B`, `12.0 KiB`, `312.4 MiB`, `1.50 GiB`.
-pub fn human_bytes(b: u64) -> String {
-    const KIB: f64 = 1024.0;
-    const MIB: f64 = KIB * 1024.0;
-    const GIB: f64 = MIB * 1024.0;
-    let f = b as f64;
-    if b < 1024 {
-        format!("{b} B")
-    } else if f < MIB {
-        format!("{:.1} KiB", f / KIB)
-    } else if f < GIB {
-        format!("{:.1} MiB", f / MIB)
-    } else {
-        format!("{:.2} GiB", f / GIB)
-    }
 }
 
 /// Ages for people: `45s`, `12m03s`, `1h02m`, `3d04h`.
@@ -237,6 +437,8 @@ mod tests {
             released_bytes: 80 * MIB,
             timeouts: 0,
             state: "running".into(),
+            slots: vec![],
+            log_lines_dropped: 0,
             zygote: None,
             workers: vec![
                 WorkerSnapshot {
@@ -282,8 +484,8 @@ mod tests {
         assert_eq!(
             lines[0],
             "trimrun pid 4242 (running, up 1h02m)  backend v2  workers 2/2  \
-             memory 912.0 MiB of 1.00 GiB  OOM kills 1  restarts 2  recycles 3 (1 in progress)  \
-             trims 9 (80.0 MiB released)"
+             memory 912 MiB of 1 GiB  OOM kills 1  restarts 2  recycles 3 (1 in progress)  \
+             trims 9 (80 MiB released)"
         );
         assert!(lines[1].starts_with("SLOT  "), "{t}");
         assert!(lines[1].ends_with("LAST REASON"), "{t}");
@@ -292,7 +494,7 @@ mod tests {
             "4250",
             "ready",
             "12m03s",
-            "[######....]  61%  312.0 MiB / 512.0 MiB",
+            "[######....]  61%  312 MiB / 512 MiB",
             "401.2 MiB",
             "12.3 MiB",
             "850us",
@@ -360,13 +562,110 @@ mod tests {
     }
 
     #[test]
+    fn compact_table_fits_80_columns_even_with_big_numbers() {
+        let mut s = pool();
+        s.pid = 4_194_304;
+        s.uptime_secs = 99.0 * 86400.0;
+        s.oom_kills = 12_345;
+        s.restarts = 99_999;
+        s.recycles = 123_456;
+        s.recycles_in_progress = 16;
+        s.trims = 9_999_999;
+        s.released_bytes = 999 << 30;
+        s.target_workers = 1024;
+        s.slots = vec![crate::status::SlotSnapshot {
+            slot: 1023,
+            failures: 42,
+            restarts: 99,
+            last_exit: Some("killed by SIGSEGV".into()),
+            retry_in_secs: Some(29.5),
+            ..Default::default()
+        }];
+        for w in &mut s.workers {
+            w.pid = 4_194_303;
+            w.slot = 1023;
+            w.age_secs = 99.0 * 86400.0;
+            w.working_set = 999 << 30;
+            w.limit = Some(1000 << 30);
+            w.recycle_threshold = Some(999 << 30);
+            w.trims = 99_999;
+            w.recycles = 9_999;
+            w.last_reason = Some("lifetime".into());
+        }
+        let t = render_compact(&s);
+        for line in t.lines() {
+            assert!(
+                line.chars().count() <= 80,
+                "{} > 80: {line:?}\n{t}",
+                line.len()
+            );
+        }
+        assert!(
+            t.contains(
+                "slot 1023 crash-looping: 42 failures, last killed by SIGSEGV, next start in 30s"
+            ),
+            "{t}"
+        );
+        let t = render_compact(&pool());
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[0],
+            "trimrun pid 4242 (running, up 1h02m)  v2  workers 2/2  memory 912M of 1.00G"
+        );
+        assert_eq!(
+            lines[1],
+            "OOM kills 1  restarts 2  recycles 3 (1 in progress)  trims 9 (80M released)"
+        );
+        assert!(lines[2].starts_with("SLOT"), "{t}");
+        assert!(lines[3].contains("312M/512M  61%"), "{t}");
+        assert!(lines[3].contains("460M"), "the recycle threshold: {t}");
+        assert!(lines[3].ends_with("2 memory"), "{t}");
+        assert!(lines[4].contains("600M/512M 117%"), "{t}");
+    }
+
+    #[test]
+    fn the_wide_table_is_used_when_asked_or_when_it_fits() {
+        let s = pool();
+        let wide = render_table(&s);
+        let width = wide.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(width > 80, "the wide table is wide: {width}");
+        assert_eq!(render_for(&s, false, Some(80)), render_compact(&s));
+        assert_eq!(render_for(&s, false, None), render_compact(&s));
+        assert_eq!(render_for(&s, true, Some(80)), wide);
+        assert_eq!(render_for(&s, false, Some(width)), wide);
+        assert!(wide.contains("RECYCLE AT"), "{wide}");
+        assert!(wide.contains("460 MiB"), "{wide}");
+    }
+
+    #[test]
+    fn short_sizes_stay_within_five_characters() {
+        for (b, want) in [
+            (0, "0B"),
+            (999, "999B"),
+            (1000, "1.0K"),
+            (12 * 1024, "12K"),
+            (9 * MIB + MIB / 2, "9.5M"),
+            (312 * MIB, "312M"),
+            (999 * MIB, "999M"),
+            (1000 * MIB, "0.98G"),
+            (3 * 512 * MIB, "1.50G"),
+            (123 * 1024 * MIB, "123G"),
+        ] {
+            assert_eq!(short_bytes(b), want, "{b}");
+        }
+        for e in 0..50 {
+            assert!(short_bytes(1u64 << e).len() <= 5, "{}", short_bytes(1 << e));
+        }
+    }
+
+    #[test]
     fn worker_without_limit_shows_size_only_and_pool_has_no_total_limit() {
         let mut s = pool();
         s.workers[0].limit = None;
         let t = render_table(&s);
-        assert!(t.contains("[          ]    -  600.0 MiB / no limit"), "{t}");
+        assert!(t.contains("[          ]    -  600 MiB / no limit"), "{t}");
         assert!(
-            t.lines().next().unwrap().contains("memory 912.0 MiB  "),
+            t.lines().next().unwrap().contains("memory 912 MiB  "),
             "{t}"
         );
     }
@@ -412,7 +711,7 @@ mod tests {
         assert_eq!(human_bytes(0), "0 B");
         assert_eq!(human_bytes(1023), "1023 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(312 * MIB), "312.0 MiB");
+        assert_eq!(human_bytes(312 * MIB), "312 MiB");
         assert_eq!(human_bytes(3 * 512 * MIB), "1.50 GiB");
         assert_eq!(human_age(0.4), "0s");
         assert_eq!(human_age(-3.0), "0s");

@@ -21,14 +21,25 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
+use super::limit::{ConnLimiter, ConnSlot};
 use super::{ControlMsg, MAX_REQUEST_LINE, Reply, StatusError, WireReply, parse_request_line};
 
-/// At most this many client connections are served at once; more get an error reply.
+/// At most this many client connections are open at once. A new one beyond that evicts
+/// the connection idle the longest; only when all are busy does it get an error reply.
 const MAX_CONNECTIONS: usize = 64;
+
+/// A connection that sends no complete request for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client that does not take its reply within this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At exit, connections get this long to deliver the replies they owe.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the liveness probe of an existing socket waits for the other side.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -44,12 +55,28 @@ pub struct ControlServer {
     /// (st_dev, st_ino) of the socket we bound, to remove only our own file.
     id: (u64, u64),
     task: JoinHandle<()>,
+    closing: watch::Sender<bool>,
+    /// Directories created for the socket (outermost first), removed again if empty.
+    created: Vec<PathBuf>,
 }
 
 impl ControlServer {
     /// The path of the socket.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Stop accepting, let open connections deliver the replies they owe (`ctl stop` is
+    /// answered before trimrun exits), close the rest, remove the socket.
+    pub async fn close(mut self) {
+        let _ = self.closing.send(true);
+        let task = &mut self.task;
+        if tokio::time::timeout(CLOSE_TIMEOUT + Duration::from_millis(500), task)
+            .await
+            .is_err()
+        {
+            debug!("control server did not close in time");
+        }
     }
 }
 
@@ -66,6 +93,9 @@ impl Drop for ControlServer {
             }
             Ok(_) => debug!(path = %self.path.display(), "control socket was replaced; leaving it"),
             Err(_) => {}
+        }
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }
@@ -86,7 +116,17 @@ pub async fn serve(
             max: MAX_SOCKET_PATH,
         });
     }
-    prepare_dir(&path)?;
+    let created = prepare_dir(&path)?;
+    // Directories made for a socket that then fails to come up are removed again.
+    struct Made(Vec<PathBuf>);
+    impl Drop for Made {
+        fn drop(&mut self) {
+            for dir in self.0.iter().rev() {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    let mut made = Made(created);
     clear_stale(&path).await?;
 
     let listener = match bind_private(&path) {
@@ -128,11 +168,14 @@ pub async fn serve(
         source: e,
     })?;
     info!(path = %path.display(), "control socket listening");
-    let task = tokio::spawn(accept_loop(listener, tx));
+    let (closing, closing_rx) = watch::channel(false);
+    let task = tokio::spawn(accept_loop(listener, tx, closing_rx));
     Ok(ControlServer {
         id: (meta.dev(), meta.ino()),
         path,
         task,
+        closing,
+        created: std::mem::take(&mut made.0),
     })
 }
 
@@ -146,10 +189,18 @@ fn absolute(path: &Path) -> Result<PathBuf, StatusError> {
 
 /// Create the socket's directory (0700) if missing. The per-user fallback directory under
 /// the temp dir must be ours: anyone could have created it first.
-fn prepare_dir(path: &Path) -> Result<(), StatusError> {
+fn prepare_dir(path: &Path) -> Result<Vec<PathBuf>, StatusError> {
     let Some(dir) = path.parent() else {
-        return Ok(());
+        return Ok(vec![]);
     };
+    let created: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -177,7 +228,7 @@ fn prepare_dir(path: &Path) -> Result<(), StatusError> {
             });
         }
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Remove a stale socket file at `path`; refuse when a live process answers on it or when
@@ -305,7 +356,12 @@ pub(super) fn bind_via_private_dir(
     Ok(l)
 }
 
-async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<ControlMsg>) {
+async fn accept_loop(
+    listener: UnixListener,
+    tx: mpsc::Sender<ControlMsg>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let limiter = ConnLimiter::new(MAX_CONNECTIONS);
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -313,14 +369,14 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<ControlMsg>) {
                 Ok((mut stream, _)) => {
                     let peer = stream.peer_cred().ok();
                     debug!(uid = peer.map(|c| c.uid()), pid = peer.and_then(|c| c.pid()), "control connection");
-                    if conns.len() >= MAX_CONNECTIONS {
-                        let line = WireReply::error(format!("too many control connections (at most {MAX_CONNECTIONS}); try again")).to_line();
+                    let Some(slot) = limiter.admit() else {
+                        let line = WireReply::error(format!("too many control connections busy (at most {MAX_CONNECTIONS}); try again")).to_line();
                         conns.spawn(async move {
-                            let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+                            let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(format!("{line}\n").as_bytes())).await;
                         });
                         continue;
-                    }
-                    conns.spawn(handle_connection(stream, tx.clone()));
+                    };
+                    conns.spawn(handle_connection(stream, tx.clone(), slot, closing.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -329,39 +385,72 @@ async fn accept_loop(listener: UnixListener, tx: mpsc::Sender<ControlMsg>) {
                 }
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = closing.changed() => break,
         }
+    }
+    // Closing: accept nothing more; let connections answer what they were asked (a
+    // `ctl stop` waits for its reply), for a bounded time.
+    drop(listener);
+    let drained = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        debug!(left = conns.len(), "control connections still busy at exit");
     }
 }
 
-/// Serve one connection: one reply line per request line, in order, until EOF.
-async fn handle_connection(stream: UnixStream, tx: mpsc::Sender<ControlMsg>) {
+/// Serve one connection: one reply line per request line, in order, until EOF, an idle
+/// timeout, an eviction (see [`ConnLimiter`]) or the server closing.
+async fn handle_connection(
+    stream: UnixStream,
+    tx: mpsc::Sender<ControlMsg>,
+    slot: ConnSlot,
+    mut closing: watch::Receiver<bool>,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
     loop {
+        if *closing.borrow() {
+            return;
+        }
         line.clear();
-        let n = match (&mut reader)
-            .take(MAX_REQUEST_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                debug!(error = %e, "control connection read failed");
+        slot.idle();
+        let mut limited = (&mut reader).take(MAX_REQUEST_LINE as u64);
+        let read = limited.read_until(b'\n', &mut line);
+        let n = tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT, read) => match r {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "control connection read failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("control connection idle too long; closing it");
+                    return;
+                }
+            },
+            _ = slot.evicted() => {
+                debug!("idle control connection evicted to make room for a new one");
                 return;
             }
+            _ = closing.changed() => return,
         };
         if n == 0 {
             return;
         }
+        slot.busy();
         let complete = line.last() == Some(&b'\n');
         if !complete && n >= MAX_REQUEST_LINE {
             let reply = WireReply::error(format!(
                 "request too long (more than {MAX_REQUEST_LINE} bytes); closing the connection"
             ));
-            let _ = write
-                .write_all(format!("{}\n", reply.to_line()).as_bytes())
-                .await;
+            let _ = tokio::time::timeout(
+                WRITE_TIMEOUT,
+                write.write_all(format!("{}\n", reply.to_line()).as_bytes()),
+            )
+            .await;
             return;
         }
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -378,9 +467,16 @@ async fn handle_connection(stream: UnixStream, tx: mpsc::Sender<ControlMsg>) {
             }
         };
         let out = format!("{}\n", WireReply::from_reply(reply).to_line());
-        if let Err(e) = write.write_all(out.as_bytes()).await {
-            debug!(error = %e, "control connection write failed");
-            return;
+        match tokio::time::timeout(WRITE_TIMEOUT, write.write_all(out.as_bytes())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                debug!(error = %e, "control connection write failed");
+                return;
+            }
+            Err(_) => {
+                debug!("control client does not read its replies; closing the connection");
+                return;
+            }
         }
         if !complete {
             // EOF after a last request without newline: answered, done.

@@ -8,6 +8,26 @@ use super::{Outcome, Phase, Slot, State, Supervisor, Why};
 use crate::policy::RecycleReason;
 use crate::status::{self, ControlMsg, Request, ScaleTo, Snapshot};
 
+/// The worker count `ctl scale` asks for, bounded like `-n` (1 to [`MAX_WORKERS`]) and
+/// computed without overflow. `-N` below one worker stops at one.
+///
+/// [`MAX_WORKERS`]: crate::config::MAX_WORKERS
+pub fn scale_target(current: usize, to: &ScaleTo) -> Result<usize, String> {
+    let max = crate::config::MAX_WORKERS;
+    let n = match *to {
+        ScaleTo::Up(n) => current.checked_add(n),
+        ScaleTo::Down(n) => Some(current.saturating_sub(n).max(1)),
+        ScaleTo::Exactly(n) => Some(n),
+    };
+    match n {
+        Some(0) => Err("cannot scale to 0 workers: at least 1".into()),
+        Some(n) if n <= max => Ok(n),
+        _ => Err(format!(
+            "cannot scale to {to} from {current} workers: at most {max} (as with -n)"
+        )),
+    }
+}
+
 impl Supervisor {
     pub(super) fn begin_reload(&mut self, why: &str) {
         if self.phase.stopping() {
@@ -38,13 +58,16 @@ impl Supervisor {
         let to = to.min(crate::config::MAX_WORKERS);
         info!(from = self.target, to, trigger = why, "scaling");
         if to > self.target {
+            // The new slots are due now; the timers start them a batch at a time, so
+            // signals and `ctl` are still answered while thousands start.
+            let now = tokio::time::Instant::now();
             for slot in self.target..to {
                 if self.slots.len() <= slot {
                     self.slots.push(Slot::new());
                 }
-                self.target = slot + 1;
-                self.start_worker(slot, None);
+                self.slots[slot].respawn_at = Some(now);
             }
+            self.target = to;
         } else {
             self.target = to;
             let until = tokio::time::Instant::now() + self.cfg.graceful_timeout;
@@ -95,19 +118,13 @@ impl Supervisor {
                 self.begin_reload("ctl reload");
                 Ok(serde_json::json!({"reloading": true}))
             }
-            Request::Scale { to } => {
-                let n = match to {
-                    ScaleTo::Up(n) => self.target + n,
-                    ScaleTo::Down(n) => self.target.saturating_sub(*n).max(1),
-                    ScaleTo::Exactly(n) => *n,
-                };
-                if n == 0 {
-                    Err("cannot scale to 0 workers: at least 1".into())
-                } else {
+            Request::Scale { to } => match scale_target(self.target, to) {
+                Ok(n) => {
                     self.scale(n, "ctl scale");
                     Ok(serde_json::json!({"workers": self.target}))
                 }
-            }
+                Err(e) => Err(e),
+            },
             Request::Recycle { slot } => {
                 let now_d = self.now_d();
                 let pid = self
@@ -150,16 +167,16 @@ impl Supervisor {
                     Ok(serde_json::json!({"trimming": started}))
                 }
             }
-            Request::Stop { graceful } => {
+            Request::Stop { now } => {
                 let _ = msg.reply.send(Ok(serde_json::json!({"stopping": true})));
-                if *graceful {
+                if !*now {
                     if !self.phase.stopping() {
                         info!("ctl stop: graceful shutdown");
                         self.begin_shutdown();
                     }
                     return None;
                 }
-                info!("ctl stop: fast shutdown");
+                info!("ctl stop --now: fast shutdown");
                 self.kill_all();
                 return Some(Outcome::Stopped);
             }
@@ -178,6 +195,28 @@ impl Supervisor {
             "{ready}/{} workers ready, {} recycles, {} OOM kills",
             self.target, self.totals.recycles, self.totals.oom_kills
         )
+    }
+
+    /// Every slot of the pool (0..target): its history and whether it is backing off.
+    fn slot_snapshots(&self) -> Vec<status::SlotSnapshot> {
+        let now = tokio::time::Instant::now();
+        self.slots
+            .iter()
+            .enumerate()
+            .take(self.target)
+            .map(|(i, s)| status::SlotSnapshot {
+                slot: i,
+                restarts: s.restarts,
+                oom_kills: s.oom_kills,
+                failures: s.backoff.failures(),
+                last_exit: s.last_exit.clone(),
+                retry_in_secs: s
+                    .respawn_at
+                    .or(s.retry_recycle_at)
+                    .filter(|t| *t > now)
+                    .map(|t| (t - now).as_secs_f64()),
+            })
+            .collect()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -203,8 +242,10 @@ impl Supervisor {
             recycles: self.totals.recycles,
             recycles_in_progress: self.in_progress(),
             timeouts: self.totals.timeouts,
-            trims: self.workers.iter().map(|w| w.stats.trims).sum(),
-            released_bytes: self.workers.iter().map(|w| w.stats.released).sum(),
+            trims: self.totals.trims,
+            released_bytes: self.totals.released,
+            slots: self.slot_snapshots(),
+            log_lines_dropped: crate::logging::dropped_lines(),
             zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",

@@ -60,7 +60,7 @@ impl Supervisor {
         let notify_path = (ready_by_notify || self.cfg.timeout.is_some())
             .then(|| self.rundir.notify_path(slot, generation));
         let notify_sock = match &notify_path {
-            Some(p) => match notify::bind_worker_socket(p) {
+            Some(p) => match notify::bind_worker_socket(p, self.cfg.credentials.as_ref()) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     error!(slot, path = %p.display(), error = %e, "cannot bind the worker's notify socket");
@@ -131,15 +131,14 @@ impl Supervisor {
             replaces = replaces.map(|r| r.pid),
             "worker started"
         );
-        // The slot's history carries over to the replacement.
+        // The slot's recycle count and the reason its predecessor went carry over; trims
+        // and bytes released are this worker's own (the pool's totals keep every trim).
         let mut inherited = Stats::default();
         if let Some(r) = replaces
             && let Some(w) = self.worker_mut(r.pid)
         {
             inherited.recycles = w.stats.recycles + 1;
             inherited.last_reason = Some(r.reason.to_string());
-            inherited.trims = w.stats.trims;
-            inherited.released = w.stats.released;
         }
         self.workers.push(Worker {
             slot,
@@ -206,6 +205,23 @@ impl Supervisor {
             ready_ms = took.as_millis() as u64,
             "worker ready"
         );
+        if self.cfg.ready == crate::config::Ready::Notify {
+            // The policy's ready time (recycle spacing and cadence) follows what start-ups
+            // really take, instead of a fixed guess.
+            if self.ready_times.len() == policy::READY_SAMPLES {
+                self.ready_times.pop_front();
+            }
+            self.ready_times.push_back(took);
+            let measured = policy::ready_time(self.ready_times.iter().copied());
+            if measured != self.settings.ready_time {
+                debug!(
+                    ready_ms = measured.as_millis() as u64,
+                    "ready time from start-ups"
+                );
+                self.settings.ready_time = measured;
+                self.gate.update(&self.settings);
+            }
+        }
         if let Some(r) = replaces {
             let until = Instant::now() + self.cfg.graceful_timeout;
             let sig = self.cfg.stop_signal;
@@ -276,6 +292,11 @@ impl Supervisor {
         let slot = w.slot;
         // Anything the worker left behind in its group (children in other process groups).
         let _ = w.group.kill_all(pid);
+        // Without a cgroup, its daemons were re-parented to us: kill those that no live
+        // worker's tree ever held.
+        if self.groups.kind() == crate::cgroup::Kind::None {
+            self.kill_orphans();
+        }
         let group = w.group;
         // rmdir may have to wait for the kernel to finish tearing the group down: not on
         // the supervisor's thread.
@@ -289,6 +310,9 @@ impl Supervisor {
         let cause = if oom { "oom_kill" } else { exit.cause() };
         if oom {
             self.totals.oom_kills += 1;
+            if let Some(s) = self.slots.get_mut(slot) {
+                s.oom_kills += 1;
+            }
             error!(
                 slot,
                 pid,
@@ -317,13 +341,25 @@ impl Supervisor {
         if let Some(reason) = recycling {
             // The old half of a recycle is gone: the recycle is complete.
             self.totals.recycles += 1;
-            info!(slot, pid, reason = %reason, waited_s = ?w.stats.recycle_wait.map(|d| d.as_secs_f64()), "recycle complete");
+            if let Some(m) = &self.metrics {
+                m.recycled(slot, &reason.to_string());
+            }
+            info!(slot, pid, reason = %reason, waited_s = w.stats.recycle_wait.map(|d| d.as_secs_f64()), "recycle complete");
             self.after_recycle_progress();
         }
         if expected {
             return;
         }
         self.totals.restarts += 1;
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.restarts += 1;
+            s.last_exit = Some(match w.state.why() {
+                _ if oom => "oom_kill".to_string(),
+                Some(Why::NotReady { .. }) => "not ready in time".to_string(),
+                Some(Why::OverLimit { .. }) => "over its limit".to_string(),
+                _ => exit.to_string(),
+            });
+        }
         // A replacement that died before it was ready: the old worker keeps serving (unless
         // it is a hung one on its way out: then the slot restarts with backoff, below).
         if let Some(old) = w.state.replaces()

@@ -85,6 +85,7 @@ impl Supervisor {
         let mut exited = None;
         let metrics = self.metrics.clone();
         let mut log_unavailable = None;
+        let (mut trims, mut total_released) = (0u64, 0u64);
         {
             let Some(w) = self.worker_mut(pid) else {
                 return;
@@ -101,6 +102,8 @@ impl Supervisor {
                         let released = rep.released().max(0) as u64;
                         w.stats.trims += 1;
                         w.stats.released += released;
+                        trims += 1;
+                        total_released += released;
                         w.stats.last_pause_us = Some(rep.pause_us);
                         info!(
                             slot = w.slot, pid = rep.pid, tid = rep.tid, released, pause_us = rep.pause_us,
@@ -141,6 +144,8 @@ impl Supervisor {
                 w.policy.trim_deferred(now_d);
             }
         }
+        self.totals.trims += trims;
+        self.totals.released += total_released;
         if let Some((p, reason)) = log_unavailable
             && !std::mem::replace(&mut self.trim_unavailable_logged, true)
         {

@@ -52,8 +52,9 @@ pub use worker::{Exit, Replacing, State, Trim, Why, Worker};
 
 /// How often memory is read and trim/recycle decisions are made.
 const TICK: Duration = Duration::from_secs(1);
-/// A worker that lived at least this long and then exited resets its slot's backoff.
-const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// A worker that lived at least this long and then exited resets its slot's backoff (as
+/// the backoff's own documentation says: twice its cap).
+const STABLE_AFTER: Duration = policy::BACKOFF_RESET_AFTER;
 
 /// What the pool needs from start-up: the validated config and the policy settings
 /// derived from it, the per-worker limit (resolved and checked once), and the kernel edge.
@@ -129,6 +130,11 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// A recycle of this slot failed (replacement never ready): not before this.
     retry_recycle_at: Option<Instant>,
+    /// Unexpected exits of this slot's workers, OOM kills among all its exits, and how the
+    /// last unexpected one ended (for `status` and `/metrics`).
+    restarts: u64,
+    oom_kills: u64,
+    last_exit: Option<String>,
     /// The hung worker whose replacement waits for `respawn_at` (`--timeout`).
     hung: Option<i32>,
     /// Watchdog timeouts of this slot so far.
@@ -142,6 +148,9 @@ impl Slot {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)),
             respawn_at: None,
             retry_recycle_at: None,
+            restarts: 0,
+            oom_kills: 0,
+            last_exit: None,
             hung: None,
             timeouts: 0,
         }
@@ -153,6 +162,11 @@ struct Totals {
     restarts: u64,
     oom_kills: u64,
     recycles: u64,
+    /// Every trim of every worker so far, and what they released: counters that only go
+    /// up, whatever happens to the workers (a sum over live workers would drop a gone
+    /// worker's trims, and count a draining one twice if its replacement inherited them).
+    trims: u64,
+    released: u64,
     timeouts: u64,
 }
 
@@ -181,6 +195,8 @@ pub struct Supervisor {
     trim_unavailable_logged: bool,
     reloading: bool,
     totals: Totals,
+    /// With `--ready notify`: the last start-up times measured (see `policy::ready_time`).
+    ready_times: std::collections::VecDeque<Duration>,
 }
 
 impl Supervisor {
@@ -216,6 +232,7 @@ impl Supervisor {
             metrics: setup.metrics,
             trim_unavailable_logged: false,
             reloading: false,
+            ready_times: Default::default(),
             totals: Totals::default(),
             cfg,
         }

@@ -218,9 +218,6 @@ impl Supervisor {
             projected_limit_in_s = ahead.map(|t| t.as_secs_f64()),
             "recycling worker: starting its replacement"
         );
-        if let Some(m) = &self.metrics {
-            m.recycled(slot, &reason.to_string());
-        }
         self.start_worker(slot, Some(Replacing { pid, reason }));
     }
 }

@@ -63,15 +63,18 @@ impl Supervisor {
     pub async fn run(mut self) -> Outcome {
         info!(
             workers = self.target,
-            cmd = ?self.cfg.cmd,
-            listeners = ?self.listeners,
+            cmd = ?crate::logging::AsJson(&self.cfg.cmd),
+            listeners = ?crate::logging::AsJson(&self.listeners),
             cgroup = %self.groups.kind(),
-            limit = ?self.limit,
+            limit = self.limit,
             "starting pool"
         );
+        // Every slot is due now; the timers start them a batch at a time (see START_BATCH).
+        let now = Instant::now();
         for slot in 0..self.target {
-            self.start_worker(slot, None);
+            self.slots[slot].respawn_at = Some(now);
         }
+        self.on_timers(now);
         // Under systemd's WatchdogSec=: keep-alives from this loop, so a stuck pool is
         // restarted by systemd as a stuck worker is by --timeout.
         let keepalive_every = self.notifier.keepalive_every();
@@ -117,6 +120,11 @@ impl Supervisor {
             if self.phase.stopping() && self.workers.is_empty() {
                 return self.finish(Outcome::Stopped).await;
             }
+            if self.next_deadline().is_some_and(|d| d <= now) {
+                // More is due at once (a batch of starts): let the control server and the
+                // signal task run first, so their messages are in the queues we select on.
+                tokio::task::yield_now().await;
+            }
         }
     }
 
@@ -148,6 +156,18 @@ impl Supervisor {
         }
     }
 
+    /// SIGKILL processes re-parented to trimrun that belong to no live worker.
+    pub(super) fn kill_orphans(&self) {
+        let keep: Vec<i32> = self
+            .workers
+            .iter()
+            .flat_map(|w| std::iter::once(w.pid).chain(w.group.left_behind()))
+            .collect();
+        for pid in self.launcher.kill_orphans(&keep) {
+            info!(pid, "killed a process a worker left behind");
+        }
+    }
+
     /// Collect exited children (the launcher's).
     fn reap(&mut self) {
         for (pid, exit) in self.launcher.reap() {
@@ -171,7 +191,14 @@ impl Supervisor {
         for w in &self.workers {
             warn!(slot = w.slot, pid = w.pid, "worker still present at exit");
         }
-        self.groups.teardown();
+        // What workers left behind outside any cgroup (re-parented daemons) goes with us.
+        self.kill_orphans();
+        // Removing the groups may wait on the kernel (rmdir of a group whose last process is
+        // still exiting): on a blocking thread, not this one.
+        let groups = self.groups;
+        if let Err(e) = tokio::task::spawn_blocking(move || groups.teardown()).await {
+            warn!(error = %e, "cgroup teardown did not finish");
+        }
         info!("trimrun stopped");
         outcome
     }

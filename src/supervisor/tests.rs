@@ -55,9 +55,7 @@ fn pool(args: &[&str], limit: Option<u64>) -> Pool {
         groups: Box::new(groups.clone()),
         launcher: Box::new(launcher.clone()),
         injector: Arc::new(injector.clone()),
-        rundir: RunDir {
-            path: dir.path().to_path_buf(),
-        },
+        rundir: RunDir::existing(dir.path().to_path_buf()),
         signals: sig_rx,
         control_rx: Some(ctl_rx),
         metrics: None,
@@ -682,5 +680,81 @@ async fn a_worker_keeping_its_watchdog_runs_indefinitely() {
     let s = p.status().await;
     assert!(p.launcher.signals().is_empty());
     assert_eq!((s.timeouts, p.launched(0).len()), (0, 1));
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn ctl_scale_is_bounded_like_n_and_never_overflows() {
+    use crate::status::ScaleTo;
+    let p = pool(&["-n", "2", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    for to in [
+        ScaleTo::Up(usize::MAX),
+        ScaleTo::Up(4095),
+        ScaleTo::Exactly(100_000),
+        ScaleTo::Exactly(0),
+    ] {
+        let e = p.ask(Request::Scale { to }).await.unwrap_err();
+        assert!(
+            e.contains("at most 4096") || e.contains("at least 1"),
+            "{to}: {e}"
+        );
+    }
+    let s = p.status().await;
+    assert_eq!((s.target_workers, s.workers.len()), (2, 2));
+    p.ask(Request::Scale {
+        to: ScaleTo::Down(usize::MAX),
+    })
+    .await
+    .unwrap();
+    p.until(Duration::from_secs(2), "down to one", |s| {
+        s.workers.len() == 1
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_supervisor_answers_while_it_starts_many_workers() {
+    let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    p.ask(Request::Scale {
+        to: crate::status::ScaleTo::Exactly(1000),
+    })
+    .await
+    .unwrap();
+    let s = p.status().await;
+    assert!(
+        s.workers.len() < 1000,
+        "status was answered only after all {} starts",
+        s.workers.len()
+    );
+    p.until(Duration::from_secs(30), "all started", |s| {
+        s.workers.len() == 1000
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_starts_over_only_after_a_minute_of_life_as_documented() {
+    let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    let mut delays = vec![];
+    for (generation, life) in [(0u64, 30), (1, 30), (2, 30), (3, 61)] {
+        p.run_for(Duration::from_secs(life)).await;
+        let pid = p.launched(0).last().unwrap().pid;
+        p.launcher.exit(pid, Exit::Code(1));
+        let t0 = Instant::now();
+        while p.launched(0).len() as u64 != generation + 2 {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no restart");
+            sleep(Duration::from_millis(1)).await;
+        }
+        delays.push(t0.elapsed());
+    }
+    // 30 s is not a healthy life: the third crash in a row waits 200-400 ms...
+    assert!(delays[2] >= Duration::from_millis(200), "{delays:?}");
+    // ...and after a minute up, the slot starts over (no delay).
+    assert!(delays[3] < Duration::from_millis(10), "{delays:?}");
     p.stop().await;
 }

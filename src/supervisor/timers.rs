@@ -9,6 +9,10 @@ use super::{Phase, Replacing, State, Supervisor, Why, Worker};
 use crate::config::{Config, Ready};
 use crate::policy::RecycleReason;
 
+/// Most workers started in one pass of the loop: between passes, signals, `ctl` and exits
+/// are handled (a start forks and waits for the exec, ~1 ms each, far more under load).
+const START_BATCH: usize = 8;
+
 /// The next moment something must happen to `w`.
 fn deadline(w: &Worker, cfg: &Config) -> Option<Instant> {
     match w.state {
@@ -104,8 +108,13 @@ impl Supervisor {
                 kill(w, self.launcher.as_ref(), Why::Stop);
             }
         }
-        // Respawns after backoff.
+        // Respawns after backoff, and slots added by scaling up: at most START_BATCH per
+        // pass (each start is a fork that waits for the exec), the rest on the next pass.
+        let mut started = 0;
         for slot in 0..self.slots.len().min(self.target) {
+            if started >= START_BATCH {
+                break;
+            }
             if let Some(t) = self.slots[slot].respawn_at
                 && now >= t
                 && !self.phase.stopping()
@@ -122,6 +131,7 @@ impl Supervisor {
                     .any(|w| w.slot == slot && !w.state.is_stopping())
                 {
                     self.start_worker(slot, replaces);
+                    started += 1;
                 }
             }
         }

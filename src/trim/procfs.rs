@@ -57,33 +57,9 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
     })
 }
 
-/// Resident and anonymous memory of a process, in bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Rollup {
-    pub rss: u64,
-    pub anon: u64,
-}
-
-/// Parse `/proc/PID/smaps_rollup` (`Rss:` and `Anonymous:` lines, in kB).
-pub fn parse_smaps_rollup(text: &str) -> Option<Rollup> {
-    let mut rss = None;
-    let mut anon = None;
-    for line in text.lines() {
-        let Some((key, value)) = line.split_once(':') else {
-            continue;
-        };
-        let kb = || -> Option<u64> { value.trim().strip_suffix("kB")?.trim().parse().ok() };
-        match key {
-            "Rss" => rss = kb(),
-            "Anonymous" => anon = kb(),
-            _ => {}
-        }
-    }
-    Some(Rollup {
-        rss: rss? * 1024,
-        anon: anon? * 1024,
-    })
-}
+/// Resident and anonymous memory of a process ([`crate::procfs`] parses it).
+pub use crate::procfs::SmapsRollup as Rollup;
+use crate::procfs::parse_smaps_rollup;
 
 /// `TracerPid:` from `/proc/PID/status`.
 pub fn parse_tracer_pid(status: &str) -> Option<i32> {
@@ -236,33 +212,6 @@ mod tests {
         assert!(m[4].deleted);
         assert_eq!(m[4].dev, (0x103, 2));
         assert_eq!(m[5].path.as_deref(), Some("[stack]"));
-    }
-
-    #[test]
-    fn parses_smaps_rollup_from_a_real_kernel() {
-        let text = "\
-55d0c8a00000-7ffc1b602000 ---p 00000000 00:00 0                          [rollup]
-Rss:              147268 kB
-Pss:              145110 kB
-Pss_Dirty:        139004 kB
-Pss_Anon:         138996 kB
-Pss_File:           6106 kB
-Pss_Shmem:             8 kB
-Shared_Clean:       2380 kB
-Shared_Dirty:          0 kB
-Private_Clean:      5880 kB
-Private_Dirty:    139008 kB
-Referenced:       147268 kB
-Anonymous:        138996 kB
-LazyFree:              0 kB
-AnonHugePages:         0 kB
-Swap:                  0 kB
-Locked:                0 kB
-";
-        let r = parse_smaps_rollup(text).unwrap();
-        assert_eq!(r.rss, 147268 * 1024);
-        assert_eq!(r.anon, 138996 * 1024);
-        assert_eq!(parse_smaps_rollup(""), None);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Running a test binary's `inner_*` tests on a real cgroup v2 kernel: boot one throw-away
 //! QEMU VM (`../shared/vm/in-v2-vm.sh`) and run this same test binary in it with
-//! `TRIMRUN_IN_VM=1`. Skips without root, the script, qemu or a kernel image; under
+//! `TRIMRUN_IN_VM=1`. The `inner_*` tests are `#[ignore]`d (a plain run lists them as
+//! ignored, not as passed); the VM run selects them with `--ignored`. Skips without root, the script, qemu or a kernel image; under
 //! CI=true those are failures.
 #![allow(dead_code)]
 
@@ -42,7 +43,7 @@ pub fn run_inner_tests(inner: &[&str], timeout_secs: u64) {
     let started = Instant::now();
     let out = Command::new(&script)
         .arg(std::env::current_exe().unwrap())
-        .args(["--test-threads=1", "--nocapture", "--exact"])
+        .args(["--test-threads=1", "--nocapture", "--exact", "--ignored"])
         .args(inner)
         .env("TRIMRUN_IN_VM", "1")
         .env("VM_RW", "")

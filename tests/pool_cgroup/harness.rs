@@ -166,13 +166,38 @@ impl Drop for Place {
         if !self.private {
             return;
         }
-        let gone = wait_for(Duration::from_secs(10), || {
-            match std::fs::remove_dir(&self.dir) {
-                Ok(()) => Some(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(()),
-                Err(_) => None,
+        // Whatever a run left inside (a trimrun killed before its teardown leaves its
+        // tree): killed and removed bottom-up, waiting for each group to empty.
+        fn remove_tree(dir: &Path) -> bool {
+            let subdirs: Vec<_> = std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.path())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !subdirs.iter().all(|d| remove_tree(d)) {
+                return false;
             }
-        });
+            wait_for(Duration::from_secs(30), || {
+                for p in std::fs::read_to_string(dir.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) of a process left in this test's own cgroup.
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => Some(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(()),
+                    Err(_) => None,
+                }
+            })
+            .is_some()
+        }
+        let gone = remove_tree(&self.dir).then_some(());
         if gone.is_none() && !std::thread::panicking() {
             panic!("cannot remove {}", self.dir.display());
         }
@@ -452,7 +477,7 @@ impl Drop for Pool {
         let workers = children(self.pid());
         if self.child.try_wait().ok().flatten().is_none() {
             self.signal(libc::SIGQUIT);
-            if self.wait_exit(secs(10)).is_none() {
+            if self.wait_exit(secs(30)).is_none() {
                 let _ = self.child.kill();
             }
         }
@@ -499,11 +524,15 @@ pub fn layout_limits_and_term_cleanup(
             "{}",
             dir.display()
         );
-        let procs = read(dir.join("cgroup.procs"));
-        assert_eq!(
-            procs.trim(),
-            pid.to_string(),
-            "only the worker in its group"
+        // Only the worker in its group, once the start-up's helpers (a pyenv shim's
+        // subshells, for one) are gone.
+        let alone = wait_for(secs(30), || {
+            (read(dir.join("cgroup.procs")).trim() == pid.to_string()).then_some(())
+        });
+        assert!(
+            alone.is_some(),
+            "only the worker {pid} in its group: {}",
+            read(dir.join("cgroup.procs"))
         );
         let s = log_started
             .iter()

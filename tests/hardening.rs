@@ -1,0 +1,502 @@
+//! Hardening (issue 12): each way found to break the pool, kept fixed by a test named after
+//! what it guards. The real binary, run as the tests' user (root where a test says so).
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::pool::*;
+use common::{example, wait_for};
+
+/// Run trimrun with `args` until it exits (killed after `timeout`: a pool that should
+/// have refused to start runs forever). (exit code, stderr).
+fn run_bounded(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("err")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("TRIMRUN_CGROUP", "none")
+        .env("NO_COLOR", "1")
+        .env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _guard = KillOnDrop(child.id() as i32);
+    let code = wait_for(timeout, || child.try_wait().unwrap()).map(|s| s.code().unwrap_or(-1));
+    (
+        code,
+        std::fs::read_to_string(dir.path().join("err")).unwrap(),
+    )
+}
+
+/// One clear line, exit code 2, and no worker started.
+fn assert_bad_input(args: &[&str], want: &str) {
+    let (code, stderr) = run_bounded(args, Duration::from_secs(20));
+    assert_eq!(code, Some(2), "{args:?}: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&want.to_lowercase()),
+        "{args:?}: {stderr}"
+    );
+    assert!(
+        !stderr.contains("worker started"),
+        "{args:?} started a worker: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn values_that_cannot_work_are_refused_at_start_with_exit_2() {
+    let app = example("app.py");
+    assert_bad_input(
+        &["--ready-timeout", "0s", "--", "python3", &app],
+        "--ready-timeout",
+    );
+    assert_bad_input(
+        &[
+            "--ready",
+            "delay:5s",
+            "--ready-timeout",
+            "2s",
+            "--",
+            "python3",
+            &app,
+        ],
+        "--ready-timeout",
+    );
+    assert_bad_input(
+        &[
+            "--bind", "fd://3", "--bind", "fd://3", "--", "python3", &app,
+        ],
+        "more than once",
+    );
+    assert_bad_input(
+        &[
+            "--bind",
+            "unix:/tmp/x.sock,unix:/tmp/x.sock",
+            "--",
+            "python3",
+            &app,
+        ],
+        "more than once",
+    );
+    assert_bad_input(
+        &["--limit", "1T", "--", "python3", &app],
+        "bigger than what trimrun may use",
+    );
+    assert_bad_input(
+        &["--max-lifetime", "0s", "--", "python3", &app],
+        "--max-lifetime",
+    );
+}
+
+/// Start trimrun with `args` (none backend, control socket and log in `dir`).
+fn spawn_pool(dir: &std::path::Path, args: &[&str]) -> std::process::Child {
+    let log = std::fs::File::create(dir.join("log")).unwrap();
+    Command::new(BIN)
+        .args(args)
+        .env("TRIMRUN_CGROUP", "none")
+        .env("NO_COLOR", "1")
+        .env("TRIMRUN_CONTROL", dir.join("ctl.sock"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn read_log(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+}
+
+/// The first worker of `pid` once it runs `exe_suffix` (it has exec'd).
+fn worker_running(pid: i32, exe_suffix: &str) -> Option<i32> {
+    children(pid).into_iter().find(|w| {
+        std::fs::read_link(format!("/proc/{w}/exe"))
+            .map(|p| p.to_string_lossy().ends_with(exe_suffix))
+            .unwrap_or(false)
+    })
+}
+
+/// A file the shell had open without close-on-exec (here at fd 7, 0600) never reaches a
+/// worker: workers get 0, 1, 2 and their listeners, nothing else.
+#[test]
+fn workers_get_stdio_and_listeners_only_never_an_inherited_fd() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "secret").unwrap();
+    let f = std::fs::File::open(&secret).unwrap();
+    let raw = f.as_raw_fd();
+    let port = free_port().to_string();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "-n",
+        "1",
+        "--bind",
+        &format!("127.0.0.1:{port}"),
+        "--",
+        "sleep",
+        "300",
+    ])
+    .env("TRIMRUN_CGROUP", "none")
+    .env("NO_COLOR", "1")
+    .env("TRIMRUN_CONTROL", dir.path().join("ctl.sock"))
+    .stdout(Stdio::null())
+    .stderr(log);
+    // SAFETY: only dup2(2), async-signal-safe, between fork and exec; `f` outlives spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 7) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let worker = wait_for(Duration::from_secs(20), || worker_running(pid, "sleep"))
+        .unwrap_or_else(|| panic!("no worker: {}", read_log(dir.path())));
+    let fds = || {
+        let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{worker}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let n = e.file_name().to_string_lossy().parse().unwrap();
+                let target = std::fs::read_link(e.path()).unwrap_or_default();
+                (n, target.to_string_lossy().into_owned())
+            })
+            .collect();
+        fds.sort();
+        fds
+    };
+    // Right after exec the dynamic loader briefly holds a library open: wait for the
+    // worker's own set.
+    let settled = wait_for(Duration::from_secs(10), || {
+        let now = fds();
+        assert!(
+            !now.iter().any(|(_, t)| t.contains("secret")),
+            "the worker can read the shell's file: {now:?}"
+        );
+        (now.iter().map(|f| f.0).collect::<Vec<_>>() == [0, 1, 2, 3]).then_some(())
+    });
+    assert!(settled.is_some(), "fds of the worker: {:?}", fds());
+    drop(f);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A python3 that an unprivileged user can run (the test's own may live under /root).
+fn python_for_everyone() -> Option<&'static str> {
+    ["/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3"]
+        .into_iter()
+        .find(|p| {
+            Command::new("setpriv")
+                .args([
+                    "--reuid",
+                    "65534",
+                    "--regid",
+                    "65534",
+                    "--clear-groups",
+                    p,
+                    "-c",
+                    "pass",
+                ])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+}
+
+/// `--user nobody --group nogroup`: the worker runs as that user with no supplementary
+/// group, still gets its listening socket and its notify socket, and is still trimmed by
+/// trimrun (which keeps root).
+#[test]
+fn user_and_group_drop_the_workers_privileges_and_keep_notify_listen_and_trim() {
+    if !common::is_root() {
+        common::cannot_run("root (to drop a worker's privileges)");
+        return;
+    }
+    let Some(python) = python_for_everyone() else {
+        common::cannot_run("a python3 that uid 65534 can run (and setpriv)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let app = example("app.py");
+    let mut child = spawn_pool(
+        dir.path(),
+        &[
+            "-n",
+            "1",
+            "--bind",
+            &format!("127.0.0.1:{port}"),
+            "--user",
+            "nobody",
+            "--group",
+            "65534",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "30s",
+            "--",
+            python,
+            &app,
+        ],
+    );
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    if wait_for(Duration::from_secs(30), || {
+        read_log(dir.path())
+            .contains("all workers ready")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!("not ready by sd_notify: {}", read_log(dir.path()));
+    }
+    let body = get(port, "/env").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let worker = v["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{worker}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid:"), vec!["65534"; 4], "{status}");
+    assert_eq!(field("Gid:"), vec!["65534"; 4], "{status}");
+    assert!(
+        field("Groups:").iter().all(|g| *g == "65534"),
+        "supplementary groups reset: {status}"
+    );
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(dir.path().join("ctl.sock"))
+        .args(["trim", "all"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    if wait_for(Duration::from_secs(30), || {
+        read_log(dir.path())
+            .contains("trimmed slot=0")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!(
+            "the unprivileged worker was not trimmed: {}",
+            read_log(dir.path())
+        );
+    }
+    // SAFETY: kill(2) of the trimrun this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+    assert_eq!(
+        code.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        read_log(dir.path())
+    );
+}
+
+/// Without XDG_RUNTIME_DIR the notify sockets go in a fresh private directory of the temp
+/// dir, never in `trimrun-<pid>` that someone else may have made first; one left by a
+/// SIGKILLed trimrun is removed by the next start.
+#[test]
+fn notify_sockets_live_in_a_fresh_private_dir_and_a_killed_runs_dir_is_cleaned() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let app = example("app.py");
+    let start = |tag: &str| {
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join(format!("log-{tag}"))).unwrap();
+        // The shell's pid is trimrun's after exec: squat on the old predictable name.
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(r#"mkdir -m 777 "$TMPDIR/trimrun-$$" && exec "$@""#)
+            .arg("sh")
+            .arg(BIN)
+            .args([
+                "-n",
+                "1",
+                "--bind",
+                &format!("127.0.0.1:{port}"),
+                "--ready",
+                "notify",
+            ])
+            .arg("--")
+            .args(["python3", &app])
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", &tmp)
+            .env("TRIMRUN_CGROUP", "none")
+            .env("NO_COLOR", "1")
+            .env(
+                "TRIMRUN_CONTROL",
+                dir.path().join(format!("ctl-{tag}.sock")),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let log_path = dir.path().join(format!("log-{tag}"));
+        let read = move || std::fs::read_to_string(&log_path).unwrap_or_default();
+        if wait_for(Duration::from_secs(30), || {
+            read().contains("all workers ready").then_some(())
+        })
+        .is_none()
+        {
+            panic!("not ready: {}", read());
+        }
+        (child, port)
+    };
+    let (mut first, port) = start("a");
+    let guard = KillOnDrop(first.id() as i32);
+    let v: serde_json::Value = serde_json::from_str(&get(port, "/env").unwrap()).unwrap();
+    let sock = std::path::PathBuf::from(v["NOTIFY_SOCKET"].as_str().unwrap());
+    let run_dir = sock.parent().unwrap().to_path_buf();
+    assert_ne!(run_dir, tmp.join(format!("trimrun-{}", first.id())));
+    assert_eq!(run_dir.parent().unwrap(), tmp);
+    let m = std::fs::symlink_metadata(&run_dir).unwrap();
+    assert!(m.is_dir());
+    assert_eq!(m.mode() & 0o777, 0o700, "{}", run_dir.display());
+    assert_eq!(m.uid(), nix::unistd::geteuid().as_raw());
+    // SIGKILL: no code of ours runs, the directory stays; the next start removes it.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    drop(guard);
+    assert!(run_dir.exists());
+    let (second, _) = start("b");
+    let _guard = KillOnDrop(second.id() as i32);
+    assert!(
+        !run_dir.exists(),
+        "the killed run's directory {} is still there",
+        run_dir.display()
+    );
+    let _ = std::fs::Permissions::from_mode(0o700);
+}
+
+/// Processes whose command line is exactly `sleep <arg>`.
+fn sleeps_with(arg: &str) -> Vec<i32> {
+    let want = format!("sleep\0{arg}\0");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want.as_bytes())
+                && alive(*p)
+        })
+        .collect()
+}
+
+/// `--cgroup none`: a daemon a worker started in its own session (`setsid ... &`) dies when
+/// its worker is recycled, and the next one's when trimrun stops.
+#[test]
+fn a_workers_daemonized_child_dies_with_it_without_a_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("{}", 60000 + std::process::id() % 5000);
+    let script = format!("setsid sleep {tag} & exec sleep 300");
+    let mut child = spawn_pool(
+        dir.path(),
+        &[
+            "-n",
+            "1",
+            "--ready",
+            "delay:200ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let first = wait_for(Duration::from_secs(20), || {
+        read_log(dir.path())
+            .contains("all workers ready")
+            .then_some(())?;
+        sleeps_with(&tag).first().copied()
+    })
+    .unwrap_or_else(|| panic!("no daemon: {}", read_log(dir.path())));
+    let out = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(dir.path().join("ctl.sock"))
+        .args(["recycle", "0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let dead = wait_for(Duration::from_secs(20), || (!alive(first)).then_some(()));
+    let second = wait_for(Duration::from_secs(20), || {
+        sleeps_with(&tag).into_iter().find(|p| *p != first)
+    });
+    // SAFETY: kill(2) of the trimrun this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+    let left = wait_for(Duration::from_secs(10), || {
+        sleeps_with(&tag).is_empty().then_some(())
+    });
+    for p in sleeps_with(&tag) {
+        // SAFETY: kill(2) of a process this test's pool started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let log = read_log(dir.path());
+    assert!(
+        dead.is_some(),
+        "the recycled worker's daemon {first} survived: {log}"
+    );
+    assert!(second.is_some(), "the new worker started no daemon: {log}");
+    assert_eq!(code.and_then(|s| s.code()), Some(0), "{log}");
+    assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
+}
+
+/// `--control new/dir/x.sock` creates `new/dir/`; a clean exit removes what it created.
+#[test]
+fn a_control_directory_trimrun_created_is_removed_at_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("new/dir/x.sock");
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["-n", "1", "--ready", "delay:100ms", "--control"])
+        .arg(&sock)
+        .args(["--", "sleep", "300"])
+        .env("TRIMRUN_CGROUP", "none")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    if wait_for(Duration::from_secs(20), || {
+        read_log(dir.path())
+            .contains("all workers ready")
+            .then_some(())
+    })
+    .is_none()
+    {
+        panic!("not ready: {}", read_log(dir.path()));
+    }
+    assert!(sock.exists());
+    // SAFETY: kill(2) of the trimrun this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+    assert_eq!(
+        code.and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        read_log(dir.path())
+    );
+    assert!(
+        !dir.path().join("new").exists(),
+        "left behind: {}",
+        dir.path().join("new").display()
+    );
+}
