@@ -3,13 +3,16 @@
 #   promtool (prometheus)          checks the /metrics output (tests/status_*.rs)
 #   systemd-socket-activate        socket activation of trimrun itself (tests/pool.rs)
 #   unshare (util-linux)           PID 1 and read-only cgroupfs namespaces
+#   unshare, nsenter, setpriv (util-linux), ip (iproute2)
+#                                  the Kubernetes pod of tests/k8s_pod.rs
+#   systemd                        systemd as PID 1 in the VM (tests/systemd_vm.rs)
 #   qemu + a stock kernel          the cgroup v2 VM (scripts/install-vm-deps.sh)
 #   Flask, Starlette, waitress, uvicorn, gunicorn (pip, pinned in tests/apps/requirements.txt)
 #                                  the Python worker tests (tests/python_worker.rs)
 # Idempotent: installs only what is missing.
 set -eu
 here=$(dirname "$0")
-PKGS="prometheus systemd util-linux"
+PKGS="prometheus systemd util-linux iproute2"
 missing=""
 for p in $PKGS; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

@@ -4,9 +4,11 @@
 //! trims them from the outside (`malloc_trim(0)` injected through ptrace) as they approach
 //! their limit, and recycles them one at a time, replacement first, with jitter.
 //!
-//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`] and the
-//! parsers; thin kernel layers in [`spawn`], [`sockets`], [`cgroup`] and [`trim`]; one task
-//! that owns the pool in [`supervisor`].
+//! The shape (see `DESIGN.md`): pure decisions in [`policy`], [`size`], [`config`],
+//! [`startup`] and the parsers ([`procfs`], `cgroup::parse`); thin kernel layers in
+//! [`spawn`], [`sockets`], [`cgroup`], [`zygote`] and [`trim`], which the supervisor reaches
+//! only through the traits of [`edge`] (with in-memory fakes for its tests); one task that
+//! owns the pool in [`supervisor`]; the subcommands' user interfaces in [`commands`].
 
 pub mod cgroup;
 pub mod cli;

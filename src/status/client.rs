@@ -128,9 +128,9 @@ impl Client {
 /// - the socket must be owned by us or root; a root client also accepts the owner of the
 ///   directory the socket is in (a pool run with systemd's `User=` in its
 ///   `RuntimeDirectory=`);
-/// - the directory holding it, and every directory above, must be owned by root, us (or
-///   that owner), and not writable by others, unless sticky (`/tmp`): in a sticky shared
-///   directory only a socket of our own or root's counts;
+/// - the directory holding it must be owned by root, us (or that owner), and not writable
+///   by others, unless sticky (`/tmp`): in a sticky shared directory only a socket of our
+///   own or root's counts;
 /// - the per-user fallback directory (`$TMPDIR/trimrun-UID`) must be ours and 0700-ish.
 ///
 /// A path that does not exist is left to `connect` (which says nobody is listening).
@@ -174,33 +174,31 @@ pub(super) fn check_trusted(path: &Path, uid: u32) -> Result<(), StatusError> {
             ),
         ));
     }
-    let mut cur = Some(dir.as_path());
-    while let Some(d) = cur {
-        let Ok(m) = std::fs::metadata(d) else { break };
-        let shared = m.mode() & 0o022 != 0;
-        let sticky = m.mode() & 0o1000 != 0;
-        if shared && !sticky {
-            return Err(insecure(
-                d,
-                "others may write to it, so they could have put the socket there (pass a --control path in a directory only the pool's user can write)".into(),
-            ));
-        }
-        if shared && d == dir && !ours(owner) {
-            return Err(insecure(
-                path,
-                format!("the socket belongs to uid {owner} in a directory anyone can write to"),
-            ));
-        }
-        if !ours(m.uid()) && m.uid() != owner {
-            return Err(insecure(
-                d,
-                format!(
-                    "it belongs to uid {}, neither you, root nor the socket's owner",
-                    m.uid()
-                ),
-            ));
-        }
-        cur = d.parent();
+    // The directory that holds the socket decides who could have put it there. (Writable
+    // directories further up only allow swapping this one, which these checks would see:
+    // a pod's emptyDir is 0777, and the socket lives in a 0700 directory trimrun made in it.)
+    let shared = dmeta.mode() & 0o022 != 0;
+    let sticky = dmeta.mode() & 0o1000 != 0;
+    if shared && !sticky {
+        return Err(insecure(
+            &dir,
+            "others may write to it, so they could have put the socket there (pass a --control path in a directory only the pool's user can write, e.g. DIR/ctl/trimrun.sock: trimrun creates ctl/ 0700)".into(),
+        ));
+    }
+    if shared && !ours(owner) {
+        return Err(insecure(
+            path,
+            format!("the socket belongs to uid {owner} in a directory anyone can write to"),
+        ));
+    }
+    if !ours(dmeta.uid()) && dmeta.uid() != owner {
+        return Err(insecure(
+            &dir,
+            format!(
+                "it belongs to uid {}, neither you, root nor the socket's owner",
+                dmeta.uid()
+            ),
+        ));
     }
     Ok(())
 }
