@@ -30,7 +30,7 @@ pub mod zygote;
 
 use std::str::FromStr;
 
-use tracing::info;
+use tracing::{info, warn};
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -157,6 +157,10 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         control.close().await;
         Ok::<_, Fatal>(outcome)
     });
+    // A trim in flight (on a blocking thread) is finished, not cut off by the exit.
+    if !trim::finish_trims(std::time::Duration::from_secs(10)) {
+        warn!("a trim was still running at exit");
+    }
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),

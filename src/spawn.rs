@@ -139,7 +139,8 @@ pub struct Credentials {
 
 impl Credentials {
     /// Resolve `--user` and `--group` (names or numbers). With `--user` alone the group is
-    /// the user's primary group, as `su` would give it.
+    /// the user's primary group, as `su` would give it (for a uid without a passwd entry,
+    /// the group of the same number: never root's group by default).
     pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Credentials>, String> {
         if user.is_none() && group.is_none() {
             return Ok(None);
@@ -186,8 +187,11 @@ impl Credentials {
                     .as_raw(),
             ),
         };
-        let euid = nix::unistd::geteuid().as_raw();
-        if euid != 0 && (uid.is_some_and(|u| u != euid) || gid.is_some()) {
+        let (euid, egid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        if euid != 0 && (uid.is_some_and(|u| u != euid) || gid.is_some_and(|g| g != egid)) {
             return Err(format!(
                 "--user/--group need trimrun to run as root (it runs as uid {euid}): run it as root, or run it as that user without --user"
             ));
@@ -576,6 +580,31 @@ pub fn signal_group(pgid: i32, sig: nix::sys::signal::Signal) -> nix::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_and_group_resolve_from_names_or_numbers() {
+        assert_eq!(Credentials::resolve(None, None).unwrap(), None);
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let c = Credentials::resolve(Some("root"), None).unwrap().unwrap();
+        assert_eq!((c.uid, c.gid), (Some(0), Some(0)));
+        let c = Credentials::resolve(Some("65534"), Some("0"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.uid, c.gid), (Some(65534), Some(0)));
+        let c = Credentials::resolve(None, Some("12345")).unwrap().unwrap();
+        assert_eq!((c.uid, c.gid), (None, Some(12345)));
+        for (u, g, want) in [
+            (Some("no-such-user-xyz"), None, "unknown --user"),
+            (None, Some("no-such-group-xyz"), "unknown --group"),
+            (Some(""), None, "invalid --user"),
+            (Some("99999999999"), None, "not a valid user id"),
+        ] {
+            let e = Credentials::resolve(u, g).unwrap_err();
+            assert!(e.contains(want), "{u:?} {g:?}: {e}");
+        }
+    }
 
     #[test]
     fn finds_commands_on_path_like_execvp() {
