@@ -83,6 +83,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the workers' stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerOutput {
+    /// `json` with `--log-format json`, else `inherit`
+    Auto,
+    /// Each line a JSON event in trimrun's log, with the worker's slot, pid and stream
+    Json,
+    /// Workers write to trimrun's own stdout and stderr, untouched
+    Inherit,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
     On,
@@ -246,4 +257,15 @@ pub struct RunArgs {
         help_heading = "Observability"
     )]
     pub log_format: LogFormat,
+    /// Workers' stdout/stderr: each line wrapped as a JSON event of trimrun's log (slot,
+    /// pid, stream), or passed through untouched; `auto` wraps in JSON mode (not with
+    /// --preload: the zygote's workers share its output)
+    #[arg(
+        long,
+        env = "TRIMRUN_WORKER_OUTPUT",
+        value_enum,
+        default_value = "auto",
+        help_heading = "Observability"
+    )]
+    pub worker_output: WorkerOutput,
 }

@@ -128,6 +128,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_format: LogFormat,
+    /// Wrap each line the workers write as a JSON event of trimrun's log.
+    pub wrap_worker_output: bool,
     /// `--user` / `--group`, resolved.
     pub credentials: Option<crate::spawn::Credentials>,
 }
@@ -248,6 +250,11 @@ impl Config {
             control: a.control.clone(),
             metrics: a.metrics.clone(),
             log_format: a.log_format,
+            wrap_worker_output: match a.worker_output {
+                crate::cli::WorkerOutput::Json => true,
+                crate::cli::WorkerOutput::Inherit => false,
+                crate::cli::WorkerOutput::Auto => a.log_format == LogFormat::Json && !a.preload,
+            },
         })
     }
 }

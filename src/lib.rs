@@ -132,7 +132,8 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         let ready_timeout = cfg.ready_timeout;
         let fork_exec = edge::ForkExec::new(program, listeners)
             .map_err(|e| failure("install the SIGCHLD handler", e))?
-            .with_credentials(cfg.credentials.clone());
+            .with_credentials(cfg.credentials.clone())
+            .with_output_wrapping(cfg.wrap_worker_output);
         let launcher: Box<dyn edge::Launcher> = if preload {
             Box::new(edge::Zygotes::new(fork_exec, ready_timeout))
         } else {
