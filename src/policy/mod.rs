@@ -55,7 +55,7 @@ pub use settings::{MIN_DERIVED_SPACING, READY_SAMPLES, Settings, SettingsError, 
 pub use throttle::{WAIT_MARGIN, memory_high_for};
 pub use watchdog::{
     KILL_GRACE_MAX, KILL_GRACE_MIN, is_overdue, kept_alive_for, kill_grace, overdue_at,
-    replacement_delay,
+    replacement_delay, replacement_first,
 };
 pub use worker::{
     GROWTH_WINDOW, PROJECTION_MIN_SPAN, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX,
