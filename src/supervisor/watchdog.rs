@@ -101,8 +101,8 @@ impl Supervisor {
         self.totals.timeouts += 1;
         self.slots[slot].timeouts += 1;
         if let Some(m) = &self.metrics {
+            // The recycle itself is counted when the hung worker is gone (on_exit).
             m.timed_out(slot);
-            m.recycled(slot, &RecycleReason::Timeout.to_string());
         }
         let delay = policy::replacement_delay(&mut self.slots[slot].backoff, kept, &mut self.rng);
         // Replacement first, then the signal: the new worker is on its way before the
