@@ -410,20 +410,43 @@ fn write_remote(pid: i32, addr: u64, buf: &[u8]) -> io::Result<()> {
 }
 
 /// Did the process exec since we resolved its libc? Compare the code at `malloc_trim`
-/// and `__restore_rt` with the file's: a new image has other code (or nothing) there.
+/// and `__restore_rt` with the file's (one `process_vm_readv`): a new image has other
+/// code (or nothing) there.
 fn same_image(t: &Target, tid: i32) -> io::Result<bool> {
     let (mt, rt) = t.libc.expected_code();
     let mut a = [0u8; CODE_CHECK];
     let mut b = [0u8; 9];
-    if let Err(e) = read_remote(tid, t.libc.malloc_trim, &mut a)
-        .and_then(|_| read_remote(tid, t.libc.restore_rt, &mut b))
-    {
+    let local = [
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        },
+    ];
+    let remote = [
+        libc::iovec {
+            iov_base: t.libc.malloc_trim as *mut libc::c_void,
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: t.libc.restore_rt as *mut libc::c_void,
+            iov_len: b.len(),
+        },
+    ];
+    // SAFETY: two local iovecs over `a` and `b`, which outlive the call; the remote
+    // addresses are only read by the kernel in the other process.
+    let n = unsafe { libc::process_vm_readv(tid, local.as_ptr(), 2, remote.as_ptr(), 2, 0) };
+    if n == -1 {
+        let e = io::Error::last_os_error();
         return match e.raw_os_error() {
             Some(libc::EFAULT) | Some(libc::EIO) => Ok(false),
             _ => Err(e),
         };
     }
-    Ok(a == mt && b == rt)
+    Ok(n as usize == a.len() + b.len() && a == mt && b == rt)
 }
 
 /// The syscall a thread stopped in `nr` will run again: `nr` itself, or for
@@ -713,9 +736,19 @@ fn call(
             Stop::Exit(status) => return Err(exited(pid, tid, status)),
             Stop::Signal(sig) => {
                 let si = get_siginfo(tid).map_err(|e| err("read signal info", e))?;
-                let now = get_regs(tid).map_err(|e| err("read registers", e))?;
+                let ours = sig == marker
+                    && si.si_code == libc::SI_TKILL
+                    // SAFETY: si_pid is valid for SI_TKILL signals.
+                    && unsafe { si.si_pid() } == me;
                 let from_kernel = si.si_code > 0;
-                let back = arch::returned(&now, frame.addr);
+                // Our marker is blocked until rt_sigreturn restores the saved mask: seeing
+                // it means the call is over, without reading the registers.
+                let now = if ours {
+                    None
+                } else {
+                    Some(get_regs(tid).map_err(|e| err("read registers", e))?)
+                };
+                let back = now.as_ref().is_none_or(|r| arch::returned(r, frame.addr));
                 if is_fault(sig) && from_kernel && !back {
                     // A real fault inside the call. Restore nothing: let it die as it
                     // would have, with the signal, and say so.
@@ -724,7 +757,7 @@ fn call(
                     let detail = format!(
                         "signal {sig} (code {}) at ip {:#x}, address {addr:#x}, in thread {tid}",
                         si.si_code,
-                        arch::ip(&now)
+                        now.as_ref().map_or(0, arch::ip)
                     );
                     let _ = detach(tid, sig);
                     return Err(TrimError::Crashed { pid, detail });
@@ -742,10 +775,6 @@ fn call(
                 let ran = started.elapsed();
                 set_regs(tid, &arch::resume_regs(&saved.regs, restart))
                     .map_err(|e| err("restore registers", e))?;
-                let ours = sig == marker
-                    && si.si_code == libc::SI_TKILL
-                    // SAFETY: si_pid is valid for SI_TKILL signals.
-                    && unsafe { si.si_pid() } == me;
                 let first = if ours { 0 } else { sig };
                 release(pid, tid, first, &pending)?;
                 return Ok(ran);
