@@ -127,3 +127,48 @@ pub fn worker_ceiling(limit: Option<u64>, budget: Option<u64>, workers: usize) -
         (None, Some(b)) => Some(policy::default_ceiling(b, workers)),
     }
 }
+
+/// A warning for a command known to send `READY=1` (`trimrun_worker`, gunicorn) run with
+/// readiness by delay: a recycle then stops the old worker once the delay has passed,
+/// whether or not its replacement has imported the app and is serving, which a slow
+/// import turns into refused or reset connections (and with `--timeout`, into a worker
+/// that has only `--ready-timeout` to start speaking).
+pub fn readiness_hint(cfg: &Config) -> Option<String> {
+    let Ready::Delay(d) = cfg.ready else {
+        return None;
+    };
+    let speaks = ["trimrun_worker", "gunicorn"];
+    let name = cfg.cmd.iter().find_map(|a| {
+        let base = a.rsplit('/').next().unwrap_or(a);
+        speaks
+            .iter()
+            .find(|s| base == **s || base.starts_with(&format!("{s}.")))
+    })?;
+    Some(format!(
+        "{name} sends READY=1 once it serves, but --ready is delay:{d:?}, so a recycle may stop \
+         the old worker before its replacement serves: pass --ready notify"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn hint(args: &[&str]) -> Option<String> {
+        let cli = Cli::try_parse_from(args).expect("test flags parse");
+        readiness_hint(&Config::from_args(&cli.run).expect("valid"))
+    }
+
+    #[test]
+    fn readiness_by_delay_for_a_worker_that_speaks_notify_is_warned_about() {
+        let w = ["python3", "-m", "trimrun_worker", "app:app"];
+        let delay = [&["trimrun", "--"][..], &w].concat();
+        assert!(hint(&delay).unwrap().contains("--ready notify"));
+        let notify = [&["trimrun", "--ready", "notify", "--"][..], &w].concat();
+        assert_eq!(hint(&notify), None);
+        assert!(hint(&["trimrun", "--", "/venv/bin/gunicorn", "-w", "1", "app:app"]).is_some());
+        assert_eq!(hint(&["trimrun", "--", "python3", "app.py"]), None);
+    }
+}

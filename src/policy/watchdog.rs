@@ -26,23 +26,32 @@ pub const KILL_GRACE_MAX: Duration = Duration::from_secs(5);
 /// `last_keepalive` (None: never) is overdue. Times are since any fixed origin.
 ///
 /// A keep-alive sent while the worker was still starting does not shorten the first
-/// interval: it starts at readiness.
+/// interval: it starts at readiness. `first_by`: the latest moment the first keep-alive
+/// may come, when readiness said nothing about the worker serving (`--ready delay:`, where
+/// a worker still importing its app counts as ready after the delay): the worker's start
+/// plus `--ready-timeout`, the same allowance `--ready notify` gives a start. Without it,
+/// every worker slower to import than the delay plus the timeout was killed as hung.
 pub fn overdue_at(
     timeout: Duration,
     ready_at: Duration,
     last_keepalive: Option<Duration>,
+    first_by: Option<Duration>,
 ) -> Duration {
-    last_keepalive.map_or(ready_at, |k| k.max(ready_at)) + timeout
+    match last_keepalive {
+        Some(k) => k.max(ready_at) + timeout,
+        None => (ready_at + timeout).max(first_by.unwrap_or_default()),
+    }
 }
 
-/// True when the worker missed its watchdog at `now`.
+/// True when the worker missed its watchdog at `now` (see [`overdue_at`]).
 pub fn is_overdue(
     timeout: Duration,
     ready_at: Duration,
     last_keepalive: Option<Duration>,
+    first_by: Option<Duration>,
     now: Duration,
 ) -> bool {
-    now >= overdue_at(timeout, ready_at, last_keepalive)
+    now >= overdue_at(timeout, ready_at, last_keepalive, first_by)
 }
 
 /// Time between the timeout signal and SIGKILL: half the timeout, within
@@ -112,20 +121,33 @@ mod tests {
         let t = 10 * S;
         let ready = 3 * S;
         // Never sent a keep-alive: overdue one timeout after readiness, not before.
-        assert_eq!(overdue_at(t, ready, None), 13 * S);
+        assert_eq!(overdue_at(t, ready, None, None), 13 * S);
         assert!(!is_overdue(
             t,
             ready,
             None,
+            None,
             13 * S - Duration::from_nanos(1)
         ));
-        assert!(is_overdue(t, ready, None, 13 * S));
+        assert!(is_overdue(t, ready, None, None, 13 * S));
         // A keep-alive while starting does not shorten the first interval.
-        assert_eq!(overdue_at(t, ready, Some(S)), 13 * S);
+        assert_eq!(overdue_at(t, ready, Some(S), None), 13 * S);
         // Keep-alives push the deadline.
-        assert_eq!(overdue_at(t, ready, Some(20 * S)), 30 * S);
-        assert!(!is_overdue(t, ready, Some(20 * S), 29 * S));
-        assert!(is_overdue(t, ready, Some(20 * S), 30 * S));
+        assert_eq!(overdue_at(t, ready, Some(20 * S), None), 30 * S);
+        assert!(!is_overdue(t, ready, Some(20 * S), None, 29 * S));
+        assert!(is_overdue(t, ready, Some(20 * S), None, 30 * S));
+    }
+
+    #[test]
+    fn ready_by_delay_the_first_keepalive_may_come_until_the_ready_timeout() {
+        // Ready by a 1 s delay at 1 s, still importing; --ready-timeout 60 s from its start.
+        let (t, ready, first_by) = (5 * S, S, Some(60 * S));
+        assert!(!is_overdue(t, ready, None, first_by, 59 * S));
+        assert!(is_overdue(t, ready, None, first_by, 60 * S));
+        // Once it speaks, the timeout runs from each keep-alive as usual.
+        assert_eq!(overdue_at(t, ready, Some(20 * S), first_by), 25 * S);
+        // A first allowance shorter than the timeout changes nothing.
+        assert_eq!(overdue_at(t, ready, None, Some(2 * S)), 6 * S);
     }
 
     #[test]
@@ -135,7 +157,7 @@ mod tests {
         let mut last = None;
         let mut now = ready;
         while now < 3600 * S {
-            assert!(!is_overdue(t, ready, last, now), "at {now:?}");
+            assert!(!is_overdue(t, ready, last, None, now), "at {now:?}");
             last = Some(now);
             now += t / 2;
         }

@@ -69,6 +69,9 @@ impl Supervisor {
             limit = self.limit,
             "starting pool"
         );
+        if let Some(hint) = crate::startup::readiness_hint(&self.cfg) {
+            warn!("{hint}");
+        }
         // Every slot is due now; the timers start them a batch at a time (see START_BATCH).
         let now = Instant::now();
         for slot in 0..self.target {

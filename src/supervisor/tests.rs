@@ -668,6 +668,38 @@ async fn with_ready_by_delay_the_watchdog_uses_the_same_socket_and_ready_1_chang
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_ready_by_delay_a_silent_worker_gets_the_ready_timeout_for_its_first_keepalive() {
+    // Ready by delay while it may still be importing its app: a worker that has not spoken
+    // yet is not hung one timeout after the delay, only once --ready-timeout has passed.
+    let p = pool(
+        &[
+            "-n",
+            "1",
+            "--ready",
+            "delay:1s",
+            "--timeout",
+            "1s",
+            "--ready-timeout",
+            "10s",
+        ],
+        None,
+    );
+    p.until(Duration::from_secs(2), "ready by delay", all_ready(1))
+        .await;
+    let pid = p.launched(0)[0].pid;
+    p.run_for(Duration::from_secs(7)).await;
+    assert!(
+        p.signals_to(pid).is_empty(),
+        "signalled while still starting"
+    );
+    when(Duration::from_secs(3), "timeout signal", || {
+        p.signals_to(pid) == vec![Signal::SIGABRT]
+    })
+    .await;
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_worker_keeping_its_watchdog_runs_indefinitely() {
     let p = pool(&["-n", "1", "--ready", "notify", "--timeout", "1s"], None);
     p.run_for(Duration::from_millis(10)).await;

@@ -14,7 +14,7 @@ use crate::policy::RecycleReason;
 const START_BATCH: usize = 8;
 
 /// The next moment something must happen to `w`.
-fn deadline(w: &Worker, cfg: &Config) -> Option<Instant> {
+fn deadline(w: &Worker, cfg: &Config, start: Instant) -> Option<Instant> {
     match w.state {
         State::Starting { .. } => {
             let timeout = w.started + cfg.ready_timeout;
@@ -24,14 +24,17 @@ fn deadline(w: &Worker, cfg: &Config) -> Option<Instant> {
             })
         }
         State::Draining { until, .. } => Some(until),
-        State::Ready => super::watchdog::overdue_at(w, cfg),
+        State::Ready => super::watchdog::overdue_at(w, cfg, start),
         State::Killed { .. } => None,
     }
 }
 
 impl Supervisor {
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        let workers = self.workers.iter().filter_map(|w| deadline(w, &self.cfg));
+        let workers = self
+            .workers
+            .iter()
+            .filter_map(|w| deadline(w, &self.cfg, self.start));
         let slots = self
             .slots
             .iter()

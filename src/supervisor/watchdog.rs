@@ -14,34 +14,36 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::{Replacing, State, Supervisor, Why, Worker};
-use crate::config::Config;
+use crate::config::{Config, Ready};
 use crate::policy::{self, RecycleReason};
 
-/// When `w` (ready) misses its watchdog, if `--timeout` is set.
-pub(super) fn overdue_at(w: &Worker, cfg: &Config) -> Option<Instant> {
+/// When `w` (ready) misses its watchdog, if `--timeout` is set ([`policy::overdue_at`],
+/// on the supervisor's clock).
+pub(super) fn overdue_at(w: &Worker, cfg: &Config, start: Instant) -> Option<Instant> {
     let timeout = cfg.timeout?;
     let ready_at = w.ready_at?;
-    let last = w.keepalive.last();
-    Some(last.map_or(ready_at, |k| k.max(ready_at)) + timeout)
+    let since = |t: Instant| t.saturating_duration_since(start);
+    let first_by = match cfg.ready {
+        Ready::Delay(_) => Some(since(w.started + cfg.ready_timeout)),
+        Ready::Notify => None,
+    };
+    let at = policy::overdue_at(
+        timeout,
+        since(ready_at),
+        w.keepalive.last().map(since),
+        first_by,
+    );
+    Some(start + at)
 }
 
 impl Supervisor {
     /// Handle every ready worker whose watchdog ran out by `now`.
     pub(super) fn check_watchdogs(&mut self, now: Instant) {
-        let Some(timeout) = self.cfg.timeout else {
-            return;
-        };
-        let start = self.start;
-        let since = |t: Instant| t.saturating_duration_since(start);
         let hung: Vec<i32> = self
             .workers
             .iter()
             .filter(|w| w.state == State::Ready)
-            .filter(|w| {
-                w.ready_at.is_some_and(|r| {
-                    policy::is_overdue(timeout, since(r), w.keepalive.last().map(since), since(now))
-                })
-            })
+            .filter(|w| overdue_at(w, &self.cfg, self.start).is_some_and(|at| now >= at))
             .map(|w| w.pid)
             .collect();
         for pid in hung {
