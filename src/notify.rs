@@ -229,7 +229,13 @@ pub fn clean_stale_run_dirs(base: &Path) -> Vec<String> {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(RUN_DIR_PREFIX) {
+        let Some(rest) = name.strip_prefix(RUN_DIR_PREFIX) else {
+            continue;
+        };
+        // A live trimrun creates its directory a moment before it locks it: never take
+        // one whose creator still runs (a reused pid only delays the clean-up).
+        let owner = rest.split('.').next().and_then(|p| p.parse::<i32>().ok());
+        if owner.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists()) {
             continue;
         }
         let path = e.path();
@@ -303,11 +309,23 @@ mod tests {
         assert_eq!(m.mode() & 0o777, 0o700);
         assert_eq!(m.uid(), nix::unistd::geteuid().as_raw());
         // A live one (locked) survives the next start; one whose owner died is removed.
-        let dead = base.path().join(format!("{RUN_DIR_PREFIX}1.deadbeef"));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        let dead = base.path().join(format!("{RUN_DIR_PREFIX}{gone}.deadbeef"));
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("notify-0-0.sock"), "").unwrap();
+        // Not locked yet, but its creator runs: it is about to lock it.
+        let young = base
+            .path()
+            .join(format!("{RUN_DIR_PREFIX}{}.0badcafe", std::process::id()));
+        std::fs::create_dir(&young).unwrap();
         let b = RunDir::create_in(base.path(), true).unwrap();
         assert!(a.path.exists(), "a live run directory was removed");
+        assert!(
+            young.exists(),
+            "a run directory of a live trimrun was removed before its lock"
+        );
         assert!(!dead.exists(), "a leftover run directory was kept");
         assert_eq!(std::fs::metadata(&b.path).unwrap().mode() & 0o777, 0o711);
         let (pa, pb) = (a.path.clone(), b.path.clone());
