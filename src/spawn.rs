@@ -59,6 +59,13 @@ pub enum SpawnError {
     NotExecutable(String),
     #[error("invalid command: {0}")]
     Invalid(String),
+    #[error(
+        "cannot start worker {slot}: exec {path} as uid {uid}: permission denied (that user \
+         must be able to search every directory above the program and to execute it: check \
+         with `setpriv --reuid {uid} --clear-groups {path} --version`, or install it where \
+         it can, e.g. a virtualenv outside /root)"
+    )]
+    ExecDenied { slot: usize, path: String, uid: u32 },
     #[error("cannot start worker {slot}: {op}: {source}")]
     Sys {
         slot: usize,
@@ -409,6 +416,14 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     // The child has _exit()ed; collect it here so it never shows up as a worker exit.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
     let op = STAGES.get(stage).copied().unwrap_or("start");
+    let uid = spec.credentials.and_then(|c| c.uid);
+    if let (Some(uid), "exec", libc::EACCES) = (uid, op, errno) {
+        return Err(SpawnError::ExecDenied {
+            slot: spec.slot,
+            path: program.path.display().to_string(),
+            uid,
+        });
+    }
     Err(sys(op, std::io::Error::from_raw_os_error(errno)))
 }
 

@@ -501,3 +501,32 @@ fn a_control_directory_trimrun_created_is_removed_at_exit() {
         dir.path().join("new").display()
     );
 }
+
+/// `--user` with a program the worker's user cannot reach (here: under a 0700 directory,
+/// like a Python under /root/.pyenv): the error names the program, the uid and what to
+/// check, not a bare "exec: Permission denied".
+#[test]
+fn user_who_cannot_reach_the_program_is_told_which_path_and_uid() {
+    if !common::is_root() {
+        common::cannot_run("root (to drop a worker's privileges)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let private = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let prog = private.path().join("sleep");
+    std::fs::copy("/bin/sleep", &prog).unwrap();
+    let prog = prog.to_str().unwrap();
+    let mut child = spawn_pool(
+        dir.path(),
+        &["-n", "1", "--user", "65534", "--", prog, "60"],
+    );
+    let _guard = KillOnDrop(child.id() as i32);
+    let want = format!("exec {prog} as uid 65534: permission denied");
+    let seen = wait_for(Duration::from_secs(30), || {
+        read_log(dir.path()).contains(&want).then_some(())
+    });
+    let _ = child.kill();
+    assert!(seen.is_some(), "no clear error:\n{}", read_log(dir.path()));
+}
