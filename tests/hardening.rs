@@ -528,5 +528,6 @@ fn user_who_cannot_reach_the_program_is_told_which_path_and_uid() {
         read_log(dir.path()).contains(&want).then_some(())
     });
     let _ = child.kill();
+    let _ = child.wait();
     assert!(seen.is_some(), "no clear error:\n{}", read_log(dir.path()));
 }
