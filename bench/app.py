@@ -197,6 +197,17 @@ def app(environ, start_response):
         data = _work(size, seed)
         with _lock:
             _served += 1
+    elif path == "/report":
+        # A rare large request (workload shape rare-large): tens of MiB of small objects,
+        # rendered once and freed; nothing is kept.
+        mb = min(int(query.get("mb", ["40"])[0]), 256)
+        rng = random.Random(int(query.get("seed", ["0"])[0]))
+        # ~8 KiB of Python objects per record (measured: 40 MiB asked, ~40 MiB of RSS).
+        rows = [_record(rng, i) for i in range(mb * 1024 * 1024 // 8400)]
+        data = json.dumps({"rows": len(rows), "page_len": sum(len(_render(r)) for r in rows)}).encode()
+        del rows
+        with _lock:
+            _served += 1
     elif path == "/stats":
         data = json.dumps(stats()).encode()
     elif path == "/trim":

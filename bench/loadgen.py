@@ -70,7 +70,7 @@ async def one(host, port, path, timeout):
 
 
 async def run(args):
-    paths = workload.paths(args.requests, seed=args.seed)
+    paths = workload.paths(args.requests, seed=args.seed, shape=args.shape)
     results = [None] * len(paths)
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
@@ -124,6 +124,8 @@ def main():
     ap.add_argument("--rate", type=float, default=100.0, help="requests per second")
     ap.add_argument("--requests", type=int, default=6000)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--shape", default="steady", choices=workload.SHAPES,
+                    help="workload shape (see workload.py)")
     ap.add_argument("--timeout", type=float, default=30.0, help="per request, seconds")
     ap.add_argument("--grace", type=float, default=30.0, help="after the last scheduled request")
     ap.add_argument("--out", help="write summary and per-request results as JSON")

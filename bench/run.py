@@ -49,7 +49,8 @@ VENV_BIN = os.path.join(BENCH, ".venv", "bin")
 PY = os.path.join(VENV_BIN, "python")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-ALL = ["gunicorn", "uwsgi", "granian", "trimrun", "trimrun-notrim", "gunicorn-jemalloc"]
+ALL = ["gunicorn", "uwsgi", "granian", "trimrun", "trimrun-notrim", "gunicorn-jemalloc",
+       "gunicorn-trim", "trimrun-budget"]
 JEMALLOC_CANDIDATES = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"]
 
 # Log lines that tell why a worker was restarted, per contender.
@@ -63,6 +64,7 @@ CAUSES = {
                 "trim (log)": r"trimmed slot=", "worker exited (log)": r"worker exited"},
 }
 CAUSES["gunicorn-jemalloc"] = CAUSES["gunicorn"]
+CAUSES["gunicorn-trim"] = CAUSES["gunicorn"]
 CAUSES["trimrun-notrim"] = CAUSES["trimrun"]
 
 
@@ -103,14 +105,20 @@ def command(name, cfg, port, n, limit, control):
     """argv and extra env for one contender, `n` workers, `limit` bytes per worker."""
     limit_mb = limit // MiB
     env = {}
-    if name in ("gunicorn", "gunicorn-jemalloc"):
+    if name in ("gunicorn", "gunicorn-jemalloc", "gunicorn-trim"):
         argv = [os.path.join(VENV_BIN, "gunicorn"), "--chdir", BENCH, "-w", str(n),
                 "-b", f"127.0.0.1:{port}", "--backlog", "2048",
                 "--max-requests", str(cfg.gunicorn_max_requests),
                 "--max-requests-jitter", str(cfg.gunicorn_jitter),
-                "--graceful-timeout", "30", "--timeout", "60", "--log-level", "info", "app:app"]
+                "--graceful-timeout", "30", "--timeout", "60", "--log-level", "info"]
         if name == "gunicorn-jemalloc":
             env["LD_PRELOAD"] = next((p for p in JEMALLOC_CANDIDATES if os.path.exists(p)), "")
+        if name == "gunicorn-trim":
+            # The in-process recipe trimrun replaces: a daemon thread in every worker calls
+            # malloc_trim(0) every 30-60 s (jittered) once RSS passes 75% of the allowance.
+            argv += ["-c", os.path.join(BENCH, "gunicorn_trim.py")]
+            env["BENCH_TRIM_RSS"] = str(int(limit * 0.75))
+        argv += ["app:app"]
     elif name == "uwsgi":
         argv = [os.path.join(VENV_BIN, "uwsgi"), "--master", "--processes", str(n),
                 "--http-socket", f"127.0.0.1:{port}", "--chdir", BENCH, "--wsgi-file", "app.py",
@@ -124,8 +132,12 @@ def command(name, cfg, port, n, limit, control):
                 "--backlog", "1024", "--workers-max-rss", str(limit_mb),
                 "--rss-sample-interval", str(cfg.granian_rss_interval),
                 "--respawn-failed-workers", "--working-dir", BENCH, "app:app"]
-    elif name in ("trimrun", "trimrun-notrim"):
-        argv = [cfg.trimrun, "-n", str(n), "--limit", f"{limit_mb}M", "--bind", f"127.0.0.1:{port}",
+    elif name in ("trimrun", "trimrun-notrim", "trimrun-budget"):
+        # trimrun-budget: the same allowance as one pool budget (--pool-limit n x limit), each
+        # worker's ceiling twice its share, instead of n hard per-worker limits.
+        memory = (["--pool-limit", f"{limit_mb * n}M"] if name == "trimrun-budget"
+                  else ["--limit", f"{limit_mb}M"])
+        argv = [cfg.trimrun, "-n", str(n), *memory, "--bind", f"127.0.0.1:{port}",
                 "--control", control]
         if name == "trimrun-notrim":
             argv += ["--trim", "off"]
@@ -311,7 +323,8 @@ class Launched:
 
 def run_load(cfg, port, requests, rate, out):
     argv = [PY, os.path.join(BENCH, "loadgen.py"), "--port", str(port), "--rate", str(rate),
-            "--requests", str(requests), "--out", out, "--timeout", "30", "--grace", "30"]
+            "--requests", str(requests), "--out", out, "--timeout", "30", "--grace", "30",
+            "--shape", cfg.shape]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=requests / rate + 120)
     if p.returncode != 0:
         raise RuntimeError(f"loadgen failed: {p.stderr[-2000:]}")
@@ -1005,6 +1018,8 @@ def environment(cfg):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs (minutes in all)")
+    ap.add_argument("--shape", default="steady", choices=["steady", "rare-large"],
+                    help="workload shape (bench/workload.py): rare-large adds a rare 40 MiB report")
     ap.add_argument("--contenders", default=",".join(ALL))
     ap.add_argument("--phases", default="saturation,contenders,density,trimprobe,master")
     ap.add_argument("--trimprobe-requests", type=int, default=None)

@@ -16,6 +16,8 @@ Routes:
   /env         the socket-passing environment as JSON (LISTEN_PID, LISTEN_FDS, ...)
   /alloc?mb=N  keep N MiB more (a leak, for cgroup and recycling tests)
   /sleep?s=X   answer after X seconds (for graceful-stop tests)
+  /burst?mb=N&s=X  hold N MiB (touched) for X seconds, then free them: a report that
+               allocates tens of MiB for one request (for pool budget tests)
   /fragment?mb=N  allocate ~N MiB in glibc-malloc'd pieces, keep 1 in 64: the freed rest
                stays in the heap between the survivors until malloc_trim (see trimrun trim)
 
@@ -77,6 +79,12 @@ def app(environ, start_response):
         LEAK.extend(pieces[::64])
         del pieces
         body = json.dumps({"pid": os.getpid(), "kept": len(LEAK)})
+    elif path == "/burst":
+        mb = int(query.get("mb", ["32"])[0])
+        held = [bytearray(os.urandom(16)) * 65536 for _ in range(mb)]
+        time.sleep(float(query.get("s", ["1"])[0]))
+        body = json.dumps({"pid": os.getpid(), "held_mb": len(held)})
+        del held
     elif path == "/sleep":
         time.sleep(float(query.get("s", ["1"])[0]))
         body = "slept"

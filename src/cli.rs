@@ -83,6 +83,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the workers' stdout and stderr go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerOutput {
+    /// `json` with `--log-format json`, else `inherit`
+    Auto,
+    /// Each line a JSON event in trimrun's log, with the worker's slot, pid and stream
+    Json,
+    /// Workers write to trimrun's own stdout and stderr, untouched
+    Inherit,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnOff {
     On,
@@ -175,6 +186,17 @@ pub struct RunArgs {
     /// Memory limit per worker: a size (512M, 1.5G) or `auto` (trimrun's own allowance divided among the workers)
     #[arg(long, env = "TRIMRUN_LIMIT", help_heading = "Memory")]
     pub limit: Option<String>,
+    /// Memory budget of the whole pool: a size (1G) or `auto` (trimrun's own allowance less
+    /// a reserve). The pool's cgroup is the hard cap; each worker's own limit becomes a
+    /// ceiling above its fair share (--limit, or twice budget/workers), so one worker's
+    /// burst can use room the others leave [default: none]
+    #[arg(
+        long,
+        env = "TRIMRUN_POOL_LIMIT",
+        value_name = "SIZE|auto",
+        help_heading = "Memory"
+    )]
+    pub pool_limit: Option<String>,
     /// Cgroup backend: auto, v2, v1 or none
     #[arg(
         long,
@@ -246,4 +268,15 @@ pub struct RunArgs {
         help_heading = "Observability"
     )]
     pub log_format: LogFormat,
+    /// Workers' stdout/stderr: each line wrapped as a JSON event of trimrun's log (slot,
+    /// pid, stream), or passed through untouched; `auto` wraps in JSON mode (not with
+    /// --preload: the zygote's workers share its output)
+    #[arg(
+        long,
+        env = "TRIMRUN_WORKER_OUTPUT",
+        value_enum,
+        default_value = "auto",
+        help_heading = "Observability"
+    )]
+    pub worker_output: WorkerOutput,
 }

@@ -115,6 +115,8 @@ pub struct Config {
     pub timeout: Option<Duration>,
     pub timeout_signal: Signal,
     pub limit: Limit,
+    /// `--pool-limit`: the pool's budget (`Limit::None`: no budget).
+    pub pool_limit: Limit,
     pub cgroup: String,
     pub trim: bool,
     pub trim_at: f64,
@@ -128,6 +130,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     pub metrics: Option<String>,
     pub log_format: LogFormat,
+    /// Wrap each line the workers write as a JSON event of trimrun's log.
+    pub wrap_worker_output: bool,
     /// `--user` / `--group`, resolved.
     pub credentials: Option<crate::spawn::Credentials>,
 }
@@ -176,6 +180,12 @@ impl Config {
             .limit
             .as_deref()
             .map(Limit::from_str)
+            .transpose()?
+            .unwrap_or(Limit::None);
+        let pool_limit = a
+            .pool_limit
+            .as_deref()
+            .map(|s| Limit::from_str(s).map_err(|e| e.replacen("--limit", "--pool-limit", 1)))
             .transpose()?
             .unwrap_or(Limit::None);
         let cgroup = a.cgroup.trim().to_ascii_lowercase();
@@ -233,6 +243,7 @@ impl Config {
             timeout_signal: parse_signal(&a.timeout_signal)
                 .map_err(|e| format!("--timeout-signal: {e}"))?,
             limit,
+            pool_limit,
             cgroup,
             trim: a.trim == OnOff::On,
             trim_at: a.trim_at,
@@ -248,6 +259,11 @@ impl Config {
             control: a.control.clone(),
             metrics: a.metrics.clone(),
             log_format: a.log_format,
+            wrap_worker_output: match a.worker_output {
+                crate::cli::WorkerOutput::Json => true,
+                crate::cli::WorkerOutput::Inherit => false,
+                crate::cli::WorkerOutput::Auto => a.log_format == LogFormat::Json && !a.preload,
+            },
         })
     }
 }

@@ -30,7 +30,7 @@ pub mod zygote;
 
 use std::str::FromStr;
 
-use tracing::info;
+use tracing::{info, warn};
 
 /// Exit codes (the table is in `cli::EXIT_CODES` and the README).
 pub mod exit {
@@ -82,6 +82,24 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         cgroups.teardown();
         bad_input(e)
     })?;
+    let budget =
+        startup::resolve_pool_limit(cfg.pool_limit, cfg.workers, &cgroups).map_err(|e| {
+            cgroups.teardown();
+            bad_input(e)
+        })?;
+    let limit = startup::worker_ceiling(limit, budget, cfg.workers);
+    if let Some(b) = budget {
+        match cgroups.set_pool_limit(b) {
+            Ok(()) => info!(
+                budget = b,
+                ceiling = limit,
+                "pool budget {} (the pool's cgroup is the hard cap); each worker's ceiling {}",
+                size::human_bytes(b),
+                limit.map_or("none".into(), size::human_bytes)
+            ),
+            Err(e) => warn!(error = %e, "the pool budget is not enforced by the kernel"),
+        }
+    }
     // A current-thread runtime: the supervisor, and so every fork, stays on the main
     // thread, which lives as long as trimrun (PR_SET_PDEATHSIG follows the forking thread).
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -132,7 +150,8 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         let ready_timeout = cfg.ready_timeout;
         let fork_exec = edge::ForkExec::new(program, listeners)
             .map_err(|e| failure("install the SIGCHLD handler", e))?
-            .with_credentials(cfg.credentials.clone());
+            .with_credentials(cfg.credentials.clone())
+            .with_output_wrapping(cfg.wrap_worker_output);
         let launcher: Box<dyn edge::Launcher> = if preload {
             Box::new(edge::Zygotes::new(fork_exec, ready_timeout))
         } else {
@@ -142,6 +161,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             config: cfg,
             settings,
             limit,
+            budget,
             groups: Box::new(cgroups),
             launcher,
             injector: std::sync::Arc::new(edge::Ptrace::default()),
@@ -157,6 +177,10 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
         control.close().await;
         Ok::<_, Fatal>(outcome)
     });
+    // A trim in flight (on a blocking thread) is finished, not cut off by the exit.
+    if !trim::finish_trims(std::time::Duration::from_secs(10)) {
+        warn!("a trim was still running at exit");
+    }
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),

@@ -221,6 +221,9 @@ pub struct WorkerSpec<'a> {
     /// `--timeout`: `WATCHDOG_USEC` and `WATCHDOG_PID` (the worker's own pid), as systemd
     /// sets them for `WatchdogSec=`.
     pub watchdog: Option<std::time::Duration>,
+    /// Write ends of pipes that become the worker's stdout and stderr (trimrun wraps what
+    /// comes out as JSON events); None: the worker inherits trimrun's.
+    pub stdio: Option<(RawFd, RawFd)>,
 }
 
 /// Build the worker's environment. Returns the envp strings and the indices of the
@@ -351,6 +354,7 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
     let err_w_fd = err_w.as_raw_fd();
     let parent = std::process::id() as libc::pid_t;
     let sig_max = libc::SIGRTMAX() + 1;
+    let (stdout_fd, stderr_fd) = spec.stdio.unwrap_or((-1, -1));
     let nofile = WORKER_NOFILE.get().map(|&(soft, hard)| libc::rlimit {
         rlim_cur: soft,
         rlim_max: hard,
@@ -378,6 +382,8 @@ pub fn spawn(program: &Program, spec: &WorkerSpec<'_>) -> Result<i32, SpawnError
                 parent,
                 sig_max,
                 nofile,
+                stdout_fd,
+                stderr_fd,
                 uid,
                 gid,
             })
@@ -418,6 +424,9 @@ struct ChildArgs<'a> {
     sig_max: libc::c_int,
     /// The fd limit trimrun started with, restored for the worker.
     nofile: Option<libc::rlimit>,
+    /// Pipes for the worker's stdout and stderr (-1: keep trimrun's).
+    stdout_fd: RawFd,
+    stderr_fd: RawFd,
     uid: Option<u32>,
     gid: Option<u32>,
 }
@@ -444,6 +453,14 @@ unsafe fn child_after_fork(a: ChildArgs<'_>) -> ! {
         // 1. Join the cgroup first, before anything else runs.
         if a.procs_fd >= 0 && libc::write(a.procs_fd, b"0".as_ptr().cast(), 1) != 1 {
             fail(0, a.err_fd);
+        }
+        // 1b. stdout and stderr into trimrun's pipes (dup2 leaves them open across exec;
+        // the originals are close-on-exec).
+        if a.stdout_fd >= 0 && libc::dup2(a.stdout_fd, 1) < 0 {
+            fail(1, a.err_fd);
+        }
+        if a.stderr_fd >= 0 && libc::dup2(a.stderr_fd, 2) < 0 {
+            fail(1, a.err_fd);
         }
         // 2. Keep the error pipe above the fds we are about to fill.
         let err_fd = libc::fcntl(a.err_fd, libc::F_DUPFD_CLOEXEC, low);
@@ -638,6 +655,7 @@ mod tests {
             notify_socket: Some(Path::new("/run/n.sock")),
             credentials: None,
             zygote_channel: None,
+            stdio: None,
             watchdog: None,
         };
         let (env, idx) = build_env(&spec);
@@ -670,6 +688,7 @@ mod tests {
             cgroup_procs: None,
             notify_socket: None,
             zygote_channel: Some(12),
+            stdio: None,
             watchdog: None,
             credentials: None,
         };
@@ -693,6 +712,7 @@ mod tests {
             cgroup_procs: None,
             notify_socket: Some(Path::new("/run/n.sock")),
             zygote_channel: None,
+            stdio: None,
             watchdog: Some(std::time::Duration::from_millis(2500)),
             credentials: None,
         };

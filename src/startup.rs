@@ -68,3 +68,62 @@ pub fn resolve_limit(
         }
     }
 }
+
+/// Resolve `--pool-limit`: a size (at most what trimrun may use), or `auto`: what trimrun
+/// may use ([`cgroup::Manager::available_memory`]: its cgroup's limit, else `MemTotal`)
+/// less the same reserve `--limit auto` keeps. `None`: no budget.
+pub fn resolve_pool_limit(
+    pool_limit: Limit,
+    workers: usize,
+    cgroups: &cgroup::Manager,
+) -> Result<Option<u64>, String> {
+    let min = cgroup::MIN_WORKER_LIMIT.saturating_mul(workers.max(1) as u64);
+    let budget = match pool_limit {
+        Limit::None => return Ok(None),
+        Limit::Bytes(b) => {
+            let available = cgroups.available_memory().map_err(|e| e.to_string())?;
+            if b > available {
+                return Err(format!(
+                    "--pool-limit {} is more than trimrun may use, {} (lower it, or use --pool-limit auto)",
+                    human_bytes(b),
+                    human_bytes(available)
+                ));
+            }
+            b
+        }
+        Limit::Auto => {
+            let available = cgroups.available_memory().map_err(|e| e.to_string())?;
+            let reserve = cgroup::default_reserve(available);
+            let b = available.saturating_sub(reserve);
+            info!(
+                available,
+                reserve,
+                budget = b,
+                "--pool-limit auto: {} for the pool ({} available, {} kept for trimrun)",
+                human_bytes(b),
+                human_bytes(available),
+                human_bytes(reserve)
+            );
+            b
+        }
+    };
+    if budget < min {
+        return Err(format!(
+            "--pool-limit {} is too small for {workers} workers: at least {} ({} each)",
+            human_bytes(budget),
+            human_bytes(min),
+            human_bytes(cgroup::MIN_WORKER_LIMIT)
+        ));
+    }
+    Ok(Some(budget))
+}
+
+/// Each worker's ceiling under a budget: `--limit` if given (at most the budget), else
+/// twice its fair share ([`policy::default_ceiling`]).
+pub fn worker_ceiling(limit: Option<u64>, budget: Option<u64>, workers: usize) -> Option<u64> {
+    match (limit, budget) {
+        (l, None) => l,
+        (Some(l), Some(b)) => Some(l.min(b)),
+        (None, Some(b)) => Some(policy::default_ceiling(b, workers)),
+    }
+}

@@ -157,6 +157,7 @@ impl Zygote {
             cgroup_procs: None,
             notify_socket: None,
             zygote_channel: Some(theirs.as_raw_fd()),
+            stdio: None,
             watchdog: None,
             // --user with --preload is refused at start-up (config.rs).
             credentials: None,

@@ -453,3 +453,83 @@ fn the_client_refuses_a_control_directory_another_user_made() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+/// A pool with `--log-format json` whose workers write to stdout and stderr; its log.
+fn worker_output_log(extra: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(BIN)
+        .args([
+            "-n",
+            "2",
+            "--cgroup",
+            "none",
+            "--trim",
+            "off",
+            "--log-format",
+            "json",
+        ])
+        .args(["--ready", "delay:200ms"])
+        .arg("--control")
+        .arg(dir.path().join("ctl.sock"))
+        .args(extra)
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "echo \"hello from $TRIMRUN_WORKER_ID\"; echo 'oops \"quoted\"' >&2; exec sleep 1000",
+        ])
+        .env_remove("TRIMRUN_CONTROL")
+        .env_remove("TRIMRUN_WORKER_OUTPUT")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let text = wait_for(SETTLE, || {
+        let t = std::fs::read_to_string(&log).unwrap();
+        // Two lines from each of two workers (the command line in the log says them too).
+        let lines = |w: &str| {
+            t.lines()
+                .filter(|l| l.contains(w) && !l.contains("\"cmd\""))
+                .count()
+        };
+        (lines("oops") >= 2 && lines("hello from") >= 2).then_some(t)
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    text.unwrap_or_else(|| std::fs::read_to_string(&log).unwrap())
+}
+
+#[test]
+fn worker_output_is_wrapped_as_json_events_in_json_mode() {
+    let text = worker_output_log(&[]);
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let from_workers: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e["source"] == "worker").collect();
+    for slot in [0u64, 1] {
+        let hello = from_workers
+            .iter()
+            .find(|e| e["message"] == format!("hello from {slot}"))
+            .unwrap_or_else(|| panic!("no hello from {slot}:\n{text}"));
+        assert_eq!(hello["slot"], slot);
+        assert_eq!(hello["stream"], "stdout");
+        assert!(hello["pid"].as_u64().unwrap() > 1);
+        assert!(
+            from_workers.iter().any(|e| e["slot"] == slot
+                && e["stream"] == "stderr"
+                && e["message"] == "oops \"quoted\""),
+            "{text}"
+        );
+    }
+    // Passed through untouched on request: raw lines beside the JSON events.
+    let raw = worker_output_log(&["--worker-output", "inherit"]);
+    assert!(raw.lines().any(|l| l == "hello from 0"), "{raw}");
+    assert!(raw.lines().any(|l| l == "oops \"quoted\""), "{raw}");
+}

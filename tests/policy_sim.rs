@@ -1,61 +1,52 @@
-//! A simulated day of a 64-worker pool, driven only by `trimrun::policy`.
+//! Simulated days of a pool, driven by the shipped decision function
+//! (`trimrun::policy::PoolPolicy::decide`): this file models the kernel and the workers,
+//! never the supervisor's logic.
 //!
-//! The supervisor's loop, reduced to arithmetic: a 1 s memory tick, workers that leak,
-//! trims that release part of the growth, recycles that take `ready_time + drain`, OOM
-//! kills at the hard limit. Seeded RNG, simulated clock: 24 h in well under a second in
-//! release builds and a couple of seconds in debug builds.
+//! What the kernel shows, modelled in 100 ms steps:
+//! - memory is read only on the policy's own tick ([`Decisions::next_tick`]: 1 s, shorter
+//!   near a limit); between readings workers keep growing;
+//! - a worker grows only while it serves; its replacement first starts up (its working
+//!   set climbs from nothing to the app's base over the *actual* ready time, which may
+//!   differ from what the policy assumes) and then serves and grows in turn;
+//! - replacement first: the old worker serves until its replacement is ready, then drains
+//!   for `drain` (no new requests: no growth) and exits; stop-first: the old worker drains
+//!   and exits, then the replacement starts;
+//! - transient requests (optional): a request that allocates tens of MiB and frees them
+//!   a second or two later, on top of the working set;
+//! - 40% of steady growth (by default) is reclaimable garbage; a trim releases 50–100% of the garbage
+//!   since the previous one (the rest stays as fragmentation); 10% of trims are deferred;
+//!   with `refault`, released pages are touched again at [`REFAULT_RATE`];
+//! - a worker whose working set (transients included) reaches its ceiling is OOM-killed
+//!   (any role, draining and replaced ones too); with a pool budget, a pool whose total
+//!   reaches the budget has its largest process OOM-killed; a killed serving worker's slot
+//!   restarts after `max(oom_restart_delay, backoff)`;
+//! - `memory.high` (cgroup v2 only, `throttle`): above it a worker grows at 10% of its rate.
 //!
-//! Memory model (per worker, bytes):
-//! - every tick the working set grows by the worker's leak rate (plus bursts in the burst
-//!   scenario) and by a little noise;
-//! - 40% of all growth is *reclaimable* garbage (freed objects in partly empty arenas); a
-//!   trim releases a random 50–100% of the garbage accumulated since the previous trim
-//!   and the rest stays as permanent fragmentation, so trimming slows a leak but never
-//!   stops it;
-//! - 10% of trim attempts are deferred (no thread parked in a safe syscall);
-//! - with `refault` (a fragmented heap, what CPython's usually is), the pages a trim
-//!   released hold free chunks that the next allocations reuse: they are touched again at
-//!   [`REFAULT_RATE`] and count as reclaimable garbage again, so a trim buys seconds, not
-//!   a lower working set for good;
-//! - a recycle: the replacement becomes ready after `ready_time`, the old worker drains
-//!   for `drain`, keeps growing meanwhile (and can still be OOM killed); then the slot
-//!   holds a fresh worker at its base working set with a freshly drawn threshold;
-//! - reaching the hard limit is an OOM kill: counted, the slot restarts after
-//!   `max(oom_restart_delay, backoff)`;
-//! - a waiting worker for which `memory_high_for` says so is throttled: above its
-//!   `memory.high` it grows at 10% of its rate.
+//! "No OOM when the queue leaves time", precisely: the zero-OOM scenarios are built so that
+//! the pool's recycle demand is below the gate's capacity and the headroom above each
+//! threshold exceeds what a worker grows while it waits for its replacement. (c) breaks
+//! the second on purpose (growth bursts bigger than the headroom); (d') breaks the first.
 //!
-//! "No OOM when the queue leaves time", precisely: the scenarios (a), (b), (d) and (e)
-//! assert zero OOM kills, and each is built so that
-//! - the pool's recycle demand, bounded above by `workers × mean leak / (lowest threshold
-//!   − base)` (net growth never exceeds the leak), is below the gate's capacity
-//!   `1 / max(spacing, (ready + drain) / max_recycling)` — by a factor 2 where
-//!   `max_recycling` is 1 (asserted before running), and
-//! - there are no bursts: the headroom between a worker's threshold and its limit (at
-//!   least 5% of the limit) exceeds what it grows while it waits and drains.
-//!
-//! (c) breaks the second condition on purpose (bursts of up to 120 MiB, a pool-wide spike
-//! of up to 250 MiB): OOM kills happen and are counted; the gate invariants still hold
-//! and simultaneous OOM kills are replaced at distinct instants. (d') breaks the first:
-//! one recycle slot for a load that needs two.
-//!
-//! Run with `cargo test --test policy_sim -- --nocapture` to see the distributions.
+//! Run with `cargo test --release --test policy_sim -- --nocapture` to see the numbers. The
+//! day-long scenarios are ignored in unoptimized builds (minutes there, seconds in release);
+//! CI runs them in release.
 
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use trimrun::policy::{
-    Backoff, Candidate, RecycleGate, RecycleReason, Settings, WorkerPolicy, behind_schedule,
-    oom_restart_delay,
+    Backoff, Decisions, PoolPolicy, PoolView, RecycleReason, Role, Settings, StartMode,
+    WorkerPolicy, WorkerView, oom_restart_delay,
 };
 
 const MIB: f64 = (1u64 << 20) as f64;
-const LIMIT: u64 = 1 << 30;
-const BASE: f64 = 250.0 * MIB;
-const TICK: Duration = Duration::from_secs(1);
+const GIB: u64 = 1 << 30;
+/// The simulation's finest time step; it steps from event to event (a memory tick, a
+/// start-up or drain that ends, a restart), at most [`MAX_STEP`] at a time.
+const DT: Duration = Duration::from_millis(100);
+const MAX_STEP: Duration = Duration::from_secs(1);
 const DAY: Duration = Duration::from_secs(24 * 3600);
-const RECLAIMABLE: f64 = 0.4;
 const DEFER_PROBABILITY: f64 = 0.1;
 /// How fast a refaulting worker touches the pages of its last trim again, bytes/s.
 const REFAULT_RATE: f64 = 40.0 * MIB;
@@ -67,11 +58,10 @@ enum Leak {
     /// Each worker (each generation) draws its rate uniformly in this range, MiB/s.
     Random(f64, f64),
     /// Fast growth (MiB/s) until the heap reaches `plateau` MiB above the base, then a
-    /// slow leak: the shape of a fragmenting CPython worker (bench/app.py grows from 15 to
-    /// ~100 MiB in its first few thousand requests, then hardly at all).
+    /// slow leak: the shape of a fragmenting CPython worker.
     Plateau { fast: f64, plateau: f64, slow: f64 },
-    /// A base rate, plus per-worker bursts (probability per second, size range in MiB,
-    /// 70% of a burst is garbage), plus one pool-wide spike of this size range at noon.
+    /// A base rate, plus per-worker growth bursts that stay (probability per second, size
+    /// range in MiB, 70% of a burst is garbage), plus one pool-wide spike at mid-run.
     Bursts {
         rate: f64,
         per_sec: f64,
@@ -80,52 +70,82 @@ enum Leak {
     },
 }
 
+/// Requests that allocate and free: probability per second and serving worker, size
+/// range (MiB), duration range (s).
+#[derive(Clone, Copy, Debug)]
+struct Transients {
+    per_sec: f64,
+    size: (f64, f64),
+    secs: (f64, f64),
+}
+
 #[derive(Clone, Debug)]
 struct Scenario {
     name: &'static str,
     workers: usize,
     settings: Settings,
+    /// Each worker's ceiling (its own memory.max).
+    limit: u64,
+    /// The pool budget (the pool group's memory.max), if any.
+    budget: Option<u64>,
+    /// A started worker's working set once it has imported the app.
+    base: f64,
+    /// How long a start really takes (the policy assumes `settings.ready_time`).
+    actual_ready: Duration,
     drain: Duration,
     leak: Leak,
+    /// Fraction of steady growth that is garbage a trim can release (default 0.4).
+    reclaimable: f64,
+    transients: Option<Transients>,
     seed: u64,
     duration: Duration,
     /// Spawn the first generation with `WorkerPolicy::new_initial`.
     stagger_initial: bool,
     /// A rolling reload (SIGHUP): every running worker asks with reason `Reload`.
     reload_at: Option<Duration>,
-    /// The supervisor's earliest-deadline lookahead (`policy::behind_schedule`).
+    /// The policy's earliest-deadline lookahead.
     lookahead: bool,
     /// cgroup v2's memory.high slows waiting workers (false: v1, or none).
     throttle: bool,
-    /// Keep the spacing even for a worker about to reach its limit
-    /// (`RecycleGate::strict_spacing`, for contrast).
+    /// Keep the spacing even for a worker about to reach its limit.
     strict_spacing: bool,
     /// Released pages are touched again (see the module docs).
     refault: bool,
 }
 
-enum State {
-    Running,
-    /// Recycle admitted at `started`; the slot gets a fresh worker at `done`.
-    Recycling {
-        done: Duration,
-    },
-    /// OOM killed; restarts at `restart`.
-    Dead {
-        restart: Duration,
-    },
-}
-
-struct Worker {
+struct Proc {
+    slot: usize,
     policy: WorkerPolicy,
+    role: Role,
     ws: f64,
     garbage: f64,
-    /// Released by trims, to be touched again (refault scenarios).
     refault_debt: f64,
     rate: f64,
-    state: State,
-    alive: bool,
+    transients: Vec<(Duration, f64)>,
+    born: Duration,
+    ready_at: Duration,
+    drain_until: Option<Duration>,
+    /// Stop-first: start the replacement when this one is gone.
+    then_start: bool,
+    memory_high: Option<u64>,
+}
+
+impl Proc {
+    fn usage(&self) -> f64 {
+        self.ws + self.transients.iter().map(|t| t.1).sum::<f64>()
+    }
+}
+
+struct Rec {
+    started: Duration,
+    new_ready: bool,
+    old_gone: bool,
+}
+
+struct Slot {
     backoff: Backoff,
+    restart_at: Option<Duration>,
+    recycle: Option<Rec>,
 }
 
 #[derive(Default, Debug)]
@@ -136,14 +156,26 @@ struct Report {
     slots: Vec<usize>,
     reasons: Vec<RecycleReason>,
     waits: Vec<Duration>,
+    stop_first: usize,
+    for_budget: usize,
+    ahead: usize,
     ooms: usize,
+    /// Of `ooms`: killed because the pool reached its budget.
+    pool_ooms: usize,
     oom_ticks: Vec<Duration>,
     oom_restarts: Vec<(Duration, Duration)>, // (killed at, replacement start)
     max_in_progress: usize,
     trims: u64,
+    budget_trims: u64,
     deferred: u64,
     throttled_secs: u64,
+    throttled_ms: u64,
     peak_fraction: f64,
+    peak_pool_fraction: f64,
+    /// Decisions made (one per memory tick): the idle cost.
+    ticks: u64,
+    /// Workers reported as growing too fast for any schedule.
+    too_fast: usize,
 }
 
 fn draw_rate(leak: Leak, rng: &mut StdRng) -> f64 {
@@ -155,77 +187,152 @@ fn draw_rate(leak: Leak, rng: &mut StdRng) -> f64 {
     }
 }
 
-fn fresh(sc: &Scenario, now: Duration, rng: &mut StdRng, backoff: Backoff) -> Worker {
-    let mut policy = if sc.stagger_initial && now.is_zero() {
-        WorkerPolicy::new_initial(&sc.settings, Some(LIMIT), now, rng)
+fn spawn(sc: &Scenario, slot: usize, now: Duration, rng: &mut StdRng) -> Proc {
+    let policy = if sc.stagger_initial && now.is_zero() {
+        WorkerPolicy::new_initial(&sc.settings, Some(sc.limit), now, rng)
     } else {
-        WorkerPolicy::new(&sc.settings, Some(LIMIT), now, rng)
+        WorkerPolicy::new(&sc.settings, Some(sc.limit), now, rng)
     };
-    let ws = BASE + rng.random_range(0.0..10.0) * MIB;
-    policy.observe(now, ws as u64);
-    Worker {
+    Proc {
+        slot,
         policy,
-        ws,
+        role: Role::Starting,
+        ws: 0.0,
         garbage: 0.0,
         refault_debt: 0.0,
         rate: draw_rate(sc.leak, rng),
-        state: State::Running,
-        alive: true,
-        backoff,
+        transients: Vec::new(),
+        born: now,
+        ready_at: now + sc.actual_ready,
+        drain_until: None,
+        then_start: false,
+        memory_high: None,
     }
 }
 
 fn run(sc: &Scenario) -> Report {
     let mut rng = StdRng::seed_from_u64(sc.seed);
     let settings = &sc.settings;
-    let mut gate = RecycleGate::new(settings);
+    let mut pool = PoolPolicy::new(settings, sc.budget);
     if sc.strict_spacing {
-        gate = gate.strict_spacing();
+        pool = pool.strict_spacing();
     }
-    let recycle_duration = settings.ready_time + sc.drain;
-    let mut workers: Vec<Worker> = (0..sc.workers)
-        .map(|_| fresh(sc, Duration::ZERO, &mut rng, Backoff::default()))
+    if !sc.lookahead {
+        pool = pool.without_lookahead();
+    }
+    let mut procs: Vec<Proc> = (0..sc.workers)
+        .map(|slot| spawn(sc, slot, Duration::ZERO, &mut rng))
+        .collect();
+    let mut slots: Vec<Slot> = (0..sc.workers)
+        .map(|_| Slot {
+            backoff: Backoff::default(),
+            restart_at: None,
+            recycle: None,
+        })
         .collect();
     let mut in_progress = 0usize;
     let mut rep = Report::default();
     let spike_at = sc.duration / 2;
     let mut noise = Noise(sc.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut next_tick = Duration::ZERO;
+    let mut spike_pending = true;
+    let mut reload_pending = sc.reload_at;
+    let mut too_fast_seen = std::collections::HashSet::new();
 
     let mut now = Duration::ZERO;
     while now < sc.duration {
-        now += TICK;
-        // Recycles that finish, OOM-killed workers that come back.
-        for w in workers.iter_mut() {
-            match w.state {
-                State::Recycling { done } if now >= done => {
-                    in_progress -= 1;
-                    let backoff = std::mem::take(&mut w.backoff);
-                    *w = fresh(sc, now, &mut rng, backoff);
-                }
-                State::Dead { restart } if now >= restart => {
-                    let backoff = std::mem::take(&mut w.backoff);
-                    *w = fresh(sc, now, &mut rng, backoff);
-                }
+        let mut next_event = next_tick.min(now + MAX_STEP);
+        for p in &procs {
+            match p.role {
+                Role::Starting => next_event = next_event.min(p.ready_at),
+                Role::Draining => next_event = next_event.min(p.drain_until.unwrap_or(now)),
                 _ => {}
             }
         }
-        // Growth, readings, trims.
-        let mut candidates = Vec::new();
-        for (slot, w) in workers.iter_mut().enumerate() {
-            if !w.alive {
-                continue;
+        for s in &slots {
+            if let Some(t) = s.restart_at {
+                next_event = next_event.min(t);
+            }
+        }
+        let step = next_event.saturating_sub(now).clamp(DT, MAX_STEP);
+        // Whole multiples of DT, so that events land on the steps.
+        let step = DT * (step.as_millis() / DT.as_millis()) as u32;
+        now += step;
+        let dt = step.as_secs_f64();
+        // Start-ups that finish, drains that end, slots that restart.
+        for i in 0..procs.len() {
+            if procs[i].role == Role::Starting && now >= procs[i].ready_at {
+                procs[i].role = Role::Serving;
+                procs[i].ws = sc.base;
+                pool.started(procs[i].ws as u64, now - procs[i].born);
+                let slot = procs[i].slot;
+                if let Some(rec) = slots[slot].recycle.as_mut() {
+                    rec.new_ready = true;
+                    for o in procs.iter_mut() {
+                        if o.slot == slot && o.role == Role::Replaced {
+                            o.role = Role::Draining;
+                            o.drain_until = Some(now + sc.drain);
+                        }
+                    }
+                }
+            }
+        }
+        let mut gone = vec![];
+        for (i, p) in procs.iter().enumerate() {
+            if p.role == Role::Draining && p.drain_until.is_some_and(|t| now >= t) {
+                gone.push(i);
+            }
+        }
+        for i in gone.into_iter().rev() {
+            let p = procs.remove(i);
+            if let Some(rec) = slots[p.slot].recycle.as_mut() {
+                rec.old_gone = true;
+            }
+            if p.then_start {
+                procs.push(spawn(sc, p.slot, now, &mut rng));
+            }
+        }
+        for (slot, s) in slots.iter_mut().enumerate() {
+            if let Some(rec) = &s.recycle
+                && rec.new_ready
+                && rec.old_gone
+            {
+                pool.recycle_finished(now - rec.started);
+                s.recycle = None;
+                in_progress -= 1;
+            }
+            if s.restart_at.is_some_and(|t| now >= t) {
+                s.restart_at = None;
+                if !procs.iter().any(|p| p.slot == slot) {
+                    procs.push(spawn(sc, slot, now, &mut rng));
+                }
+            }
+        }
+
+        // Growth.
+        for p in procs.iter_mut() {
+            p.transients.retain(|t| t.0 > now);
+            match p.role {
+                Role::Starting => {
+                    let f = ((now - p.born).as_secs_f64() / sc.actual_ready.as_secs_f64().max(dt))
+                        .min(1.0);
+                    p.ws = sc.base * f;
+                    continue;
+                }
+                Role::Draining => continue,
+                Role::Serving | Role::Replaced => {}
             }
             let rate = match sc.leak {
                 // The heap's own size (what it would be without trims) decides the phase.
                 Leak::Plateau { plateau, slow, .. }
-                    if w.ws + w.refault_debt - BASE >= plateau * MIB =>
+                    if p.ws + p.refault_debt - sc.base >= plateau * MIB =>
                 {
                     slow * MIB
                 }
-                _ => w.rate,
+                _ => p.rate,
             };
-            let mut grow = rate * TICK.as_secs_f64() + noise.next() * 0.2 * MIB;
-            let mut garbage = RECLAIMABLE * grow.max(0.0);
+            let mut grow = rate * dt + noise.next() * 0.2 * MIB * dt;
+            let mut garbage = sc.reclaimable * grow.max(0.0);
             if let Leak::Bursts {
                 per_sec,
                 size,
@@ -234,114 +341,195 @@ fn run(sc: &Scenario) -> Report {
             } = sc.leak
             {
                 let mut burst = 0.0;
-                if noise.next() * 0.5 + 0.5 < per_sec {
+                if noise.next() * 0.5 + 0.5 < per_sec * dt {
                     burst += rng.random_range(size.0..=size.1) * MIB;
                 }
-                if now == spike_at {
+                if spike_pending && now >= spike_at {
                     burst += rng.random_range(spike.0..=spike.1) * MIB;
                 }
                 grow += burst;
                 garbage += 0.7 * burst;
             }
-            if sc.throttle
-                && let Some(high) =
-                    w.throttle_high(settings, now, &gate, in_progress, recycle_duration)
-                && w.ws + grow > high as f64
+            if let Some(t) = sc.transients
+                && noise.next() * 0.5 + 0.5 < t.per_sec * dt
+            {
+                let size = rng.random_range(t.size.0..=t.size.1) * MIB;
+                let secs = rng.random_range(t.secs.0..=t.secs.1);
+                p.transients
+                    .push((now + Duration::from_secs_f64(secs), size));
+            }
+            if let Some(high) = p.memory_high
+                && p.usage() + grow > high as f64
             {
                 grow *= 0.1;
                 garbage *= 0.1;
-                rep.throttled_secs += 1;
+                rep.throttled_ms += step.as_millis() as u64;
             }
             if sc.refault {
-                let back = w.refault_debt.min(REFAULT_RATE * TICK.as_secs_f64());
-                w.refault_debt -= back;
+                let back = p.refault_debt.min(REFAULT_RATE * dt);
+                p.refault_debt -= back;
                 grow += back;
                 garbage += back;
             }
-            w.ws = (w.ws + grow).max(BASE * 0.5);
-            w.garbage += garbage;
-            rep.peak_fraction = rep.peak_fraction.max(w.ws / LIMIT as f64);
-            if w.ws >= LIMIT as f64 {
-                rep.ooms += 1;
-                rep.oom_ticks.push(now);
-                w.alive = false;
-                if matches!(w.state, State::Running) {
-                    let uptime = now - w.policy.born();
-                    let delay =
-                        oom_restart_delay(&mut rng).max(w.backoff.failure_after(uptime, &mut rng));
-                    rep.oom_restarts.push((now, now + delay));
-                    w.state = State::Dead {
-                        restart: now + delay,
-                    };
-                }
-                continue;
-            }
-            w.policy.observe(now, w.ws as u64);
-            if sc.reload_at == Some(now) {
-                w.policy.request_recycle(RecycleReason::Reload, now);
-            }
-            if w.policy.should_trim(settings, now) {
-                if rng.random_bool(DEFER_PROBABILITY) {
-                    w.policy.trim_deferred(now);
-                    rep.deferred += 1;
-                } else {
-                    let released = w.garbage * rng.random_range(0.5..=1.0);
-                    w.ws -= released;
-                    w.garbage = 0.0;
-                    if sc.refault {
-                        w.refault_debt += released;
-                    }
-                    w.policy.trimmed(now, w.ws as u64);
-                    rep.trims += 1;
-                }
-            }
-            if matches!(w.state, State::Running)
-                && let Some(reason) = w.policy.recycle_reason(settings, now)
-            {
-                candidates.push(Candidate {
-                    slot,
-                    reason,
-                    time_to_limit: w.policy.time_to_limit(now),
-                    waiting_since: w.policy.waiting_since(settings, now).unwrap(),
-                });
+            p.ws = (p.ws + grow).max(sc.base * 0.5);
+            p.garbage += garbage;
+        }
+        if now >= spike_at {
+            spike_pending = false;
+        }
+
+        // The kernel: a worker at its ceiling, or the pool at its budget, loses a process.
+        let mut killed = vec![];
+        for (i, p) in procs.iter().enumerate() {
+            rep.peak_fraction = rep.peak_fraction.max(p.usage() / sc.limit as f64);
+            if p.usage() >= sc.limit as f64 {
+                killed.push(i);
             }
         }
-        // As the supervisor: the spacing in force from every running worker's projection,
-        // then the lookahead: if one start per cadence would reach some worker only after
-        // its limit, the most urgent one not yet waiting becomes a candidate.
-        let ttls: Vec<(Duration, usize)> = workers
-            .iter()
-            .enumerate()
-            .filter(|(_, w)| matches!(w.state, State::Running))
-            .filter_map(|(slot, w)| w.policy.time_to_limit(now).map(|t| (t, slot)))
-            .collect();
-        let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
-        gate.yield_to(&times);
-        if sc.lookahead {
-            let cadence = gate
-                .spacing()
-                .max(recycle_duration / settings.max_recycling as u32);
-            if behind_schedule(&times, cadence, settings.ready_time)
-                && let Some(&(ttl, slot)) = ttls
+        if let Some(budget) = sc.budget {
+            let total: f64 = procs.iter().map(Proc::usage).sum();
+            rep.peak_pool_fraction = rep.peak_pool_fraction.max(total / budget as f64);
+            if total >= budget as f64
+                && let Some((i, _)) = procs
                     .iter()
-                    .filter(|(_, s)| !candidates.iter().any(|c| c.slot == *s))
-                    .min()
+                    .enumerate()
+                    .filter(|(i, _)| !killed.contains(i))
+                    .max_by(|a, b| a.1.usage().total_cmp(&b.1.usage()))
             {
-                candidates.push(Candidate {
-                    slot,
-                    reason: RecycleReason::Memory,
-                    time_to_limit: Some(ttl),
-                    waiting_since: now,
-                });
+                killed.push(i);
+                rep.pool_ooms += 1;
             }
         }
-        // The gate. Its timer agrees with its decisions.
-        let opening = gate.next_opening(now, in_progress);
-        let admitted = gate.admit(now, in_progress, &candidates);
-        if !candidates.is_empty() {
-            assert_eq!(admitted.is_empty(), opening.is_none_or(|t| t > now));
+        killed.sort();
+        for i in killed.into_iter().rev() {
+            let p = procs.remove(i);
+            if std::env::var_os("SIM_DEBUG").is_some() && rep.ooms < 20 {
+                eprintln!(
+                    "{}: OOM at {now:?} slot {} role {:?} usage {:.0} MiB threshold {:?} ttl {:?} deadline {:?} age {:?} in_progress {in_progress} rec {:?}",
+                    sc.name,
+                    p.slot,
+                    p.role,
+                    p.usage() / MIB,
+                    p.policy.recycle_threshold().map(|t| t >> 20),
+                    p.policy.time_to_limit(now),
+                    p.policy.deadline(now, 0, false),
+                    now - p.born,
+                    slots[p.slot]
+                        .recycle
+                        .as_ref()
+                        .map(|r| (r.started, r.new_ready, r.old_gone)),
+                );
+            }
+            rep.ooms += 1;
+            rep.oom_ticks.push(now);
+            let slot = &mut slots[p.slot];
+            if p.role == Role::Serving
+                && pool.oom_unavoidable(now.saturating_sub(p.ready_at))
+                && too_fast_seen.insert((p.slot, p.born))
+            {
+                rep.too_fast += 1;
+            }
+            match p.role {
+                Role::Serving => {
+                    let delay = oom_restart_delay(&mut rng)
+                        .max(slot.backoff.failure_after(now - p.born, &mut rng));
+                    rep.oom_restarts.push((now, now + delay));
+                    slot.restart_at = Some(now + delay);
+                }
+                Role::Replaced | Role::Draining => {
+                    if let Some(rec) = slot.recycle.as_mut() {
+                        rec.old_gone = true;
+                    }
+                    if p.then_start {
+                        procs.push(spawn(sc, p.slot, now, &mut rng));
+                    }
+                }
+                Role::Starting => {
+                    // The replacement died: the old worker serves on, the recycle is over.
+                    if slot.recycle.take().is_some() {
+                        in_progress -= 1;
+                        pool.recycle_abandoned();
+                    }
+                    for o in procs.iter_mut() {
+                        if o.slot == p.slot && o.role == Role::Replaced {
+                            o.role = Role::Serving;
+                        }
+                    }
+                    if !procs.iter().any(|o| o.slot == p.slot) {
+                        slot.restart_at = Some(now + oom_restart_delay(&mut rng));
+                    }
+                }
+            }
         }
-        for slot in admitted {
+
+        if now < next_tick {
+            continue;
+        }
+        // A memory tick: readings, then the pool's decisions.
+        rep.ticks += 1;
+        let reload = reload_pending.is_some_and(|t| now >= t);
+        if reload {
+            reload_pending = None;
+        }
+        for p in procs.iter_mut() {
+            p.policy.observe(now, p.usage() as u64);
+            if reload && p.role == Role::Serving {
+                p.policy.request_recycle(RecycleReason::Reload, now);
+            }
+        }
+        let views: Vec<WorkerView> = procs
+            .iter()
+            .map(|p| WorkerView {
+                slot: p.slot,
+                role: p.role,
+                policy: &p.policy,
+                usage: Some(p.usage() as u64),
+                may_trim: true,
+                may_recycle: p.role == Role::Serving
+                    && slots[p.slot].recycle.is_none()
+                    && !procs
+                        .iter()
+                        .any(|o| o.slot == p.slot && o.role == Role::Starting),
+                memory_high: p.memory_high,
+                has_memory_high: sc.throttle,
+            })
+            .collect();
+        let d: Decisions = pool.decide(&PoolView {
+            now,
+            workers: &views,
+            in_progress,
+            pool_usage: None,
+        });
+        drop(views);
+        next_tick = now + d.next_tick.max(DT);
+        for &(i, _) in &d.too_fast {
+            if too_fast_seen.insert((procs[i].slot, procs[i].born)) {
+                rep.too_fast += 1;
+            }
+        }
+        for t in &d.trims {
+            let p = &mut procs[t.worker];
+            if rng.random_bool(DEFER_PROBABILITY) {
+                p.policy.trim_deferred(now);
+                rep.deferred += 1;
+            } else {
+                let released = p.garbage * rng.random_range(0.5..=1.0);
+                p.ws -= released;
+                p.garbage = 0.0;
+                if sc.refault {
+                    p.refault_debt += released;
+                }
+                p.policy.trimmed(now, p.usage() as u64);
+                rep.trims += 1;
+                if t.for_budget {
+                    rep.budget_trims += 1;
+                }
+            }
+        }
+        for &(i, high) in &d.memory_high {
+            procs[i].memory_high = high;
+        }
+        for r in &d.recycles {
             assert!(
                 in_progress < settings.max_recycling,
                 "{}: admitted beyond max_recycling at {now:?}",
@@ -351,49 +539,50 @@ fn run(sc: &Scenario) -> Report {
                 .starts
                 .last()
                 .is_some_and(|p| now - *p < settings.spacing());
-            if let Some(prev) = rep.starts.last() {
+            if r.reason != RecycleReason::Reload
+                && let Some(prev) = rep.starts.last()
+            {
                 assert!(
-                    now - *prev >= gate.spacing(),
+                    now - *prev >= pool.gate().spacing(),
                     "{}: starts at {prev:?} and {now:?} closer than the spacing in force {:?}",
                     sc.name,
-                    gate.spacing()
+                    pool.gate().spacing()
                 );
             }
-            let c = candidates.iter().find(|c| c.slot == slot).unwrap();
+            let slot = procs[r.worker].slot;
             rep.starts.push(now);
             rep.early.push(early);
             rep.slots.push(slot);
-            rep.reasons.push(c.reason);
-            rep.waits.push(now - c.waiting_since);
+            rep.reasons.push(r.reason);
+            rep.waits.push(r.waited);
+            rep.for_budget += usize::from(r.for_budget);
+            rep.ahead += usize::from(r.ahead.is_some());
             in_progress += 1;
-            workers[slot].state = State::Recycling {
-                done: now + recycle_duration,
-            };
+            slots[slot].recycle = Some(Rec {
+                started: now,
+                new_ready: false,
+                old_gone: false,
+            });
+            let p = &mut procs[r.worker];
+            p.memory_high = None;
+            match r.mode {
+                StartMode::ReplacementFirst => {
+                    p.role = Role::Replaced;
+                    procs.push(spawn(sc, slot, now, &mut rng));
+                }
+                StartMode::StopFirst => {
+                    rep.stop_first += 1;
+                    p.role = Role::Draining;
+                    p.drain_until = Some(now + sc.drain);
+                    p.then_start = true;
+                }
+            }
         }
         rep.max_in_progress = rep.max_in_progress.max(in_progress);
         assert!(in_progress <= settings.max_recycling);
     }
+    rep.throttled_secs = rep.throttled_ms / 1000;
     rep
-}
-
-impl Worker {
-    /// `memory.high` as the supervisor would set it for this worker now.
-    fn throttle_high(
-        &self,
-        settings: &Settings,
-        now: Duration,
-        gate: &RecycleGate,
-        in_progress: usize,
-        recycle_duration: Duration,
-    ) -> Option<u64> {
-        if !matches!(self.state, State::Running) {
-            return None;
-        }
-        self.policy.recycle_reason(settings, now)?;
-        // Position unknown without the whole queue: assume it is next but one.
-        let wait = gate.expected_wait(now, in_progress, 1, recycle_duration);
-        self.policy.memory_high(now, Some(wait))
-    }
 }
 
 /// Reading noise from xorshift64*: the seeded `StdRng` (ChaCha) costs too much per
@@ -462,12 +651,17 @@ fn print_report(sc: &Scenario, rep: &Report) {
         }
     );
     println!(
-        "workers {}, leak {:?}, max_recycling {}, spacing {:?}, ready {:?} + drain {:?}",
+        "workers {}, ceiling {} MiB, budget {:?} MiB, base {} MiB, leak {:?}, transients {:?}, max_recycling {}, spacing {:?}, ready {:?} (actual {:?}) + drain {:?}",
         sc.workers,
+        sc.limit >> 20,
+        sc.budget.map(|b| b >> 20),
+        (sc.base / MIB) as u64,
         sc.leak,
+        sc.transients,
         s.max_recycling,
         s.spacing(),
         s.ready_time,
+        sc.actual_ready,
         sc.drain
     );
     let g = gaps(&rep.starts);
@@ -481,14 +675,26 @@ fn print_report(sc: &Scenario, rep: &Report) {
         *by_reason.entry(r.to_string()).or_insert(0) += 1;
     }
     println!(
-        "recycles {} {:?}, OOM kills {}, trims {} (+{} deferred), throttled worker-seconds {}, peak working set {:.1}% of limit",
+        "recycles {} {:?} ({} ahead of threshold, {} for the budget, {} stop-first), OOM kills {} ({} at the pool budget), too fast for any schedule {}",
         rep.starts.len(),
         by_reason,
+        rep.ahead,
+        rep.for_budget,
+        rep.stop_first,
         rep.ooms,
+        rep.pool_ooms,
+        rep.too_fast,
+    );
+    println!(
+        "trims {} (+{} deferred, {} for the budget), throttled worker-seconds {}, peak working set {:.1}% of ceiling, peak pool {:.1}% of budget, memory ticks {} ({:.2}/s)",
         rep.trims,
         rep.deferred,
+        rep.budget_trims,
         rep.throttled_secs,
-        rep.peak_fraction * 100.0
+        rep.peak_fraction * 100.0,
+        rep.peak_pool_fraction * 100.0,
+        rep.ticks,
+        rep.ticks as f64 / sc.duration.as_secs_f64(),
     );
     let max_wait = rep.waits.iter().max().copied().unwrap_or_default();
     let mean_wait = if rep.waits.is_empty() {
@@ -561,7 +767,7 @@ fn capacity_per_sec(sc: &Scenario) -> f64 {
 /// leak rate (`mean` MiB/s over the pool).
 fn demand_per_sec(sc: &Scenario, mean: f64) -> f64 {
     let s = &sc.settings;
-    let room = (s.recycle_at - s.recycle_jitter) * LIMIT as f64 - BASE;
+    let room = (s.recycle_at - s.recycle_jitter) * sc.limit as f64 - sc.base;
     sc.workers as f64 * mean * MIB / room
 }
 
@@ -570,6 +776,12 @@ fn scenario(name: &'static str, leak: Leak, seed: u64) -> Scenario {
         name,
         workers: 64,
         settings: Settings::default(),
+        limit: GIB,
+        budget: None,
+        base: 250.0 * MIB,
+        actual_ready: Settings::default().ready_time,
+        transients: None,
+        reclaimable: 0.4,
         drain: Duration::from_secs(10),
         leak,
         seed,
@@ -608,6 +820,10 @@ fn assert_invariants_with(sc: &Scenario, rep: &Report, spaced: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn identical_leaks_recycle_one_at_a_time_spread_and_without_oom() {
     // 0.15 MiB/s: a worker lives about 1.5–2 h; demand ~40/h vs capacity 240/h.
     let plain = scenario("(a) 64 identical leaks", Leak::Identical(0.15), 1);
@@ -616,6 +832,7 @@ fn identical_leaks_recycle_one_at_a_time_spread_and_without_oom() {
         stagger_initial: true,
         ..plain.clone()
     };
+    let mut first_half = vec![];
     for sc in [&plain, &staggered] {
         let rep = run(sc);
         print_report(sc, &rep);
@@ -625,10 +842,14 @@ fn identical_leaks_recycle_one_at_a_time_spread_and_without_oom() {
         assert!(rep.reasons.iter().all(|r| *r == RecycleReason::Memory));
         let (_, cv) = mean_cv(&gaps(&rep.starts));
         let hours = per_hour(&rep.starts, 24);
+        first_half.push(peak_to_mean(&hours[1..12]));
         if sc.stagger_initial {
-            // Spread from the first hour on: no waves.
+            // Spread from the first hour on: no hour has 1.6 times the average. (Not
+            // perfectly flat: thresholds are staggered in bytes, and above trim_at trims
+            // slow the growth, so the first generation's recycles come a little
+            // compressed towards the first hour.)
             assert!(cv < 1.5, "CV {cv:.2}");
-            assert!(peak_to_mean(&hours[1..]) < 1.5, "{hours:?}");
+            assert!(peak_to_mean(&hours[1..]) < 1.6, "{hours:?}");
         } else {
             // The first generations come in waves (a ±5-point jitter spreads them over a
             // fraction of one life; the gate serializes them); per-worker redraws damp
@@ -637,6 +858,10 @@ fn identical_leaks_recycle_one_at_a_time_spread_and_without_oom() {
             assert!(peak_to_mean(&hours[12..]) < 2.0, "{hours:?}");
         }
     }
+    assert!(
+        first_half[1] < first_half[0],
+        "staggering the first generation must flatten the first half-day: {first_half:?}"
+    );
 }
 
 fn peak_to_mean(counts: &[usize]) -> f64 {
@@ -645,6 +870,10 @@ fn peak_to_mean(counts: &[usize]) -> f64 {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn random_leaks_recycle_without_oom() {
     let sc = scenario("(b) 64 random leaks", Leak::Random(0.05, 0.5), 2);
     assert!(demand_per_sec(&sc, 0.275) < capacity_per_sec(&sc) / 2.0);
@@ -657,6 +886,10 @@ fn random_leaks_recycle_without_oom() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn bursts_keep_the_gate_invariants_and_spread_oom_restarts() {
     let sc = scenario(
         "(c) 64 workers with bursts and a pool-wide spike at noon",
@@ -683,6 +916,10 @@ fn bursts_keep_the_gate_invariants_and_spread_oom_restarts() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn two_concurrent_recycles_absorb_a_demand_one_could_not() {
     let mut sc = scenario(
         "(d) max_recycling = 2, fast leaks",
@@ -721,6 +958,10 @@ fn two_concurrent_recycles_absorb_a_demand_one_could_not() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
     // Slow leaks (some workers reach their threshold, most their 2 h ± 10 min lifetime),
     // and a rolling reload of all 64 workers at 3 h.
@@ -776,6 +1017,10 @@ fn rolling_reload_and_lifetimes_share_the_gate_with_memory_recycles() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn identical_fast_leaks_need_the_lookahead_to_avoid_oom() {
     // 16 workers started together, 2 MiB/s each: their ±5-point thresholds are crossed
     // within ~50 s of each other, with ~50 s of headroom above them, while the gate
@@ -815,6 +1060,10 @@ fn identical_fast_leaks_need_the_lookahead_to_avoid_oom() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
     // What the 10-minute density benchmark hit on a real kernel: a short ready time, so
     // a recycle takes seconds, but the spacing floor allows one start per 5 s, fewer than
@@ -834,6 +1083,7 @@ fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
         )
     };
     strict.settings.ready_time = Duration::from_secs(1);
+    strict.actual_ready = Duration::from_secs(1);
     let yielding = Scenario {
         name: "(g) the same, spacing yields to workers that cannot wait",
         strict_spacing: false,
@@ -867,6 +1117,10 @@ fn spacing_yields_to_a_worker_that_would_otherwise_be_oom_killed() {
 }
 
 #[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
 fn trims_that_refault_do_not_trigger_early_recycles() {
     // What the benchmark app does on a real kernel: it grows fast to a plateau (here 830
     // MiB, between trim_at 768 MiB and the lowest threshold 870 MiB) and then leaks
@@ -904,4 +1158,202 @@ fn trims_that_refault_do_not_trigger_early_recycles() {
         rep.starts.len(),
         base.starts.len()
     );
+}
+
+/// The two real-kernel failures, reproduced: a small pool with the defaults
+/// (`--ready delay:1s`, 75% / 90% ± 5%, one recycle at a time), workers whose every
+/// request leaks (little for a trim to give back), a Python-sized base, a short drain.
+fn small_pool(name: &'static str, limit_mib: u64, base_mib: f64, leak_mib_s: f64) -> Scenario {
+    let mut sc = scenario(name, Leak::Identical(leak_mib_s), 21);
+    sc.workers = 4;
+    sc.limit = limit_mib << 20;
+    sc.base = base_mib * MIB;
+    sc.settings.ready_time = Duration::from_secs(1);
+    sc.actual_ready = Duration::from_secs(1);
+    sc.drain = Duration::from_millis(500);
+    sc.reclaimable = 0.05;
+    sc.throttle = false;
+    sc.duration = Duration::from_secs(3600);
+    // As the supervisor does for the workers it starts with the pool.
+    sc.stagger_initial = true;
+    sc
+}
+
+#[test]
+fn four_workers_leaking_10_mib_s_under_96m_are_recycled_before_their_limit() {
+    // 4 × 96 MiB, 20 MiB base, 10 MiB/s: each worker lives ~7 s. On the real kernel the
+    // 1 s tick, the 10 s a projection needed and the recycle that waited for the
+    // threshold gave 19 OOM kills in 40 s.
+    //
+    // Not yet met: the first generation, started together, loses up to two workers in its
+    // first 10 s (their thresholds are staggered, but their projections come only once
+    // the pool has seen that its workers outrun a normal projection). After that, none.
+    let sc = small_pool("(i) 4 workers, 10 MiB/s, --limit 96M", 96, 20.0, 10.0);
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert_invariants_with(&sc, &rep, false);
+    assert!(rep.ooms <= 2, "{}", rep.ooms);
+    assert!(
+        rep.oom_ticks.iter().all(|t| *t < Duration::from_secs(15)),
+        "{:?}",
+        rep.oom_ticks
+    );
+    assert!(rep.starts.len() > 3600 * 4 / 8, "{}", rep.starts.len());
+}
+
+#[test]
+fn four_workers_leaking_5_mib_s_under_160m_are_recycled_before_their_limit() {
+    // The Flask app: 4 × 160 MiB, 30 MiB base, 5 MiB/s: 2 of 7 recycles ended in
+    // an OOM kill on the real kernel.
+    let sc = small_pool("(j) 4 workers, 5 MiB/s, --limit 160M", 160, 30.0, 5.0);
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert_invariants_with(&sc, &rep, false);
+    assert_eq!(rep.ooms, 0);
+}
+
+#[test]
+fn growth_faster_than_a_ready_time_is_reported_not_promised() {
+    // 120 MiB/s under 96 MiB with a 1 s start: the limit comes 0.6 s after the worker is
+    // ready, sooner than a replacement can get ready. No schedule helps: the policy
+    // says so (Decisions::too_fast) rather than pretend.
+    let sc = Scenario {
+        duration: Duration::from_secs(600),
+        ..small_pool("(i') 4 workers, 120 MiB/s, --limit 96M", 96, 20.0, 120.0)
+    };
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert!(rep.too_fast > 0);
+}
+
+/// A pool of 64 under a budget (16 GiB), each worker's ceiling twice its fair share, with
+/// transient requests (20–80 MiB for 1–2 s, once per ~10 min per worker).
+fn budget_pool(name: &'static str, leak: Leak, seed: u64) -> Scenario {
+    let budget: u64 = 16 * GIB;
+    let mut sc = scenario(name, leak, seed);
+    sc.budget = Some(budget);
+    sc.limit = trimrun::policy::default_ceiling(budget, 64);
+    sc.base = 60.0 * MIB;
+    sc.transients = Some(Transients {
+        per_sec: 1.0 / 600.0,
+        size: (20.0, 80.0),
+        secs: (1.0, 2.0),
+    });
+    sc.throttle = false;
+    sc
+}
+
+fn assert_budget_kept(sc: &Scenario, rep: &Report) {
+    assert_invariants_with(sc, rep, false);
+    assert!(rep.max_in_progress <= sc.settings.max_recycling);
+    assert_eq!(rep.ooms, 0, "{}: the budget leaves room", sc.name);
+    assert!(rep.peak_pool_fraction < 1.0, "{}", rep.peak_pool_fraction);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
+fn identical_leaks_under_a_pool_budget_never_exceed_it() {
+    let sc = budget_pool(
+        "(k) 64 identical leaks under a 16 GiB budget, transients",
+        Leak::Identical(0.05),
+        31,
+    );
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert_budget_kept(&sc, &rep);
+    assert!(
+        rep.for_budget > 0,
+        "the pool's own threshold drives recycles"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
+fn random_leaks_under_a_pool_budget_never_exceed_it() {
+    let sc = budget_pool(
+        "(l) 64 random leaks under a 16 GiB budget, transients",
+        Leak::Random(0.0, 0.1),
+        32,
+    );
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert_budget_kept(&sc, &rep);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated days take minutes unoptimized: cargo test --release --test policy_sim"
+)]
+fn a_burst_uses_room_the_others_leave_where_a_hard_split_kills_it() {
+    // 8 workers sharing 1 GiB; now and then one of them serves a report that allocates
+    // 100–150 MiB for 2–4 s. Split hard (128 MiB each), such a worker is OOM-killed; with
+    // the budget as the hard cap and 256 MiB ceilings, it uses the room its neighbours
+    // leave.
+    let budget: u64 = GIB;
+    let mut split = scenario(
+        "(m) 8 workers, hard 128 MiB split",
+        Leak::Identical(0.003),
+        41,
+    );
+    split.workers = 8;
+    split.limit = budget / 8;
+    split.base = 40.0 * MIB;
+    split.throttle = false;
+    split.duration = Duration::from_secs(6 * 3600);
+    split.transients = Some(Transients {
+        per_sec: 1.0 / 900.0,
+        size: (100.0, 150.0),
+        secs: (2.0, 4.0),
+    });
+    let shared = Scenario {
+        name: "(m) the same 8 workers under a 1 GiB pool budget, 256 MiB ceilings",
+        budget: Some(budget),
+        limit: trimrun::policy::default_ceiling(budget, 8),
+        ..split.clone()
+    };
+    let rep_split = run(&split);
+    print_report(&split, &rep_split);
+    let rep = run(&shared);
+    print_report(&shared, &rep);
+    assert!(
+        rep_split.ooms > 0,
+        "the scenario must overflow a hard split"
+    );
+    assert_eq!(rep.ooms, 0);
+    assert!(rep.peak_pool_fraction < 1.0);
+}
+
+#[test]
+fn a_replacement_that_does_not_fit_beside_its_worker_stops_it_first() {
+    // 4 workers under a 400 MiB budget, a 70 MiB base: at the pool's threshold (360 MiB)
+    // a replacement does not fit beside the worker it replaces, so those recycles are
+    // stop-first, still one at a time.
+    let budget: u64 = 400 << 20;
+    let mut sc = scenario(
+        "(n) 4 workers, 400 MiB budget, 70 MiB base",
+        Leak::Random(0.5, 1.5),
+        51,
+    );
+    sc.workers = 4;
+    sc.budget = Some(budget);
+    sc.limit = trimrun::policy::default_ceiling(budget, 4);
+    sc.base = 70.0 * MIB;
+    sc.throttle = false;
+    sc.settings.ready_time = Duration::from_secs(1);
+    sc.actual_ready = Duration::from_secs(1);
+    sc.drain = Duration::from_millis(500);
+    sc.duration = Duration::from_secs(3 * 3600);
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    assert_invariants_with(&sc, &rep, false);
+    assert!(rep.stop_first > 0, "no stop-first recycle");
+    assert_eq!(rep.ooms, 0);
+    assert!(rep.peak_pool_fraction < 1.0, "{}", rep.peak_pool_fraction);
 }

@@ -391,3 +391,289 @@ fn leftover_groups(pid: i32) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// The pool's own v1 memory cgroup (`trimrun-<pid>`) under ours, if any.
+fn pool_group(pid: i32) -> Option<std::path::PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, c, path) = (p.next()?, p.next()?, p.next()?);
+        c.split(',')
+            .any(|c| c == "memory")
+            .then(|| path.to_string())
+    })?;
+    let dir = std::path::Path::new("/sys/fs/cgroup/memory")
+        .join(rel.trim_start_matches('/'))
+        .join(format!("trimrun-{pid}"));
+    dir.exists().then_some(dir)
+}
+
+/// A pool of leaking workers with the default settings, under load; returns (requests,
+/// failures, log, status).
+fn leaking_pool(
+    extra: &[&str],
+    leak_kb: &str,
+    clients: usize,
+    pause: Duration,
+    run_for: Duration,
+) -> Option<(usize, Vec<String>, String, serde_json::Value)> {
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        extra,
+        &["python3", &app],
+        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", leak_kb)],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return None;
+    }
+    let load = Load::start(pool.port, clients, pause);
+    std::thread::sleep(run_for);
+    let (ok, failures) = load.finish();
+    let status = pool.status();
+    pool.signal(libc::SIGTERM);
+    assert_eq!(pool.wait_exit(Duration::from_secs(30)), Some(0));
+    Some((ok, failures, pool.log(), status))
+}
+
+fn assert_recycled_without_oom(what: &str, r: &(usize, Vec<String>, String, serde_json::Value)) {
+    let (ok, failures, log, status) = r;
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("recycling worker"))
+        .collect();
+    println!(
+        "{what}: {ok} requests, {} failed, {} recycles completed, oom_kills={}",
+        failures.len(),
+        log.matches("recycle complete").count(),
+        status["oom_kills"]
+    );
+    assert!(
+        failures.is_empty(),
+        "{what}: {} failed requests: {:?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(5)],
+        notable.join("\n")
+    );
+    assert!(
+        log.contains("recycle complete"),
+        "{what}: no recycle:\n{log}"
+    );
+    assert!(
+        !log.contains("OOM-killed"),
+        "{what}: an OOM kill happened:\n{}",
+        notable.join("\n")
+    );
+    assert_eq!(status["oom_kills"], 0);
+    assert_eq!(
+        max_concurrent_recycles(log),
+        1,
+        "two recycles overlapped:\n{log}"
+    );
+}
+
+#[test]
+fn a_worker_growing_5_mib_s_under_160m_with_defaults_is_recycled_never_oom_killed() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    // Issue 11's Flask case: 4 workers, --limit 160M, everything else default; 40
+    // requests/s leaking 512 KiB each: ~5 MiB/s per worker.
+    let Some(r) = leaking_pool(
+        &["-n", "4", "--limit", "160M"],
+        "512",
+        4,
+        Duration::from_millis(100),
+        Duration::from_secs(40),
+    ) else {
+        return;
+    };
+    assert_recycled_without_oom("4 x 160M at ~5 MiB/s", &r);
+}
+
+#[test]
+fn four_workers_growing_10_mib_s_under_96m_with_defaults_lose_at_most_one_of_the_first_generation()
+{
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    // Issue 11's plain case: 4 workers, --limit 96M, defaults; 40 requests/s leaking 1 MiB
+    // each: ~10 MiB/s per worker, each worker's life about 8 s. The issue measured 19 OOM
+    // kills and 15 failed requests in 40 s. Not yet what the issue asks (none): the first
+    // generation, started together, can still lose a worker before the pool has seen
+    // how fast its workers grow (README, "Growth faster than a start-up"). Measured here
+    // (shared 2-core machine, 2 runs): 1 OOM kill and 1 failed request each, in the first
+    // 10 s of load; none after.
+    let Some((ok, failures, log, status)) = leaking_pool(
+        &["-n", "4", "--limit", "96M"],
+        "1024",
+        4,
+        Duration::from_millis(100),
+        Duration::from_secs(40),
+    ) else {
+        return;
+    };
+    let ooms: Vec<&str> = log.lines().filter(|l| l.contains("OOM-killed")).collect();
+    println!(
+        "4 x 96M at ~10 MiB/s: {ok} requests, {} failed, {} recycles completed, oom_kills={} {ooms:?}",
+        failures.len(),
+        log.matches("recycle complete").count(),
+        status["oom_kills"]
+    );
+    assert!(ooms.len() <= 1, "{}", ooms.join("\n"));
+    // A killed worker loses the request it was serving, no more.
+    assert!(failures.len() <= ooms.len(), "{failures:?}");
+    assert!(log.matches("recycle complete").count() >= 8, "{log}");
+    assert_eq!(
+        max_concurrent_recycles(&log),
+        1,
+        "two recycles overlapped:\n{log}"
+    );
+}
+
+#[test]
+fn a_pool_whose_ceilings_exceed_its_budget_stays_under_it() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    // 4 workers under a 240 MiB budget: each worker's ceiling is 120 MiB (twice its fair
+    // share), 480 MiB in all. The workers leak ~4 MiB/s each; the pool's own threshold
+    // (90% of the budget) recycles the largest, one at a time, before the kernel's cap.
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        &["-n", "4", "--pool-limit", "240M"],
+        &["python3", &app],
+        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "256")],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return;
+    }
+    let group = pool_group(pool.pid());
+    if let Some(g) = &group {
+        let cap: u64 = std::fs::read_to_string(g.join("memory.limit_in_bytes"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(cap, 240 << 20, "the pool group is the hard cap");
+    }
+    let load = Load::start(pool.port, 4, Duration::from_millis(60));
+    wait_for(Duration::from_secs(120), || {
+        (pool.log().contains("for_budget=true") && pool.count_log("recycle complete") >= 3)
+            .then_some(())
+    });
+    let (ok, failures) = load.finish();
+    let peak = group.as_ref().and_then(|g| {
+        std::fs::read_to_string(g.join("memory.max_usage_in_bytes"))
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+    });
+    let status = pool.status();
+    pool.signal(libc::SIGTERM);
+    assert_eq!(pool.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = pool.log();
+    println!(
+        "{ok} requests, {} failed, {} recycles, pool peak {:?} MiB of 240",
+        failures.len(),
+        log.matches("recycle complete").count(),
+        peak.map(|p| p >> 20)
+    );
+    assert!(log.contains("pool budget"), "{log}");
+    assert!(
+        log.contains("for_budget=true"),
+        "no recycle for the budget:\n{log}"
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(!log.contains("OOM-killed"), "an OOM kill happened:\n{log}");
+    assert_eq!(status["oom_kills"], 0);
+    assert_eq!(max_concurrent_recycles(&log), 1);
+}
+
+#[test]
+fn one_workers_burst_uses_room_the_others_leave_under_a_budget() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    // 4 workers, 320 MiB budget: fair share 80 MiB, ceilings 160 MiB. One request holds
+    // 110 MiB for 2 s: more than a hard 80 MiB split allows, well within the ceiling and
+    // the room the idle others leave.
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        &["-n", "4", "--pool-limit", "320M"],
+        &["python3", &app],
+        &[("TRIMRUN_CGROUP", "auto")],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return;
+    }
+    let r = get(pool.port, "/burst?mb=110&s=2");
+    let status = pool.status();
+    pool.signal(libc::SIGTERM);
+    assert_eq!(pool.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = pool.log();
+    assert!(
+        r.as_ref().is_ok_and(|b| b.contains("\"held_mb\": 110")),
+        "{r:?}\n{log}"
+    );
+    assert!(!log.contains("OOM-killed"), "{log}");
+    assert_eq!(status["oom_kills"], 0);
+}
+
+#[test]
+fn a_replacement_that_does_not_fit_beside_its_worker_is_started_after_it_stops() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    // 2 workers (~10-16 MiB each at start) under a 96 MiB budget, leaking ~2 MiB/s each:
+    // when the pool nears its threshold (86 MiB), a replacement beside both would pass the
+    // pool's memory.high (93 MiB), so the recycle is stop-first (the other worker serves
+    // meanwhile).
+    let Some(r) = leaking_pool(
+        &["-n", "2", "--pool-limit", "96M"],
+        "128",
+        2,
+        Duration::from_millis(60),
+        Duration::from_secs(45),
+    ) else {
+        return;
+    };
+    let (_, failures, log, status) = &r;
+    println!(
+        "{} stop-first recycles, {} failed, oom_kills={}",
+        log.matches("stop_first=true").count(),
+        failures.len(),
+        status["oom_kills"]
+    );
+    assert!(
+        log.contains("stop_first=true"),
+        "no stop-first recycle:\n{log}"
+    );
+    assert!(
+        log.contains("stop-first recycle: the old worker is gone"),
+        "{log}"
+    );
+    let notable: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("recycling worker"))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(5)]
+    );
+    assert_eq!(status["oom_kills"], 0, "{}", notable.join("\n"));
+}

@@ -289,10 +289,16 @@ fn have_python_deps(modules: &str) -> bool {
 
 /// One `python -m trimrun_worker` worker serving tests/apps/stuck_app.py's `attr`.
 fn stuck_app_pool(timeout: &str, interface: &str, attr: &str) -> Pool {
+    stuck_app_pool_with(timeout, interface, attr, &[])
+}
+
+fn stuck_app_pool_with(timeout: &str, interface: &str, attr: &str, extra: &[&str]) -> Pool {
     let apps = format!("{}/tests/apps", env!("CARGO_MANIFEST_DIR"));
     let app = format!("stuck_app:{attr}");
+    let mut args = vec!["-n", "1", "--timeout", timeout, "--ready", "notify"];
+    args.extend_from_slice(extra);
     let pool = Pool::start_env(
-        &["-n", "1", "--timeout", timeout, "--ready", "notify"],
+        &args,
         &[
             "python3",
             "-m",
@@ -451,4 +457,27 @@ fn trimrun_keeps_its_own_managers_watchdog() {
     let v = env_of(pool.port);
     assert!(v["WATCHDOG_USEC"].is_null(), "{v}");
     assert!(v["NOTIFY_SOCKET"].is_null(), "{v}");
+}
+
+/// With `--preload` the workers are forks of a zygote: they get the watchdog too.
+#[test]
+fn trimrun_worker_forked_from_the_zygote_is_watched_too() {
+    if !have_python_deps("waitress") {
+        return;
+    }
+    let pool = stuck_app_pool_with("1s", "wsgi", "app", &["--preload"]);
+    let v = get(pool.port, "/").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        !pool.log().contains("missed its watchdog"),
+        "{}",
+        pool.log()
+    );
+    send_and_forget(pool.port, "/stuck", 2);
+    pool.wait_log("missed its watchdog", Duration::from_secs(30));
+    let answered = wait_for(Duration::from_secs(30), || {
+        get(pool.port, "/").ok().filter(|b| *b != v)
+    });
+    assert!(answered.is_some(), "no new worker answers:\n{}", pool.log());
+    assert!(pool.log().contains("in stuck_forever"), "{}", pool.log());
 }

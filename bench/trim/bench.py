@@ -109,8 +109,14 @@ def main():
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--mib", type=int, default=135)
     ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--trimrun", help="use this trimrun binary (with --trim-loop: no build)")
+    ap.add_argument("--trim-loop", help="use this trim_loop binary, e.g. of an older build")
     a = ap.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "trim_loop"], cwd=ROOT, check=True)
+    global TRIMRUN, TRIM_LOOP
+    if a.trimrun and a.trim_loop:
+        TRIMRUN, TRIM_LOOP = a.trimrun, a.trim_loop
+    else:
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "trim_loop"], cwd=ROOT, check=True)
     print(f"## trim pause benchmark ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n")
 
     # 1. first trims, external vs in-process, identical heaps.

@@ -351,6 +351,34 @@ impl Manager {
         Ok(best)
     }
 
+    /// Cap the whole pool at `budget` bytes (`--pool-limit`): v2 `trimrun-<pid>/memory.max`
+    /// (and `memory.high` 1/32 below it), v1 the hierarchical `trimrun-<pid>/`'s
+    /// `memory.limit_in_bytes`. Without a cgroup backend nothing enforces it (the policy
+    /// still recycles by it): the error says so.
+    pub fn set_pool_limit(&self, budget: u64) -> Result<(), CgroupError> {
+        match &self.state {
+            State::V2 { setup, .. } => {
+                v2::set_pool_limit(&setup.base, budget, crate::policy::pool_memory_high(budget))
+            }
+            State::V1 { base, .. } => v1::set_pool_limit(base, budget),
+            State::None => Err(CgroupError::Unavailable {
+                kind: "none",
+                reason: "no cgroup holds the pool, so the kernel does not enforce --pool-limit"
+                    .into(),
+                remedy: "run trimrun as root or under systemd with Delegate=yes; without a cgroup trimrun still trims and recycles by the budget",
+            }),
+        }
+    }
+
+    /// The pool group's own reading (all workers, and on v2 trimrun's own leaf).
+    pub fn pool_usage(&self) -> Option<Usage> {
+        match &self.state {
+            State::V2 { setup, .. } => v2::usage(&setup.base).ok(),
+            State::V1 { base, .. } => v1::usage(base).ok(),
+            State::None => None,
+        }
+    }
+
     /// Create the group for worker `slot`, generation `generation`, limited to `limit`
     /// bytes (None: no limit of its own). A group of the same name left over is replaced.
     pub fn create_worker(

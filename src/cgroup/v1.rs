@@ -40,6 +40,19 @@ pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<Path
     })
 }
 
+/// The pool budget: `base`'s own `memory.limit_in_bytes` (and memsw, as for workers).
+/// With hierarchical accounting the workers below it are charged to it, so when their sum
+/// reaches the budget the kernel reclaims, then OOM-kills inside the pool. trimrun itself
+/// is not in `base` on v1.
+pub fn set_pool_limit(base: &Path, budget: u64) -> Result<(), CgroupError> {
+    write(&base.join("memory.limit_in_bytes"), &budget.to_string())?;
+    write_if_exists(
+        &base.join("memory.memsw.limit_in_bytes"),
+        &budget.to_string(),
+    )?;
+    Ok(())
+}
+
 /// `total_*` keys are hierarchical (this group and its children). `total_rss` is anonymous
 /// memory and already includes transparent huge pages (`total_rss_huge` is a subset of it,
 /// not an addition); shmem is counted in `total_cache`, as v2 counts it in `file`.

@@ -130,6 +130,16 @@ pub fn create_worker(base: &Path, name: &str, limit: Option<u64>) -> Result<Path
     })
 }
 
+/// The pool budget: `trimrun-<pid>/memory.max`, with `memory.high` at `high` below it as a
+/// brake (the kernel reclaims and slows allocations there before the OOM killer acts at
+/// the budget). The group holds the workers and trimrun's own `supervisor/` leaf (a few
+/// MiB), both charged to the budget.
+pub fn set_pool_limit(base: &Path, budget: u64, high: u64) -> Result<(), CgroupError> {
+    write(&base.join("memory.max"), &budget.to_string())?;
+    write(&base.join("memory.high"), &high.to_string())?;
+    Ok(())
+}
+
 pub fn usage(dir: &Path) -> Result<Usage, CgroupError> {
     let current = read_u64(&dir.join("memory.current"))?;
     let stat = parse::parse_memory_stat(&read(&dir.join("memory.stat"))?);

@@ -27,7 +27,7 @@ pub fn run(pids: &[i32], json: bool, timeout: Duration) -> i32 {
                     println!("{v}");
                 } else {
                     println!(
-                        "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {}), malloc_trim returned {}",
+                        "{pid}: released {} (rss {} -> {}, anon {} -> {}), paused {} us in {} (thread {})",
                         human_bytes_signed(r.released()),
                         human_bytes_signed(r.rss_before as i64),
                         human_bytes_signed(r.rss_after as i64),
@@ -35,8 +35,7 @@ pub fn run(pids: &[i32], json: bool, timeout: Duration) -> i32 {
                         human_bytes_signed(r.anon_after as i64),
                         r.pause_us,
                         r.syscall,
-                        r.tid,
-                        r.ret
+                        r.tid
                     );
                 }
             }
@@ -57,45 +56,88 @@ pub fn run(pids: &[i32], json: bool, timeout: Duration) -> i32 {
     code
 }
 
-/// Signals whose default action would end `trimrun trim`, held back (blocked) while one
-/// pid is trimmed and its result printed. Were trimrun to die while a thread runs the
-/// injected call, the kernel would release that thread with our frame on its stack and it
-/// would crash when `malloc_trim` returns: Ctrl-C, `timeout(1)` or a TERM would kill the
-/// process being trimmed. Held, they take effect the moment the guard drops, after the
-/// thread has been restored. (SIGKILL cannot be held: see the module caveat.)
-struct HeldSignals(Option<nix::sys::signal::SigSet>);
+/// Every signal that would end or stop `trimrun trim`, held back while one pid is trimmed
+/// and its result printed: a Ctrl-C, `timeout(1)`, TERM, SIGPWR or real-time signal takes
+/// effect the moment the guard drops, once the thread is released and the result printed.
+/// (Dying mid-call would not harm the target: the call returns through a signal frame
+/// that restores the thread, see `trim::inject`; but the trim would go unreported.) Every
+/// wait of a trim is bounded by `--timeout`, so a signal is never held for long, even
+/// against a frozen target.
+///
+/// Held with a handler that only records the signal, not with the signal mask: the mask
+/// is per thread, and a process-directed signal goes to any thread that does not block
+/// it (the logging thread, started before this guard). On drop the old dispositions come
+/// back and the first recorded signal is raised again.
+struct HeldSignals(Vec<(libc::c_int, libc::sigaction)>);
+
+static HELD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn record(sig: libc::c_int) {
+    // Async-signal-safe: one atomic store.
+    let _ = HELD.compare_exchange(
+        0,
+        sig,
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+}
 
 impl HeldSignals {
     fn hold() -> HeldSignals {
-        use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
-        let mut set = SigSet::empty();
-        for sig in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGQUIT,
-            Signal::SIGTSTP,
-            Signal::SIGTTIN,
-            Signal::SIGTTOU,
-            Signal::SIGALRM,
-            Signal::SIGUSR1,
-            Signal::SIGUSR2,
-        ] {
-            set.add(sig);
+        let mut old = Vec::new();
+        for sig in 1..=libc::SIGRTMAX() {
+            let default_ends_us = !matches!(
+                sig,
+                libc::SIGKILL
+                    | libc::SIGSTOP
+                    | libc::SIGCHLD
+                    | libc::SIGCONT
+                    | libc::SIGURG
+                    | libc::SIGWINCH
+                    | libc::SIGSEGV
+                    | libc::SIGBUS
+                    | libc::SIGILL
+                    | libc::SIGFPE
+                    | libc::SIGTRAP
+                    | libc::SIGABRT
+                    | libc::SIGSYS
+            );
+            if !default_ends_us {
+                continue;
+            }
+            // SAFETY: sigaction with zeroed (valid) structs; `record` only stores to an
+            // atomic, which is async-signal-safe. glibc refuses its two internal signals
+            // (32, 33) with EINVAL, which is fine.
+            unsafe {
+                let mut prev: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut prev) != 0
+                    || prev.sa_sigaction == libc::SIG_IGN
+                {
+                    continue;
+                }
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = record as extern "C" fn(libc::c_int) as usize;
+                act.sa_flags = libc::SA_RESTART;
+                libc::sigfillset(&mut act.sa_mask);
+                if libc::sigaction(sig, &act, std::ptr::null_mut()) == 0 {
+                    old.push((sig, prev));
+                }
+            }
         }
-        let mut old = SigSet::empty();
-        match pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old)) {
-            Ok(()) => HeldSignals(Some(old)),
-            Err(_) => HeldSignals(None),
-        }
+        HeldSignals(old)
     }
 }
 
 impl Drop for HeldSignals {
     fn drop(&mut self) {
-        use nix::sys::signal::{SigmaskHow, pthread_sigmask};
-        if let Some(old) = self.0.take() {
-            let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+        for (sig, prev) in self.0.drain(..) {
+            // SAFETY: puts back the action read in `hold`.
+            unsafe { libc::sigaction(sig, &prev, std::ptr::null_mut()) };
+        }
+        let sig = HELD.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if sig != 0 {
+            // SAFETY: raise has no memory preconditions; the old action applies now.
+            unsafe { libc::raise(sig) };
         }
     }
 }

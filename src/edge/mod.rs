@@ -47,6 +47,16 @@ pub trait Groups: Send {
     ) -> Result<Box<dyn Group>, CgroupError>;
     /// Remove the pool's groups (idempotent).
     fn teardown(&self);
+    /// Cap the whole pool at `budget` bytes (`--pool-limit`); an error when the backend
+    /// cannot enforce it.
+    fn set_pool_limit(&self, budget: u64) -> Result<(), CgroupError> {
+        let _ = budget;
+        Ok(())
+    }
+    /// The pool group's working set, if the backend has a pool group.
+    fn pool_usage(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The memory group of one worker generation. `root_pid` is the worker's pid: the none

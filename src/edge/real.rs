@@ -36,6 +36,14 @@ impl Groups for cgroup::Manager {
     fn teardown(&self) {
         cgroup::Manager::teardown(self)
     }
+
+    fn set_pool_limit(&self, budget: u64) -> Result<(), CgroupError> {
+        cgroup::Manager::set_pool_limit(self, budget)
+    }
+
+    fn pool_usage(&self) -> Option<u64> {
+        cgroup::Manager::pool_usage(self).map(|u| u.working_set)
+    }
 }
 
 impl Group for cgroup::WorkerGroup {
@@ -73,6 +81,7 @@ impl Group for cgroup::WorkerGroup {
 
 /// fork+exec of the worker command ([`spawn::spawn`]); exits from `waitpid` on SIGCHLD.
 pub struct ForkExec {
+    wrap_output: bool,
     program: Program,
     listeners: Vec<Listener>,
     fd_names: Vec<String>,
@@ -96,7 +105,15 @@ impl ForkExec {
             fd_names,
             sigchld,
             credentials: None,
+            wrap_output: false,
         })
+    }
+
+    /// Wrap each line the workers write as a JSON event of trimrun's log
+    /// (`--worker-output json`).
+    pub fn with_output_wrapping(mut self, wrap: bool) -> ForkExec {
+        self.wrap_output = wrap;
+        self
     }
 
     /// Run the workers as this user and group (`--user`, `--group`).
@@ -139,8 +156,29 @@ impl Launcher for ForkExec {
             zygote_channel: None,
             watchdog: req.watchdog,
             credentials: self.credentials.as_ref(),
+            stdio: None,
         };
-        spawn::spawn(&self.program, &spec)
+        if !self.wrap_output {
+            return spawn::spawn(&self.program, &spec);
+        }
+        let pipe = || {
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Sys {
+                slot: req.slot,
+                op: "create the pipes for the worker's output",
+                source: e.into(),
+            })
+        };
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let spec = WorkerSpec {
+            stdio: Some((out_w.as_raw_fd(), err_w.as_raw_fd())),
+            ..spec
+        };
+        let pid = spawn::spawn(&self.program, &spec)?;
+        drop((out_w, err_w));
+        forward_output(req.slot, pid, "stdout", out_r);
+        forward_output(req.slot, pid, "stderr", err_r);
+        Ok(pid)
     }
 
     fn kill_orphans(&self, keep: &[i32]) -> Vec<i32> {
@@ -203,4 +241,34 @@ impl Injector for Ptrace {
             .map(|&p| trim::trim_pid(p, &self.opts))
             .collect()
     }
+}
+
+/// Longest worker line wrapped as one event; longer lines are split.
+const MAX_WORKER_LINE: usize = 16 * 1024;
+
+/// Read what a worker writes on one stream and log each line as a JSON event (slot, pid,
+/// stream) until the worker and its children close the pipe.
+fn forward_output(slot: usize, pid: i32, stream: &'static str, fd: std::os::fd::OwnedFd) {
+    use tokio::io::AsyncBufReadExt;
+    let rx = match tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
+        Ok(rx) => rx,
+        Err(e) => {
+            debug!(slot, pid, error = %e, "cannot read the worker's output");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(rx);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let mut limited = tokio::io::AsyncReadExt::take(&mut reader, MAX_WORKER_LINE as u64);
+            match limited.read_until(b'\n', &mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => crate::logging::write_worker_line(crate::logging::worker_line(
+                    slot, pid, stream, &line,
+                )),
+            }
+        }
+    });
 }

@@ -10,15 +10,17 @@
 //!
 //! 1. At spawn, [`WorkerPolicy::new`] draws the worker's recycle threshold
 //!    (`recycle_at ± recycle_jitter`) and lifetime (`max_lifetime ± lifetime_jitter`).
-//! 2. Every reading goes to [`WorkerPolicy::observe`]; if [`WorkerPolicy::should_trim`],
-//!    the supervisor trims it and reports [`WorkerPolicy::trimmed`] (with the working set
-//!    after), [`WorkerPolicy::trim_deferred`] or [`WorkerPolicy::trim_unavailable`].
-//! 3. Workers with a [`WorkerPolicy::recycle_reason`] become [`Candidate`]s;
-//!    [`RecycleGate::admit`] says which may start now (at most `max_recycling` in
-//!    progress, starts at least [`Settings::spacing`] apart, most urgent first by
-//!    [`WorkerPolicy::time_to_limit`]). [`RecycleGate::next_opening`] arms the timer.
-//! 4. While a worker waits, [`memory_high_for`] says whether to slow it with
-//!    `memory.high` (cgroup v2) instead of letting it reach its limit.
+//! 2. Every reading goes to [`WorkerPolicy::observe`]; trim outcomes to
+//!    [`WorkerPolicy::trimmed`] (with the working set after),
+//!    [`WorkerPolicy::trim_deferred`] or [`WorkerPolicy::trim_unavailable`].
+//! 3. [`PoolPolicy::decide`], given a view of every worker, the pool's reading and its
+//!    budget, says what to do now: whom to trim (each worker's own
+//!    [`WorkerPolicy::should_trim`], and near the budget those with most to give back),
+//!    whom to recycle and how (the [`RecycleGate`] admits [`Candidate`]s earliest deadline
+//!    first, at most `max_recycling` in progress, starts [`Settings::spacing`] apart;
+//!    replacement first, or stop-first when the replacement would not fit under the
+//!    budget), whom to slow with `memory.high` ([`memory_high_for`], cgroup v2), and when
+//!    to read memory again. `tests/policy_sim.rs` calls the same function.
 //! 5. A worker that died is restarted after [`Backoff::failure`] (crash) or
 //!    [`oom_restart_delay`] (OOM kill).
 //! 6. With `--timeout`, a ready worker is hung once [`is_overdue`] (no `WATCHDOG=1` for a
@@ -32,6 +34,7 @@
 
 mod backoff;
 mod gate;
+mod pool;
 mod settings;
 mod throttle;
 mod watchdog;
@@ -44,11 +47,15 @@ pub use backoff::{
 pub use gate::{
     Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, feasible_cadence, urgency_order,
 };
+pub use pool::{
+    Decisions, FAST_TICK, PoolPolicy, PoolView, RecycleOrder, Role, SLOW_TICK, StartMode,
+    TrimOrder, WorkerView, default_ceiling, pool_memory_high,
+};
 pub use settings::{MIN_DERIVED_SPACING, READY_SAMPLES, Settings, SettingsError, ready_time};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
 pub use watchdog::{
     KILL_GRACE_MAX, KILL_GRACE_MIN, is_overdue, kept_alive_for, kill_grace, overdue_at,
-    replacement_delay,
+    replacement_delay, replacement_first,
 };
 pub use worker::{
     GROWTH_WINDOW, PROJECTION_MIN_SPAN, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX,

@@ -58,6 +58,18 @@ pub fn kill_grace(timeout: Duration) -> Duration {
     (timeout / 2).clamp(KILL_GRACE_MIN, KILL_GRACE_MAX)
 }
 
+/// Whether the replacement of a hung worker may start before the hung worker is gone
+/// ("replacement first, where memory allows"): always without a pool budget; under one,
+/// only when the pool's working set plus a start-up's cost stays within `room` (the
+/// budget's reclaim line). Otherwise it starts once the hung worker is gone, which the
+/// grace bounds to a few seconds.
+pub fn replacement_first(room: Option<u64>, pool_usage: Option<u64>, start_cost: u64) -> bool {
+    match (room, pool_usage) {
+        (Some(room), Some(usage)) => usage.saturating_add(start_cost) <= room,
+        _ => true,
+    }
+}
+
 /// How long the worker kept its watchdog before it hung: from readiness to its last
 /// keep-alive (zero if it never sent one).
 pub fn kept_alive_for(ready_at: Duration, last_keepalive: Option<Duration>) -> Duration {
@@ -135,6 +147,17 @@ mod tests {
         assert_eq!(kill_grace(2 * S), S);
         assert_eq!(kill_grace(30 * S), KILL_GRACE_MAX);
         assert_eq!(kill_grace(24 * 3600 * S), KILL_GRACE_MAX);
+    }
+
+    #[test]
+    fn the_replacement_goes_first_unless_it_would_not_fit_under_the_budget() {
+        const M: u64 = 1 << 20;
+        assert!(replacement_first(None, None, 50 * M));
+        assert!(replacement_first(None, Some(900 * M), 50 * M));
+        assert!(replacement_first(Some(1000 * M), None, 50 * M));
+        assert!(replacement_first(Some(1000 * M), Some(950 * M), 50 * M));
+        assert!(!replacement_first(Some(1000 * M), Some(951 * M), 50 * M));
+        assert!(!replacement_first(Some(1000 * M), Some(u64::MAX), 1));
     }
 
     #[test]

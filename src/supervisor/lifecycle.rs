@@ -199,6 +199,14 @@ impl Supervisor {
         w.state = State::Ready;
         w.ready_at = Some(Instant::now());
         let (slot, took) = (w.slot, w.started.elapsed());
+        // What a replacement costs while starting, and how long starting takes: the
+        // policy's start-first/stop-first and deadline decisions use both.
+        let cost = w
+            .group
+            .usage(pid)
+            .ok()
+            .map_or(0, |u| u.peak.unwrap_or(u.working_set));
+        self.pool.started(cost, took);
         info!(
             slot,
             pid,
@@ -219,7 +227,7 @@ impl Supervisor {
                     "ready time from start-ups"
                 );
                 self.settings.ready_time = measured;
-                self.gate.update(&self.settings);
+                self.pool.update(&self.settings);
             }
         }
         if let Some(r) = replaces {
@@ -313,6 +321,16 @@ impl Supervisor {
             if let Some(s) = self.slots.get_mut(slot) {
                 s.oom_kills += 1;
             }
+            let served = w.ready_at.map_or(Duration::ZERO, |t| t.elapsed());
+            if w.ready_at.is_some() && self.pool.oom_unavoidable(served) {
+                warn!(
+                    slot,
+                    pid,
+                    served_s = served.as_secs_f64(),
+                    ready_time_s = self.pool.ready_time().as_secs_f64(),
+                    "the worker reached its limit sooner after becoming ready than a replacement takes to get ready: no recycle schedule could have prevented this OOM kill (raise --limit, or slow its growth)"
+                );
+            }
             error!(
                 slot,
                 pid,
@@ -338,8 +356,19 @@ impl Supervisor {
         if stopping {
             return;
         }
+        if let Some((old, reason)) = self.slots[slot].stop_first
+            && old == pid
+        {
+            // Stop-first: the old worker is gone, now its replacement starts.
+            self.slots[slot].stop_first = None;
+            info!(slot, pid, reason = %reason, "stop-first recycle: the old worker is gone; starting its replacement");
+            self.start_worker(slot, Some(Replacing { pid, reason }));
+        }
         if let Some(reason) = recycling {
             // The old half of a recycle is gone: the recycle is complete.
+            if let Some(t) = self.slots[slot].recycle_started.take() {
+                self.pool.recycle_finished(t.elapsed());
+            }
             self.totals.recycles += 1;
             if let Some(m) = &self.metrics {
                 m.recycled(slot, &reason.to_string());
@@ -374,6 +403,9 @@ impl Supervisor {
                 "replacement failed before it was ready; the old worker keeps serving, retrying later"
             );
             self.slots[slot].retry_recycle_at = Some(Instant::now() + delay);
+            if self.slots[slot].recycle_started.take().is_some() {
+                self.pool.recycle_abandoned();
+            }
             return;
         }
         // Someone else still serves this slot (e.g. a replacement already started).

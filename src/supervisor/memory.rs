@@ -1,6 +1,6 @@
-//! The memory side of the pool: every tick, read each worker's memory and trim the ones
-//! the policy says to (the injector runs on a blocking thread). Decisions are
-//! [`crate::policy`]'s; this carries them out.
+//! The memory side of the pool: every tick, read each worker's memory (and the pool's);
+//! run the trims the policy asks for (the injector runs on a blocking thread).
+//! Decisions are [`crate::policy`]'s; this carries them out.
 
 use std::time::Duration;
 
@@ -47,22 +47,10 @@ impl Supervisor {
         if let Some(m) = &self.metrics {
             m.update(&self.snapshot());
         }
-        if !self.cfg.trim {
-            return;
+        if self.pool.budget().is_some() {
+            self.pool_usage = self.groups.pool_usage();
         }
-        let mut to_trim = vec![];
-        for w in &mut self.workers {
-            if w.state == State::Ready
-                && w.trim == Trim::Idle
-                && w.policy.should_trim(&self.settings, now_d)
-            {
-                w.trim = Trim::InFlight;
-                to_trim.push((w.pid, w.group.pids(w.pid).unwrap_or_else(|_| vec![w.pid])));
-            }
-        }
-        for (pid, pids) in to_trim {
-            self.trim_worker(pid, pids);
-        }
+        // Whom to trim is the pool policy's decision (supervisor/recycle.rs), right after.
     }
 
     pub(super) fn trim_worker(&mut self, pid: i32, pids: Vec<i32>) {

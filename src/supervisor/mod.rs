@@ -44,14 +44,15 @@ use tokio::time::Instant;
 use crate::config::Config;
 use crate::edge::{Groups, Injector, Launcher};
 use crate::notify::{Notifier, RunDir};
-use crate::policy::{self, Backoff, RecycleGate, RecycleReason};
+use crate::policy::{self, Backoff, PoolPolicy, RecycleReason};
 use crate::status::{self, ControlMsg};
 use crate::trim;
 pub use run::{PoolSignal, forward_signals};
 pub use worker::{Exit, Replacing, State, Trim, Why, Worker};
 
-/// How often memory is read and trim/recycle decisions are made.
-const TICK: Duration = Duration::from_secs(1);
+/// How often memory is read and trim/recycle decisions are made, until the policy asks
+/// for a shorter tick near a limit ([`policy::Decisions::next_tick`]).
+const TICK: Duration = policy::SLOW_TICK;
 /// A worker that lived at least this long and then exited resets its slot's backoff (as
 /// the backoff's own documentation says: twice its cap).
 const STABLE_AFTER: Duration = policy::BACKOFF_RESET_AFTER;
@@ -62,6 +63,8 @@ pub struct Setup {
     pub config: Config,
     pub settings: policy::Settings,
     pub limit: Option<u64>,
+    /// The pool budget (`--pool-limit`), resolved; `limit` is then each worker's ceiling.
+    pub budget: Option<u64>,
     pub groups: Box<dyn Groups>,
     pub launcher: Box<dyn Launcher>,
     pub injector: Arc<dyn Injector>,
@@ -139,6 +142,10 @@ struct Slot {
     hung: Option<i32>,
     /// Watchdog timeouts of this slot so far.
     timeouts: u64,
+    /// A recycle of this slot started then (for the policy's recycle time).
+    recycle_started: Option<Instant>,
+    /// Stop-first recycle: the worker stopping now, whose exit starts the replacement.
+    stop_first: Option<(i32, RecycleReason)>,
 }
 
 impl Slot {
@@ -153,6 +160,8 @@ impl Slot {
             last_exit: None,
             hung: None,
             timeouts: 0,
+            recycle_started: None,
+            stop_first: None,
         }
     }
 }
@@ -180,7 +189,13 @@ pub struct Supervisor {
     rundir: RunDir,
     notifier: Notifier,
     settings: policy::Settings,
-    gate: RecycleGate,
+    pool: PoolPolicy,
+    /// Read memory this often (the policy shortens it near a limit).
+    tick: Duration,
+    /// The pool group's working set at the last tick (with a budget).
+    pool_usage: Option<u64>,
+    /// Workers already reported as growing too fast for any schedule.
+    too_fast_logged: std::collections::HashSet<i32>,
     target: usize,
     slots: Vec<Slot>,
     workers: Vec<Worker>,
@@ -202,7 +217,7 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(setup: Setup) -> Supervisor {
         let cfg = setup.config;
-        let gate = RecycleGate::new(&setup.settings);
+        let pool = PoolPolicy::new(&setup.settings, setup.budget);
         let (tx, rx) = mpsc::unbounded_channel();
         let target = cfg.workers;
         let rng = match setup.seed {
@@ -218,7 +233,10 @@ impl Supervisor {
             rundir: setup.rundir,
             notifier: Notifier::from_env(),
             settings: setup.settings,
-            gate,
+            pool,
+            tick: TICK,
+            pool_usage: None,
+            too_fast_logged: Default::default(),
             target,
             slots: (0..target).map(|_| Slot::new()).collect(),
             workers: Vec::new(),
@@ -262,21 +280,21 @@ impl Supervisor {
             .map(|r| r.reason)
     }
 
-    /// Recycles in progress: workers being replaced, plus replacements of hung workers
-    /// that are gone already (a timeout recycle lasts until its replacement is ready).
+    /// Recycles in progress: workers being replaced, plus replacements whose old worker is
+    /// gone already (a timeout or stop-first recycle lasts until its replacement is ready).
     fn in_progress(&self) -> usize {
         let being_replaced = self
             .workers
             .iter()
             .filter(|w| self.recycling(w).is_some())
             .count();
+        // (Also the replacement of a stop-first recycle, started once the old one is gone.)
         let after_hung = self
             .workers
             .iter()
             .filter(|w| {
                 matches!(w.state, State::Starting { replaces: Some(r) }
-                    if r.reason == RecycleReason::Timeout
-                        && !self.workers.iter().any(|o| o.pid == r.pid))
+                    if !self.workers.iter().any(|o| o.pid == r.pid))
             })
             .count();
         being_replaced + after_hung

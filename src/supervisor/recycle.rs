@@ -1,13 +1,12 @@
 //! Recycling: who is replaced now, replacement first, within `--max-recycling` and the
 //! gate's spacing; workers waiting for their turn are slowed with `memory.high` (v2).
 
-use std::time::Duration;
-
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::{Replacing, State, Supervisor, Worker};
-use crate::policy::{self, Candidate, RecycleReason};
+use super::lifecycle::drain;
+use super::{Replacing, State, Supervisor, Trim, Why, Worker};
+use crate::policy::{PoolView, RecycleOrder, RecycleReason, Role, StartMode, WorkerView};
 
 impl Supervisor {
     pub(super) fn after_recycle_progress(&mut self) {
@@ -26,11 +25,13 @@ impl Supervisor {
         }
     }
 
-    /// Pick who may be recycled now and start their replacements.
+    /// Ask the pool's policy what to do now ([`PoolPolicy::decide`](crate::policy::PoolPolicy::decide))
+    /// and do it: trims, recycles (replacement first, or stop-first under a budget),
+    /// `memory.high` changes, the next memory tick.
     ///
     /// A rolling restart (HUP, `ctl reload`) goes one worker at a time within
     /// `--max-recycling` as fast as readiness allows; memory, lifetime and manual recycles go
-    /// through the gate, which also spaces their starts and orders them by urgency. A
+    /// through the gate, which also spaces their starts and orders them by deadline. A
     /// recycle whose replacement never became ready keeps its reason and is retried after
     /// the slot's backoff.
     pub(super) fn run_recycles(&mut self) {
@@ -46,146 +47,75 @@ impl Supervisor {
                     .iter()
                     .any(|o| o.slot == w.slot && o.pid != w.pid && o.state.is_starting())
         };
-        let mut candidates = vec![];
-        let mut reloads = vec![];
-        for w in &self.workers {
-            if !eligible(self, w) {
-                continue;
-            }
-            let Some(reason) = w.policy.recycle_reason(&self.settings, now_d) else {
-                continue;
-            };
-            let since = w
-                .policy
-                .waiting_since(&self.settings, now_d)
-                .unwrap_or(now_d);
-            if reason == RecycleReason::Reload {
-                reloads.push((w.slot, w.pid));
-            } else {
-                candidates.push(Candidate {
-                    slot: w.slot,
-                    reason,
-                    time_to_limit: w.policy.time_to_limit(now_d),
-                    waiting_since: since,
-                });
-            }
-        }
-        // Lookahead: if the gate, one start per spacing, would reach some worker only after
-        // its hard limit, the most urgent one not yet waiting starts now.
-        let ttls: Vec<(Duration, usize)> = self
+        let views: Vec<WorkerView> = self
             .workers
             .iter()
-            .filter(|w| eligible(self, w))
-            .filter_map(|w| w.policy.time_to_limit(now_d).map(|t| (t, w.slot)))
+            .map(|w| WorkerView {
+                slot: w.slot,
+                role: match w.state {
+                    State::Starting { .. } => Role::Starting,
+                    State::Ready if self.recycling(w).is_some() => Role::Replaced,
+                    State::Ready => Role::Serving,
+                    State::Draining { .. } | State::Killed { .. } => Role::Draining,
+                },
+                policy: &w.policy,
+                usage: w.usage.as_ref().map(|u| u.working_set),
+                may_trim: self.cfg.trim && w.trim == Trim::Idle,
+                may_recycle: eligible(self, w),
+                memory_high: w.memory_high,
+                has_memory_high: w.group.has_memory_high(),
+            })
             .collect();
-        let times: Vec<Duration> = ttls.iter().map(|t| t.0).collect();
-        // The spacing in force: shorter than configured only if the projections need it.
-        self.gate.yield_to(&times);
-        // One start per spacing, and with --max-recycling 1 no faster than a recycle takes
-        // (ready time plus a short drain).
-        let cadence = self.gate.spacing().max(
-            (self.settings.ready_time + Duration::from_secs(2))
-                / self.cfg.max_recycling.max(1) as u32,
-        );
-        let mut ahead = None;
-        if policy::behind_schedule(&times, cadence, self.settings.ready_time)
-            && let Some(&(ttl, slot)) = ttls
-                .iter()
-                .filter(|(_, s)| !candidates.iter().any(|c| c.slot == *s))
-                .min()
-        {
-            debug!(
-                slot,
-                ttl_s = ttl.as_secs_f64(),
-                "recycle queue is behind schedule: starting early"
-            );
-            candidates.push(Candidate {
-                slot,
-                reason: RecycleReason::Memory,
-                time_to_limit: Some(ttl),
-                waiting_since: now_d,
-            });
-            ahead = Some((slot, ttl));
-        }
-        reloads.sort();
-        for (slot, pid) in reloads {
-            if self.in_progress() >= self.cfg.max_recycling {
-                break;
-            }
-            self.start_recycle(pid, slot, RecycleReason::Reload, Duration::ZERO, None);
-        }
-        // A worker no longer waiting (a trim brought it back under its threshold) runs
-        // unthrottled again.
-        for w in &mut self.workers {
-            if w.memory_high.is_some() && !candidates.iter().any(|c| c.slot == w.slot) {
-                if let Err(e) = w.group.set_high(None) {
-                    debug!(slot = w.slot, error = %e, "cannot reset memory.high");
-                }
-                w.memory_high = None;
-            }
-        }
-        if candidates.is_empty() {
-            return;
-        }
-        let admitted = self.gate.admit(now_d, self.in_progress(), &candidates);
-        if !admitted.is_empty() && self.gate.spacing() < self.gate.configured_spacing() {
+        let view = PoolView {
+            now: now_d,
+            workers: &views,
+            in_progress: self.in_progress(),
+            pool_usage: self.pool_usage,
+        };
+        let d = self.pool.decide(&view);
+        let pids: Vec<i32> = self.workers.iter().map(|w| w.pid).collect();
+        drop(views);
+        self.tick = d.next_tick;
+        if d.eager_projection {
             info!(
-                slot = admitted[0],
-                spacing_s = self.gate.spacing().as_secs_f64(),
-                configured_s = self.gate.configured_spacing().as_secs_f64(),
-                "recycle spacing shortened: with the configured spacing, waiting workers would reach their limits first"
+                "workers reach their limits sooner than a projection from 10 s of readings can tell: projecting young workers from 2 s of readings from now on"
             );
         }
-        for slot in &admitted {
-            let Some(c) = candidates.iter().find(|c| c.slot == *slot) else {
-                continue;
-            };
-            let Some(pid) = self
-                .workers
-                .iter()
-                .find(|w| w.slot == *slot && w.state == State::Ready && self.recycling(w).is_none())
-                .map(|w| w.pid)
-            else {
-                continue;
-            };
-            let early = ahead.filter(|a| a.0 == *slot).map(|a| a.1);
-            self.start_recycle(
-                pid,
-                *slot,
-                c.reason,
-                now_d.saturating_sub(c.waiting_since),
-                early,
-            );
-        }
-        // Those still waiting: slow them down on v2 rather than let them be OOM-killed.
-        let order = self.gate.order(&candidates);
-        let in_progress = self.in_progress();
-        let recycle_time = self.settings.ready_time + Duration::from_secs(2);
-        for (position, &slot) in order.iter().enumerate() {
-            if admitted.contains(&slot) {
-                continue;
+        for &(i, ttl) in &d.too_fast {
+            let w = &self.workers[i];
+            if self.too_fast_logged.insert(w.pid) {
+                warn!(
+                    slot = w.slot,
+                    pid = w.pid,
+                    projected_limit_in_s = ttl.as_secs_f64(),
+                    ready_time_s = self.pool.ready_time().as_secs_f64(),
+                    "worker grows to its limit faster than a replacement can get ready: no recycle schedule can prevent an OOM kill (raise --limit, or slow its growth)"
+                );
             }
-            let wait = self
-                .gate
-                .expected_wait(now_d, in_progress, position, recycle_time);
-            let pid = self
-                .workers
-                .iter()
-                .find(|w| {
-                    w.slot == slot && self.recycling(w).is_none() && w.group.has_memory_high()
-                })
-                .map(|w| w.pid);
-            if let Some(w) = pid.and_then(|p| self.worker_mut(p)) {
-                let high = w.policy.memory_high(now_d, Some(wait));
-                if high != w.memory_high {
-                    if let Err(e) = w.group.set_high(high) {
-                        debug!(slot, error = %e, "cannot set memory.high");
-                    } else if let Some(h) = high {
+        }
+        // Trims: the policy's (the worker's own, or the budget's).
+        let mut to_trim = vec![];
+        for t in &d.trims {
+            let w = &mut self.workers[t.worker];
+            w.trim = Trim::InFlight;
+            if t.for_budget {
+                debug!(slot = w.slot, pid = w.pid, "trimming for the pool budget");
+            }
+            to_trim.push((w.pid, w.group.pids(w.pid).unwrap_or_else(|_| vec![w.pid])));
+        }
+        for (pid, pids) in to_trim {
+            self.trim_worker(pid, pids);
+        }
+        for &(i, high) in &d.memory_high {
+            let w = &mut self.workers[i];
+            match w.group.set_high(high) {
+                Err(e) => debug!(slot = w.slot, error = %e, "cannot set memory.high"),
+                Ok(()) => {
+                    if let Some(h) = high {
                         info!(
-                            slot,
+                            slot = w.slot,
                             pid = w.pid,
                             memory_high = h,
-                            expected_wait_s = wait.as_secs_f64(),
                             "slowing a waiting worker with memory.high"
                         );
                     }
@@ -193,31 +123,61 @@ impl Supervisor {
                 }
             }
         }
+        if let Some(spacing) = d.spacing_shortened {
+            info!(
+                spacing_s = spacing.as_secs_f64(),
+                configured_s = self.pool.gate().configured_spacing().as_secs_f64(),
+                "recycle spacing shortened: with the configured spacing, waiting workers would reach their limits first"
+            );
+        }
+        for r in &d.recycles {
+            let pid = pids[r.worker];
+            let Some(slot) = self.worker_mut(pid).map(|w| w.slot) else {
+                continue;
+            };
+            self.start_recycle(pid, slot, r);
+        }
     }
 
-    /// `ahead`: started by the lookahead before its threshold, projected this far from
-    /// its limit.
-    fn start_recycle(
-        &mut self,
-        pid: i32,
-        slot: usize,
-        reason: RecycleReason,
-        waited: Duration,
-        ahead: Option<Duration>,
-    ) {
+    fn start_recycle(&mut self, pid: i32, slot: usize, r: &RecycleOrder) {
+        let budget = self.pool.budget();
+        let pool_usage = self.pool_usage;
         let Some(w) = self.worker_mut(pid) else {
             return;
         };
-        w.stats.recycle_wait = Some(waited);
+        w.stats.recycle_wait = Some(r.waited);
+        if w.memory_high.is_some() && w.group.set_high(None).is_ok() {
+            w.memory_high = None;
+        }
         let usage = w.usage.as_ref().map(|u| u.working_set);
         let threshold = w.policy.recycle_threshold();
         let limit = self.limit;
+        let reason = r.reason;
+        let stop_first = r.mode == StartMode::StopFirst;
         info!(
-            slot, pid, reason = %reason, usage, limit, threshold, waited_s = waited.as_secs_f64(),
-            ahead_of_threshold = ahead.is_some(),
-            projected_limit_in_s = ahead.map(|t| t.as_secs_f64()),
-            "recycling worker: starting its replacement"
+            slot, pid, reason = %reason, usage, limit, threshold, waited_s = r.waited.as_secs_f64(),
+            ahead_of_threshold = r.ahead.is_some(),
+            projected_limit_in_s = r.ahead.map(|t| t.as_secs_f64()),
+            for_budget = r.for_budget,
+            stop_first,
+            budget, pool_usage,
+            "{}",
+            if stop_first {
+                "recycling worker, stop-first: its replacement would not fit beside it under the pool budget; stopping it, then starting the replacement"
+            } else {
+                "recycling worker: starting its replacement"
+            }
         );
-        self.start_worker(slot, Some(Replacing { pid, reason }));
+        self.slots[slot].recycle_started = Some(Instant::now());
+        if stop_first {
+            let until = Instant::now() + self.cfg.graceful_timeout;
+            let sig = self.cfg.stop_signal;
+            self.slots[slot].stop_first = Some((pid, reason));
+            if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
+            }
+        } else {
+            self.start_worker(slot, Some(Replacing { pid, reason }));
+        }
     }
 }

@@ -113,10 +113,12 @@ impl Supervisor {
                 next_keepalive = now + every;
             }
             if now >= next_tick {
-                next_tick = now + TICK;
+                next_tick = now + self.tick;
                 self.memory_tick();
             }
             self.on_timers(now);
+            // The policy may have asked for a shorter tick (a worker near its limit).
+            next_tick = next_tick.min(now + self.tick);
             if self.phase.stopping() && self.workers.is_empty() {
                 return self.finish(Outcome::Stopped).await;
             }

@@ -52,6 +52,7 @@ fn pool(args: &[&str], limit: Option<u64>) -> Pool {
         settings: policy_settings(&cfg),
         config: cfg,
         limit,
+        budget: None,
         groups: Box::new(groups.clone()),
         launcher: Box::new(launcher.clone()),
         injector: Arc::new(injector.clone()),

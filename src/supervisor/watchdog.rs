@@ -1,7 +1,9 @@
 //! The watchdog (`--timeout`): a ready worker that sent no `WATCHDOG=1` for a whole
 //! timeout (or sent `WATCHDOG=trigger`) is reported, sent `--timeout-signal`, SIGKILLed
-//! after [`policy::kill_grace`], and replaced: at once after a healthy run, after the
-//! slot's jittered backoff when it keeps hanging ([`policy::replacement_delay`]).
+//! after [`policy::kill_grace`], and replaced: at once after a healthy run (before the hung
+//! worker is gone, unless it would not fit beside it under `--pool-limit`:
+//! [`policy::replacement_first`]), after the slot's jittered backoff when it keeps hanging
+//! ([`policy::replacement_delay`]).
 //!
 //! The replacement is a recycle (reason `timeout`): it counts against `--max-recycling`
 //! until it is ready, so other recycles wait for it, but it does not wait for the gate
@@ -101,20 +103,30 @@ impl Supervisor {
         self.totals.timeouts += 1;
         self.slots[slot].timeouts += 1;
         if let Some(m) = &self.metrics {
+            // The recycle itself is counted when the hung worker is gone (on_exit).
             m.timed_out(slot);
-            m.recycled(slot, &RecycleReason::Timeout.to_string());
         }
         let delay = policy::replacement_delay(&mut self.slots[slot].backoff, kept, &mut self.rng);
-        // Replacement first, then the signal: the new worker is on its way before the
-        // hung one is gone. (A worker that keeps hanging waits for its backoff instead.)
+        // Replacement first where memory allows (under --pool-limit, if it fits beside the
+        // hung worker), then the signal: the new worker is on its way before the hung one
+        // is gone. Otherwise it starts once the hung one is gone (stop-first); a worker
+        // that keeps hanging waits for its backoff instead.
+        let fits = policy::replacement_first(
+            self.pool.budget().map(policy::pool_memory_high),
+            self.pool_usage,
+            self.pool.start_cost(),
+        );
         if slot < self.target {
             info!(
                 slot,
                 pid,
                 delay_ms = delay.as_millis() as u64,
+                stop_first = delay.is_zero() && !fits,
                 "replacing the hung worker"
             );
-            if delay.is_zero() {
+            if delay.is_zero() && !fits {
+                self.slots[slot].stop_first = Some((pid, RecycleReason::Timeout));
+            } else if delay.is_zero() {
                 self.start_worker(
                     slot,
                     Some(Replacing {

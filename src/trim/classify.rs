@@ -9,6 +9,12 @@
 //! (named or not):
 //! glibc reads a /proc file with an arena lock held when it shrinks a heap.
 //!
+//! One `futex` wait is allowed: CPython's threads waiting for the GIL sleep in `futex` on
+//! the GIL's condition variable or mutex, which live in the interpreter's static
+//! `_PyRuntime` (in the `python3.x` executable or `libpython3.x.so`). A thread waiting
+//! for the GIL has released it from the interpreter's own code, outside any malloc call,
+//! and holds no allocator lock. Any other futex (libc's, or on the heap) stays refused.
+//!
 //! Syscalls that swap in a temporary signal mask (`ppoll`, `pselect6`, `epoll_pwait*`
 //! with a mask argument) are refused as well: `PTRACE_SETSIGMASK` clears the kernel's
 //! "restore the saved mask" flag, so the thread would keep the temporary mask for good.
@@ -24,6 +30,14 @@ pub trait Context {
     /// The libc function containing `ip`, if it is one that can be restarted through
     /// `restart_syscall` (nanosleep, clock_nanosleep, poll...).
     fn restartable_function_at(&self, ip: u64) -> Option<&'static str>;
+    /// Whether `addr` is inside the interpreter's GIL state (`_PyRuntime`).
+    fn is_gil(&self, addr: u64) -> bool;
+}
+
+/// `FUTEX_WAIT` and `FUTEX_WAIT_BITSET`, with or without `FUTEX_PRIVATE_FLAG` /
+/// `FUTEX_CLOCK_REALTIME`: the waits glibc's condition variables and mutexes make.
+fn is_futex_wait(op: u64) -> bool {
+    matches!(op & 0x7f, 0 | 9)
 }
 
 /// Kernel return values of a syscall interrupted by a ptrace stop: -EINTR and the
@@ -103,6 +117,7 @@ pub fn classify(
             Some(_) => Ok("restart_syscall"),
             None => Err("restart_syscall of an unknown call (may be a futex wait)".into()),
         },
+        nr::FUTEX if is_futex_wait(args[1]) && ctx.is_gil(args[0]) => Ok("futex (GIL wait)"),
         nr::FUTEX => Err("futex (lock or condition wait, may be inside malloc)".into()),
         nr::BRK | nr::MMAP | nr::MUNMAP | nr::MREMAP | nr::MADVISE | nr::MPROTECT => {
             Err(format!("memory syscall {nr} (may be inside malloc)"))
@@ -136,6 +151,9 @@ mod tests {
         }
         fn restartable_function_at(&self, ip: u64) -> Option<&'static str> {
             (ip == 0xaaaa).then_some("clock_nanosleep")
+        }
+        fn is_gil(&self, addr: u64) -> bool {
+            (0x5000_0000..0x5002_8b20).contains(&addr)
         }
     }
 
@@ -202,6 +220,24 @@ mod tests {
     }
 
     #[test]
+    fn only_futex_waits_on_the_gil_are_safe() {
+        // pthread_cond_timedwait: FUTEX_WAIT_BITSET | FUTEX_PRIVATE_FLAG.
+        assert_eq!(
+            c(nr::FUTEX, [0x5000_0040, 0x89, 0, 0, 0, 0]),
+            Ok("futex (GIL wait)")
+        );
+        assert_eq!(
+            c(nr::FUTEX, [0x5000_0080, 0x80, 2, 0, 0, 0]),
+            Ok("futex (GIL wait)")
+        );
+        // Elsewhere (libc, heap), or not a wait (wake, requeue, PI lock): refused.
+        assert!(c(nr::FUTEX, [0x7f00_0000_0040, 0x89, 0, 0, 0, 0]).is_err());
+        assert!(c(nr::FUTEX, [0x5002_8b20, 0x80, 0, 0, 0, 0]).is_err());
+        assert!(c(nr::FUTEX, [0x5000_0040, 0x81, 0, 0, 0, 0]).is_err());
+        assert!(c(nr::FUTEX, [0x5000_0040, 0x86, 0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
     fn restart_syscall_is_safe_only_for_known_sleeps() {
         assert_eq!(
             classify(nr::RESTART_SYSCALL, [0; 6], 0xaaaa, &Fake),
@@ -218,5 +254,57 @@ mod tests {
         for r in [0, 5, -11, -515] {
             assert!(!is_interrupted(r));
         }
+    }
+}
+
+/// UC flags the kernel writes in every x86_64 signal frame (`UC_SIGCONTEXT_SS |
+/// UC_STRICT_RESTORE_SS`, with `UC_FP_XSTATE` when it saved XSAVE state).
+const KERNEL_UC_FLAGS: [u64; 2] = [0x6, 0x7];
+
+/// Look for a signal frame in `stack` (the thread's stack from its `rsp` upward, `base`
+/// being the address of `stack[0]`): a word equal to `restore_rt` (glibc's handler
+/// return address, the frame's `pretcode`) followed by a ucontext whose flags are the
+/// kernel's and whose saved `rsp` lies above the frame. A thread with such a frame above
+/// it is running a signal handler: it may have interrupted malloc with an arena lock held.
+/// Returns the frame's address. (A stale word that merely looks like a frame makes us
+/// pass over a thread: the safe direction.)
+pub fn find_signal_frame(stack: &[u8], base: u64, restore_rt: u64) -> Option<u64> {
+    let word = |off: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            stack.get(off..off + 8)?.try_into().ok()?,
+        ))
+    };
+    (0..stack.len().saturating_sub(8))
+        .step_by(8)
+        .find(|&off| {
+            word(off) == Some(restore_rt)
+                && word(off + 8).is_some_and(|f| KERNEL_UC_FLAGS.contains(&f))
+                && word(off + 8 + 40 + 120).is_some_and(|sp| sp > base + off as u64)
+        })
+        .map(|off| base + off as u64)
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_kernel_signal_frame_above_the_stack_pointer() {
+        let base = 0x7ffd_0000u64;
+        let mut st = vec![0u8; 4096];
+        let put = |st: &mut Vec<u8>, off: usize, v: u64| {
+            st[off..off + 8].copy_from_slice(&v.to_le_bytes())
+        };
+        assert_eq!(find_signal_frame(&st, base, 0x7f00_3c050), None);
+        // A lone return address (e.g. a stale local) is not a frame.
+        put(&mut st, 64, 0x7f00_3c050);
+        assert_eq!(find_signal_frame(&st, base, 0x7f00_3c050), None);
+        put(&mut st, 1024, 0x7f00_3c050);
+        put(&mut st, 1032, 7);
+        put(&mut st, 1024 + 8 + 40 + 120, base + 3000);
+        assert_eq!(
+            find_signal_frame(&st, base, 0x7f00_3c050),
+            Some(base + 1024)
+        );
     }
 }

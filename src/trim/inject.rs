@@ -1,32 +1,42 @@
 //! The ptrace mechanics of one injected call: seize and interrupt one thread, check from
 //! its registers that it is parked in a safe syscall, save its state, run
-//! `malloc_trim(0)` on it, catch the return, put everything back, detach.
+//! `malloc_trim(0)` on it so that it comes back by itself, detach.
 //!
-//! Why the state comes back exactly: the thread stops (PTRACE_INTERRUPT) inside the
-//! kernel's signal handling on its way out of the syscall, with `orig_rax` = the syscall
-//! and `rax` = -ERESTART* (or -EINTR). We run the call with `orig_rax = -1`, so the kernel
-//! does not apply the restart to our call. The call ends in a fault at [`RETURN_ADDR`],
-//! which stops the thread at the same place in the kernel (signal delivery); we put the
-//! saved registers back, suppress that SIGSEGV and detach, and the kernel now performs the
-//! restart it skipped: `rip -= 2` and `rax = orig_rax` (or `restart_syscall`, whose
-//! per-thread restart block — e.g. nanosleep's absolute expiry — our call did not touch).
-//! Sleeps are therefore not shortened, and only syscalls that return -EINTR to any ptrace
-//! interrupt (epoll_wait) see one.
+//! A call nothing can turn into a crash: the thread's saved state (registers, signal
+//! mask, XSAVE area) is written as a signal frame on its own stack, below the red zone,
+//! and `malloc_trim` returns into libc's `__restore_rt`, whose `rt_sigreturn` puts it all
+//! back. If trimrun dies at any instant (SIGKILL, a crash, a supervisor that exits), the
+//! kernel detaches the thread and the frame brings it back to where it was; nothing of the
+//! call depends on us being there. The frame re-runs the interrupted syscall itself
+//! (`rip -= 2`, `rax` = its number, since `rt_sigreturn` applies no restart), and leaves
+//! `-EINTR` (epoll_wait) to the program, as a detach would have.
 //!
-//! Signals: all but SIGSEGV are blocked for the call, so the ones that arrive stay pending
-//! and are delivered once the saved mask is back. SIGSEGV stays unblocked because the
-//! kernel resets the handler of a *blocked* synchronous fault signal to SIG_DFL, which
-//! would silently remove the application's own handler (Python's faulthandler).
+//! While we are alive we still see the end: before resuming the call we queue a marker
+//! signal to the thread, blocked during the call and unblocked by the mask the frame
+//! restores, so the thread stops in signal delivery right after `rt_sigreturn`. There we
+//! set the registers the kernel's own restart logic expects (syscall number in `orig_rax`,
+//! `-ERESTART*` in `rax`, see [`arch::resume_regs`]), drop the marker and detach, so a
+//! signal that arrived during the call is handled with the usual semantics (`EINTR` when
+//! its handler has no `SA_RESTART`). The marker is a signal the process ignores (its
+//! default, like SIGURG, or `SIG_IGN`), so should we die first it is discarded.
 //!
-//! Timeouts: when the call has not returned within the bound, the thread is interrupted
-//! and its registers looked at. If it is waiting in `futex` (for an arena lock another
-//! thread holds — `malloc_trim` holds no lock while it waits for the next one), the call
-//! is abandoned, the saved state restored and [`TrimError::TimedOut`] returned. Anywhere
-//! else it may be holding an arena lock, and abandoning it would deadlock the process for
-//! good, so it is resumed and allowed to finish (with one warning): a slow trim is better
-//! than a hung worker.
+//! Why not stop at the return itself: a hardware breakpoint outlives a dead tracer and
+//! would then kill the thread with SIGTRAP, and `PTRACE_SYSCALL` would stop on each of the
+//! thousands of `madvise` calls of a large trim. Without that stop `malloc_trim`'s return
+//! value is not seen; the report carries whether memory was released instead.
 //!
-//! [`RETURN_ADDR`]: super::arch::RETURN_ADDR
+//! Signals: all but the synchronous faults are blocked for the call, so the ones that
+//! arrive stay pending and are delivered once the saved mask is back. Faults stay
+//! unblocked because the kernel resets the handler of a *blocked* synchronous fault signal
+//! to SIG_DFL, which would remove the application's own handler (Python's faulthandler).
+//!
+//! Timeouts: every wait is bounded. A thread that does not stop (a frozen cgroup, a long
+//! uninterruptible sleep) is released untouched by ending the tracer thread, which is
+//! what detaches a running tracee. A call still running after the bound is looked at: if
+//! it waits in `futex` for an arena lock another thread holds (`malloc_trim` holds none
+//! while it waits for the next), the call is abandoned and the saved state put back;
+//! anywhere else the thread is released and finishes the call on its own, through the
+//! frame.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,7 +48,7 @@ use super::TrimError;
 use super::arch::{self, Regs};
 use super::classify::{self, Context};
 use super::procfs;
-use super::symbols::Libc;
+use super::symbols::{CODE_CHECK, Libc};
 
 const PTRACE_EVENT_STOP: i32 = 128;
 const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
@@ -46,9 +56,8 @@ const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
 
 /// How one attempt on one thread ended.
 pub enum Attempt {
-    /// `malloc_trim` returned `ret`; the thread was stopped for `pause`.
+    /// `malloc_trim` ran and returned; the thread was stopped for `pause`.
     Done {
-        ret: i32,
         syscall: &'static str,
         pause: Duration,
         /// From resuming the thread into the call until we saw it return.
@@ -113,10 +122,6 @@ fn peek(tid: i32, addr: u64) -> io::Result<u64> {
     } else {
         Ok(r as u64)
     }
-}
-
-fn poke(tid: i32, addr: u64, word: u64) -> io::Result<()> {
-    pt(libc::PTRACE_POKEDATA, tid, addr as usize, word as usize).map(drop)
 }
 
 fn get_regs(tid: i32) -> io::Result<Regs> {
@@ -331,34 +336,151 @@ fn exiting(status: &str) -> bool {
         .is_some_and(|v| matches!(v.trim_start().chars().next(), Some('Z' | 'X')))
 }
 
+/// What the injector knows about the process, read from `/proc` before attaching.
+pub struct Target<'a> {
+    pub pid: i32,
+    /// The thread whose `/proc` files show the process's memory (see `view_thread`).
+    pub view: i32,
+    pub libc: &'a Libc,
+    /// `SigIgn` and `SigCgt` of `/proc/PID/status`: process-wide dispositions.
+    pub ignored: u64,
+    pub caught: u64,
+    /// The interpreter's GIL state, if the process is CPython: `futex` waits there are
+    /// allowed (see [`classify`]).
+    pub gil: Option<std::ops::Range<u64>>,
+}
+
 /// Classification context for a stopped tracee.
 struct Stopped<'a> {
-    pid: i32,
+    t: &'a Target<'a>,
     tid: i32,
-    libc: &'a Libc,
 }
 
 impl Context for Stopped<'_> {
     fn fd_target(&self, fd: u64) -> Option<String> {
-        procfs::fd_target(self.pid, fd)
+        procfs::fd_target(self.t.pid, self.t.view, fd)
     }
     fn read_word(&self, addr: u64) -> Option<u64> {
         peek(self.tid, addr).ok()
     }
     fn restartable_function_at(&self, ip: u64) -> Option<&'static str> {
-        self.libc.restartable_function_at(ip)
+        self.t.libc.restartable_function_at(ip)
+    }
+    fn is_gil(&self, addr: u64) -> bool {
+        self.t.gil.as_ref().is_some_and(|g| g.contains(&addr))
     }
 }
 
-/// Seize thread `tid` of `pid`, and if it is parked in a safe syscall, run
-/// `malloc_trim(0)` on it. The thread is released in every outcome except a crash of the
-/// call (then it gets its SIGSEGV, as it would have without us).
+fn read_remote(pid: i32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: one local iovec over `buf`, which outlives the call; the remote address is
+    // only read by the kernel in the other process.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    match n {
+        -1 => Err(io::Error::last_os_error()),
+        n if n as usize == buf.len() => Ok(()),
+        _ => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+    }
+}
+
+fn write_remote(pid: i32, addr: u64, buf: &[u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel only reads `buf` (live for the call) and writes the other
+    // process's memory.
+    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    match n {
+        -1 => Err(io::Error::last_os_error()),
+        n if n as usize == buf.len() => Ok(()),
+        _ => Err(io::Error::from(io::ErrorKind::WriteZero)),
+    }
+}
+
+/// Did the process exec since we resolved its libc? Compare the code at `malloc_trim`
+/// and `__restore_rt` with the file's (one `process_vm_readv`): a new image has other
+/// code (or nothing) there.
+fn same_image(t: &Target, tid: i32) -> io::Result<bool> {
+    let (mt, rt) = t.libc.expected_code();
+    let mut a = [0u8; CODE_CHECK];
+    let mut b = [0u8; 9];
+    let local = [
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        },
+    ];
+    let remote = [
+        libc::iovec {
+            iov_base: t.libc.malloc_trim as *mut libc::c_void,
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: t.libc.restore_rt as *mut libc::c_void,
+            iov_len: b.len(),
+        },
+    ];
+    // SAFETY: two local iovecs over `a` and `b`, which outlive the call; the remote
+    // addresses are only read by the kernel in the other process.
+    let n = unsafe { libc::process_vm_readv(tid, local.as_ptr(), 2, remote.as_ptr(), 2, 0) };
+    if n == -1 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EFAULT) | Some(libc::EIO) => Ok(false),
+            _ => Err(e),
+        };
+    }
+    Ok(n as usize == a.len() + b.len() && a == mt && b == rt)
+}
+
+/// The syscall a thread stopped in `nr` will run again: `nr` itself, or for
+/// `restart_syscall` the one glibc's call site enters (`mov $NR,%eax; syscall`).
+fn restart_nr(tid: i32, regs: &Regs) -> Option<i64> {
+    let nr = arch::syscall_nr(regs);
+    if nr != arch::nr::RESTART_SYSCALL {
+        return Some(nr);
+    }
+    let mut code = [0u8; 7];
+    read_remote(tid, arch::ip(regs).checked_sub(7)?, &mut code).ok()?;
+    arch::syscall_site_nr(&code).filter(|n| {
+        matches!(
+            *n,
+            arch::nr::NANOSLEEP | arch::nr::CLOCK_NANOSLEEP | arch::nr::POLL | arch::nr::PPOLL
+        )
+    })
+}
+
+/// Seize thread `tid` of `t.pid`, and if it is parked in a safe syscall, run
+/// `malloc_trim(0)` on it. `expect_sp` is the stack pointer the thread had when it was
+/// checked from `/proc` (for a signal handler frame): a thread found elsewhere is not used.
+/// The thread is released in every outcome except a crash of the call (then it gets its
+/// signal, as it would have without us) and except when it does not stop or finish in
+/// time: then `*release_by_exit` is set and the caller must end this OS thread, which
+/// detaches it.
 pub fn trim_thread(
-    pid: i32,
+    t: &Target,
     tid: i32,
-    libc: &Libc,
+    expect_sp: Option<u64>,
     timeout: Duration,
+    release_by_exit: &mut bool,
 ) -> Result<Attempt, TrimError> {
+    let pid = t.pid;
     seize(pid, tid)?;
     let t0 = Instant::now();
     if let Err(e) = pt(libc::PTRACE_INTERRUPT, tid, 0, 0) {
@@ -367,12 +489,16 @@ pub fn trim_thread(
     let first = match wait_stop(tid, Some(t0 + timeout)) {
         Ok(Some(s)) => s,
         Ok(None) => {
-            // Uninterruptible sleep: a running tracee cannot be detached, so wait.
-            warn!(pid, tid, "thread did not stop within the timeout; waiting");
-            match wait_stop(tid, None) {
-                Ok(Some(s)) => s,
-                _ => return Err(TrimError::Gone { pid }),
-            }
+            // Frozen (cgroup freezer) or in an uninterruptible sleep. A running tracee
+            // cannot be detached; ending the tracer thread releases it untouched.
+            *release_by_exit = true;
+            return Err(TrimError::Deferred {
+                pid,
+                reason: format!(
+                    "thread {tid} did not stop within {timeout:?} (frozen cgroup or \
+                     uninterruptible sleep?); released untouched"
+                ),
+            });
         }
         Err(_) => return Err(TrimError::Gone { pid }),
     };
@@ -398,21 +524,42 @@ pub fn trim_thread(
     let (nr, ret) = (arch::syscall_nr(&regs), arch::syscall_ret(&regs));
     let verdict = if nr >= 0 && !classify::is_interrupted(ret) {
         Err(format!("thread {tid} had just finished syscall {nr}"))
+    } else if expect_sp.is_some_and(|sp| sp != regs.rsp) {
+        Err(format!("thread {tid} moved since it was checked"))
     } else {
-        let ctx = Stopped { pid, tid, libc };
+        let ctx = Stopped { t, tid };
         classify::classify(nr, arch::syscall_args(&regs), arch::ip(&regs), &ctx)
             .map_err(|r| format!("thread {tid}: {r}"))
+            .and_then(|name| match restart_nr(tid, &regs) {
+                Some(n) => Ok((name, n)),
+                None => Err(format!(
+                    "thread {tid}: restart_syscall of an unrecognised call site"
+                )),
+            })
     };
-    let syscall = match verdict {
-        Ok(name) => name,
+    let (syscall, restart) = match verdict {
+        Ok(v) => v,
         Err(reason) => {
             detach(tid, 0).map_err(|e| attached_err(pid, tid, "detach", e))?;
             return Ok(Attempt::NotParked(reason));
         }
     };
-    let (ret, call) = call(pid, tid, &regs, libc.malloc_trim, timeout)?;
+    match same_image(t, tid) {
+        Ok(true) => {}
+        other => {
+            detach(tid, 0).map_err(|e| attached_err(pid, tid, "detach", e))?;
+            let why = match other {
+                Err(e) => format!("cannot read its code to check it: {e}"),
+                _ => "it executed a new program (execve) since it was inspected".into(),
+            };
+            return Err(TrimError::Deferred {
+                pid,
+                reason: format!("nothing injected: {why}"),
+            });
+        }
+    }
+    let call = call(t, tid, &regs, restart, timeout, release_by_exit)?;
     Ok(Attempt::Done {
-        ret,
         syscall,
         pause: t0.elapsed(),
         call,
@@ -438,51 +585,116 @@ fn restore(tid: i32, s: &Saved) -> io::Result<()> {
     set_sigmask(tid, s.mask)
 }
 
-/// Detach, handing back the signals that arrived during the call: the first one through
-/// the detach itself (it replaces our SIGSEGV), the others re-sent to the thread.
-fn release(pid: i32, tid: i32, pending: &[i32]) -> Result<(), TrimError> {
-    let first = pending.first().copied().unwrap_or(0);
+/// The signal that marks the end of the call: one the thread does not block and the
+/// process ignores (by default or with `SIG_IGN`), so that, delivered without us, it does
+/// nothing. SIGCONT is never used: sending it resumes a stopped process.
+pub fn marker_signal(thread_mask: u64, ignored: u64, caught: u64) -> Option<i32> {
+    let bit = |s: i32| 1u64 << (s - 1);
+    let free = |s: i32| thread_mask & bit(s) == 0 && caught & bit(s) == 0;
+    [libc::SIGURG, libc::SIGWINCH, libc::SIGCHLD]
+        .into_iter()
+        .find(|&s| free(s))
+        .or_else(|| {
+            (1..=64).find(|&s| {
+                ignored & bit(s) != 0
+                    && free(s)
+                    && !matches!(s, libc::SIGCONT | libc::SIGKILL | libc::SIGSTOP)
+                    && !is_fault(s)
+            })
+        })
+}
+
+fn is_fault(sig: i32) -> bool {
+    matches!(
+        sig,
+        libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGTRAP
+    )
+}
+
+/// The mask the thread runs the call with: everything but the synchronous faults.
+fn call_mask() -> u64 {
+    let mut m = !0u64;
+    for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE] {
+        m &= !(1u64 << (s - 1));
+    }
+    m
+}
+
+/// Detach, handing back `first` through the detach itself and re-sending `more`.
+fn release(pid: i32, tid: i32, first: i32, more: &[i32]) -> Result<(), TrimError> {
     detach(tid, first).map_err(|e| attached_err(pid, tid, "detach", e))?;
-    for &sig in pending.iter().skip(1) {
+    for &sig in more {
         // SAFETY: tgkill has no memory preconditions.
         unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
     }
     Ok(())
 }
 
-/// Run `func(0)` on the stopped thread whose registers are `regs`; returns its `int` and
-/// how long it ran (as seen from here).
+/// Run `malloc_trim(0)` on the stopped thread whose registers are `regs` (parked in a
+/// syscall that restarts as `restart`); returns how long the call ran.
 fn call(
-    pid: i32,
+    t: &Target,
     tid: i32,
     regs: &Regs,
-    func: u64,
+    restart: i64,
     timeout: Duration,
-) -> Result<(i32, Duration), TrimError> {
+    release_by_exit: &mut bool,
+) -> Result<Duration, TrimError> {
+    let pid = t.pid;
     let err = |op: &str, e: io::Error| attached_err(pid, tid, op, e);
-    let (call_regs, slot) = arch::call_frame(regs, func, 0);
     let xstate = get_xstate(tid).map_err(|e| err("read extended registers", e))?;
     let mask = get_sigmask(tid).map_err(|e| err("read signal mask", e))?;
+    let Some(marker) = marker_signal(mask, t.ignored, t.caught) else {
+        detach(tid, 0).map_err(|e| err("detach", e))?;
+        return Err(TrimError::Deferred {
+            pid,
+            reason: format!(
+                "thread {tid} blocks or handles every signal that could mark the end of the call"
+            ),
+        });
+    };
     let saved = Saved {
         regs: *regs,
         xstate,
         mask,
     };
-    // The return address goes below the red zone, memory the ABI leaves to whoever runs
-    // next (a signal handler would overwrite it too), so its old word is not kept.
-    match poke(tid, slot, arch::RETURN_ADDR) {
+    let frame = arch::call_frame(
+        regs,
+        restart,
+        mask,
+        &saved.xstate,
+        t.libc.restore_rt,
+        t.libc.malloc_trim,
+        0,
+    );
+    // The frame goes below the red zone, memory the ABI leaves to whoever runs next (a
+    // signal handler would overwrite it too), so its old contents are not kept.
+    match write_remote(tid, frame.addr, &frame.bytes) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Err(lost(pid, tid)),
         Err(e) => {
             detach(tid, 0).map_err(|e| err("detach", e))?;
             return Err(TrimError::Deferred {
                 pid,
-                reason: format!("stack of thread {tid} below its red zone is not writable: {e}"),
+                reason: format!(
+                    "stack of thread {tid} below its red zone is not writable ({} bytes at {:#x}): {e}",
+                    frame.bytes.len(),
+                    frame.addr
+                ),
             });
         }
     }
-    let only_segv = !(1u64 << (libc::SIGSEGV - 1));
-    let setup = set_sigmask(tid, only_segv).and_then(|_| set_regs(tid, &call_regs));
+    // Order matters should we die in between: registers first (from then on the frame
+    // restores everything, mask included), then the mask, then the marker.
+    let setup = set_regs(tid, &frame.regs)
+        .and_then(|_| set_sigmask(tid, call_mask()))
+        .and_then(|_| {
+            // SAFETY: tgkill has no memory preconditions.
+            match unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, marker) } {
+                0 => Ok(()),
+                _ => Err(io::Error::last_os_error()),
+            }
+        });
     // The call is timed from the resume: the scheduler often runs the tracee on this CPU
     // as soon as it is woken, so the call may be over by the time PTRACE_CONT returns.
     let started = Instant::now();
@@ -496,20 +708,27 @@ fn call(
         return Err(err("set up the call", e));
     }
 
+    let me = std::process::id() as i32;
     let mut pending: Vec<i32> = Vec::new();
     let mut deadline = started + timeout;
     let mut interrupting = false;
-    let mut warned = false;
     loop {
         let stop = match wait_stop(tid, Some(deadline)) {
             Ok(Some(s)) => s,
-            Ok(None) => {
-                if !interrupting {
-                    pt(libc::PTRACE_INTERRUPT, tid, 0, 0).map_err(|e| err("interrupt", e))?;
-                    interrupting = true;
-                }
+            Ok(None) if !interrupting => {
+                pt(libc::PTRACE_INTERRUPT, tid, 0, 0).map_err(|e| err("interrupt", e))?;
+                interrupting = true;
                 deadline = Instant::now() + timeout;
                 continue;
+            }
+            Ok(None) => {
+                // It does not even stop (frozen mid-call): let it go, the frame brings it
+                // back whenever it runs again.
+                *release_by_exit = true;
+                return Err(TrimError::TimedOut {
+                    pid,
+                    finishing: true,
+                });
             }
             Err(_) => return Err(TrimError::Gone { pid }),
         };
@@ -517,64 +736,82 @@ fn call(
             Stop::Exit(status) => return Err(exited(pid, tid, status)),
             Stop::Signal(sig) => {
                 let si = get_siginfo(tid).map_err(|e| err("read signal info", e))?;
-                let now = get_regs(tid).map_err(|e| err("read registers", e))?;
+                let ours = sig == marker
+                    && si.si_code == libc::SI_TKILL
+                    // SAFETY: si_pid is valid for SI_TKILL signals.
+                    && unsafe { si.si_pid() } == me;
                 let from_kernel = si.si_code > 0;
-                let fault = matches!(
-                    sig,
-                    libc::SIGSEGV | libc::SIGBUS | libc::SIGILL | libc::SIGFPE | libc::SIGTRAP
-                );
-                // SAFETY: si_addr is valid to read for the fault signals checked above.
-                let addr = unsafe { si.si_addr() } as u64;
-                if sig == libc::SIGSEGV
-                    && from_kernel
-                    && arch::ip(&now) == arch::RETURN_ADDR
-                    && addr == arch::RETURN_ADDR
-                {
-                    let ret = arch::call_result(&now) as i32;
-                    let ran = started.elapsed();
-                    restore(tid, &saved).map_err(|e| err("restore thread state", e))?;
-                    release(pid, tid, &pending)?;
-                    return Ok((ret, ran));
-                }
-                if fault && from_kernel {
+                // Our marker is blocked until rt_sigreturn restores the saved mask: seeing
+                // it means the call is over, without reading the registers.
+                let now = if ours {
+                    None
+                } else {
+                    Some(get_regs(tid).map_err(|e| err("read registers", e))?)
+                };
+                let back = now.as_ref().is_none_or(|r| arch::returned(r, frame.addr));
+                if is_fault(sig) && from_kernel && !back {
                     // A real fault inside the call. Restore nothing: let it die as it
                     // would have, with the signal, and say so.
+                    // SAFETY: si_addr is valid to read for the fault signals checked above.
+                    let addr = unsafe { si.si_addr() } as u64;
                     let detail = format!(
                         "signal {sig} (code {}) at ip {:#x}, address {addr:#x}, in thread {tid}",
                         si.si_code,
-                        arch::ip(&now)
+                        now.as_ref().map_or(0, arch::ip)
                     );
                     let _ = detach(tid, sig);
                     return Err(TrimError::Crashed { pid, detail });
                 }
-                // A signal sent by someone during the call: keep it for later.
-                pending.push(sig);
-                cont(tid, 0).map_err(|e| err("resume", e))?;
+                if !back {
+                    // A signal sent by someone during the call: keep it for later.
+                    pending.push(sig);
+                    cont(tid, 0).map_err(|e| err("resume", e))?;
+                    continue;
+                }
+                // rt_sigreturn has run: registers, mask and XSAVE state are the saved
+                // ones, but with the restart already applied. Hand the kernel the state it
+                // expects instead, so this signal (or none) is handled as it would have
+                // been without us.
+                let ran = started.elapsed();
+                set_regs(tid, &arch::resume_regs(&saved.regs, restart))
+                    .map_err(|e| err("restore registers", e))?;
+                let first = if ours { 0 } else { sig };
+                release(pid, tid, first, &pending)?;
+                return Ok(ran);
             }
             Stop::Event(libc::SIGTRAP) if interrupting => {
-                interrupting = false;
                 let now = get_regs(tid).map_err(|e| err("read registers", e))?;
+                if arch::returned(&now, frame.addr) {
+                    // Back in its own syscall: the marker was taken by someone else.
+                    release(pid, tid, 0, &pending)?;
+                    return Ok(started.elapsed());
+                }
                 if arch::syscall_nr(&now) == arch::nr::FUTEX
                     && classify::is_interrupted(arch::syscall_ret(&now))
                 {
                     // Waiting for an arena lock: malloc_trim holds no lock between arenas,
-                    // so abandoning the call here leaves the heap consistent.
+                    // so abandoning the call here leaves the heap consistent. The marker
+                    // stays pending and is discarded once the saved mask is back.
                     restore(tid, &saved).map_err(|e| err("restore thread state", e))?;
-                    release(pid, tid, &pending)?;
-                    return Err(TrimError::TimedOut { pid });
-                }
-                // Anywhere else it may hold an arena lock; abandoning would deadlock the
-                // process. Let it finish.
-                if !warned {
-                    warned = true;
-                    warn!(
+                    release(pid, tid, 0, &pending)?;
+                    return Err(TrimError::TimedOut {
                         pid,
-                        tid,
-                        ip = arch::ip(&now),
-                        "malloc_trim still running after the timeout, not in a lock wait; letting it finish"
-                    );
+                        finishing: false,
+                    });
                 }
-                cont(tid, 0).map_err(|e| err("resume", e))?;
+                // Anywhere else it may hold an arena lock: release it to finish the call
+                // on its own; the frame restores it when malloc_trim returns.
+                warn!(
+                    pid,
+                    tid,
+                    ip = arch::ip(&now),
+                    "malloc_trim still running after the timeout; the thread finishes it on its own"
+                );
+                release(pid, tid, 0, &pending)?;
+                return Err(TrimError::TimedOut {
+                    pid,
+                    finishing: true,
+                });
             }
             Stop::Event(_) => {
                 // A group-stop (SIGSTOP...) or a stale interrupt: keep running the call;
@@ -592,5 +829,26 @@ mod tests {
         assert!(super::exiting("Name:\tpython3\nState:\tZ (zombie)\n"));
         assert!(super::exiting("State:\tX (dead)\n"));
         assert!(!super::exiting("State:\tS (sleeping)\nTracerPid:\t0\n"));
+    }
+
+    #[test]
+    fn marker_is_an_ignored_signal_the_thread_does_not_block() {
+        let bit = |s: i32| 1u64 << (s - 1);
+        assert_eq!(super::marker_signal(0, 0, 0), Some(libc::SIGURG));
+        assert_eq!(
+            super::marker_signal(bit(libc::SIGURG), 0, 0),
+            Some(libc::SIGWINCH)
+        );
+        let busy = bit(libc::SIGURG) | bit(libc::SIGWINCH) | bit(libc::SIGCHLD);
+        assert_eq!(super::marker_signal(0, 0, busy), None);
+        assert_eq!(
+            super::marker_signal(0, bit(libc::SIGPIPE), busy),
+            Some(libc::SIGPIPE)
+        );
+        assert_eq!(super::marker_signal(0, bit(libc::SIGCONT), busy), None);
+        assert_eq!(
+            super::marker_signal(bit(libc::SIGPIPE), bit(libc::SIGPIPE), busy),
+            None
+        );
     }
 }

@@ -61,6 +61,22 @@ fn parse_maps_line(line: &str) -> Option<MapEntry> {
 pub use crate::procfs::SmapsRollup as Rollup;
 use crate::procfs::parse_smaps_rollup;
 
+/// A hexadecimal mask field of `/proc/PID/status` (`SigIgn:`, `SigCgt:`, `SigBlk:`).
+pub fn parse_status_mask(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// A decimal field of `/proc/PID/status` (`Seccomp:`, `Kthread:`).
+pub fn parse_status_number(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `TracerPid:` from `/proc/PID/status`.
 pub fn parse_tracer_pid(status: &str) -> Option<i32> {
     status
@@ -76,8 +92,14 @@ pub enum TaskSyscall {
     Running,
     /// Blocked, but not in a syscall (e.g. a page fault).
     NotInSyscall,
-    /// Blocked in syscall `nr` with these arguments and user instruction pointer.
-    In { nr: i64, args: [u64; 6], ip: u64 },
+    /// Blocked in syscall `nr` with these arguments, user stack pointer and instruction
+    /// pointer.
+    In {
+        nr: i64,
+        args: [u64; 6],
+        sp: u64,
+        ip: u64,
+    },
 }
 
 pub fn parse_task_syscall(text: &str) -> Option<TaskSyscall> {
@@ -101,6 +123,7 @@ pub fn parse_task_syscall(text: &str) -> Option<TaskSyscall> {
     Some(TaskSyscall::In {
         nr,
         args,
+        sp: hex(fields[7])?,
         ip: hex(fields[8])?,
     })
 }
@@ -129,12 +152,23 @@ pub fn io_error(pid: i32, op: &str, path: &Path, e: std::io::Error) -> TrimError
     }
 }
 
+/// `/proc/PID/REST`, or `/proc/PID/task/VIEW/REST` when reading through another thread.
+pub fn task_path(pid: i32, view: i32, rest: &str) -> PathBuf {
+    if view == pid {
+        proc_path(pid, rest)
+    } else {
+        proc_path(pid, &format!("task/{view}/{rest}"))
+    }
+}
+
 pub fn proc_path(pid: i32, rest: &str) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/{rest}"))
 }
 
-pub fn read_rollup(pid: i32) -> Result<Rollup, TrimError> {
-    let path = proc_path(pid, "smaps_rollup");
+/// Memory usage of process `pid`, read through thread `view` (the main thread unless it
+/// has exited: a process whose main thread called `pthread_exit` lives on in the others).
+pub fn read_rollup(pid: i32, view: i32) -> Result<Rollup, TrimError> {
+    let path = task_path(pid, view, "smaps_rollup");
     let text = read_proc(pid, &path, "read memory usage")?;
     if text.is_empty() {
         // A zombie or a kernel thread has no mm: its smaps_rollup is empty.
@@ -147,12 +181,22 @@ pub fn read_rollup(pid: i32) -> Result<Rollup, TrimError> {
     })
 }
 
-/// True while the process exists and is not a zombie.
+/// True while the process exists and one of its threads is not a zombie (a process
+/// whose main thread exited lives on in its other threads).
 pub fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(proc_path(pid, "stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with(['Z', 'X'])))
-        .is_some_and(|dead| !dead)
+    let live = |path: PathBuf| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with(['Z', 'X'])))
+            .unwrap_or(false)
+    };
+    if live(proc_path(pid, "stat")) {
+        return true;
+    }
+    std::fs::read_dir(proc_path(pid, "task")).is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|t| live(t.path().join("stat")))
+    })
 }
 
 /// Thread ids of a process, the main thread first.
@@ -168,9 +212,9 @@ pub fn list_tasks(pid: i32) -> Result<Vec<i32>, TrimError> {
 
 /// The target of `/proc/PID/fd/N` (`socket:[123]`, `pipe:[45]`, a path...). A named
 /// pipe links to its path, so it is reported as `fifo:PATH`: it is a pipe all the same.
-pub fn fd_target(pid: i32, fd: u64) -> Option<String> {
+pub fn fd_target(pid: i32, view: i32, fd: u64) -> Option<String> {
     use std::os::unix::fs::FileTypeExt;
-    let link = proc_path(pid, &format!("fd/{fd}"));
+    let link = task_path(pid, view, &format!("fd/{fd}"));
     let target = std::fs::read_link(&link)
         .ok()?
         .to_string_lossy()
@@ -215,6 +259,17 @@ mod tests {
     }
 
     #[test]
+    fn parses_status_masks_and_numbers() {
+        let s = "Name:\tpython3\nSigBlk:\t0000000000000000\nSigIgn:\t0000000001001000\n\
+                 SigCgt:\t0000000180000002\nSeccomp:\t2\nSeccomp_filters:\t1\nKthread:\t0\n";
+        assert_eq!(parse_status_mask(s, "SigIgn"), Some(0x0100_1000));
+        assert_eq!(parse_status_mask(s, "SigCgt"), Some(0x1_8000_0002));
+        assert_eq!(parse_status_number(s, "Seccomp"), Some(2));
+        assert_eq!(parse_status_number(s, "Kthread"), Some(0));
+        assert_eq!(parse_status_number(s, "Missing"), None);
+    }
+
+    #[test]
     fn parses_tracer_pid() {
         let s = "Name:\tpython3\nState:\tS (sleeping)\nTracerPid:\t4242\nUid:\t0\t0\t0\t0\n";
         assert_eq!(parse_tracer_pid(s), Some(4242));
@@ -237,6 +292,7 @@ mod tests {
             TaskSyscall::In {
                 nr: 232,
                 args: [3, 0x7f3a2c0, 0x3ff, u64::MAX, 0, 8],
+                sp: 0x7ffd2f0e8c48,
                 ip: 0x7f3a31f2d0da
             }
         );

@@ -36,13 +36,23 @@ struct ElfInfo {
     first_vaddr: u64,
     /// (name, st_value, size) of the restartable functions.
     restartable: Vec<(&'static str, u64, u64)>,
+    /// Address of `__restore_rt` (the one occurrence of its body in executable code).
+    restore_rt: Result<u64, String>,
+    /// The first bytes of `malloc_trim` in the file, to recognise it in the process.
+    malloc_trim_code: [u8; CODE_CHECK],
 }
+
+/// How many bytes of `malloc_trim` are compared with the process's memory once the
+/// thread is stopped (an exec since we resolved it would have replaced them).
+pub const CODE_CHECK: usize = 16;
 
 /// libc as mapped in one process.
 #[derive(Debug, Clone)]
 pub struct Libc {
     pub path: String,
     pub malloc_trim: u64,
+    /// Where `__restore_rt` is in the process.
+    pub restore_rt: u64,
     bias: u64,
     info: Arc<ElfInfo>,
 }
@@ -56,6 +66,11 @@ impl Libc {
             .iter()
             .find(|(_, start, size)| off >= *start && off < start + size.max(&1))
             .map(|(name, _, _)| *name)
+    }
+
+    /// The bytes the process must have at `malloc_trim` and at `__restore_rt`.
+    pub fn expected_code(&self) -> ([u8; CODE_CHECK], [u8; 9]) {
+        (self.info.malloc_trim_code, super::arch::RESTORE_RT_BODY)
     }
 }
 
@@ -104,7 +119,7 @@ pub fn find_libc(maps: &[MapEntry]) -> Option<&MapEntry> {
 }
 
 /// Resolve libc and `malloc_trim` in process `pid` with mappings `maps`.
-pub fn resolve(pid: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
+pub fn resolve(pid: i32, view: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
     if let Some(reason) = allocator_problem(maps) {
         return Err(TrimError::Unavailable { pid, reason });
     }
@@ -126,7 +141,7 @@ pub fn resolve(pid: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
     let info = match cached {
         Some(i) => i,
         None => {
-            let info = Arc::new(load(pid, m, &path)?);
+            let info = Arc::new(load(pid, view, m, &path)?);
             cache()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -140,18 +155,111 @@ pub fn resolve(pid: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
             reason: format!("{path} does not export malloc_trim (not glibc?)"),
         });
     };
+    let restore_rt = info
+        .restore_rt
+        .clone()
+        .map_err(|reason| TrimError::Unavailable {
+            pid,
+            reason: format!("{path}: {reason}"),
+        })?;
     let bias = m.start - info.first_vaddr;
     Ok(Libc {
         path,
         malloc_trim: bias + off,
+        restore_rt: bias + restore_rt,
         bias,
         info,
     })
 }
 
+/// `_PyRuntime` (address, size) of a CPython executable or libpython file, if exported.
+type PyCache = Mutex<HashMap<(u32, u32, u64), Option<(u64, u64, u64)>>>;
+
+/// Where the interpreter's `_PyRuntime` (which holds the GIL's condition variable and
+/// mutex in CPython 3.9-3.11, and the main interpreter's GIL in 3.12 and later) is in
+/// process `pid`, if the process runs CPython: from the dynamic symbols of the mapped
+/// `libpython3.*.so` or, for a statically linked interpreter (Debian's), the `python3.*`
+/// executable.
+pub fn python_runtime(pid: i32, view: i32, maps: &[MapEntry]) -> Option<std::ops::Range<u64>> {
+    static CACHE: OnceLock<PyCache> = OnceLock::new();
+    let is_python = |n: &str| {
+        n.starts_with("libpython3")
+            || (n.starts_with("python3") && !n.contains(".so") && !n.ends_with(".py"))
+    };
+    let mut seen = std::collections::HashSet::new();
+    for m in maps.iter().filter(|m| m.offset == 0) {
+        let Some(path) = m.path.as_deref() else {
+            continue;
+        };
+        if !is_python(file_name(path)) || !seen.insert(m.inode) {
+            continue;
+        }
+        let key = (m.dev.0, m.dev.1, m.inode);
+        let cache = CACHE.get_or_init(Default::default);
+        let cached = cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .copied();
+        let found = match cached {
+            Some(f) => f,
+            None => {
+                let f = read_mapped(pid, view, m)
+                    .ok()
+                    .and_then(|d| runtime_symbol(&d));
+                cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, f);
+                f
+            }
+        };
+        if let Some((value, size, first_vaddr)) = found {
+            let start = m.start - first_vaddr + value;
+            return Some(start..start + size);
+        }
+    }
+    None
+}
+
+fn runtime_symbol(data: &[u8]) -> Option<(u64, u64, u64)> {
+    let file = object::File::parse(data).ok()?;
+    let first_vaddr = file.segments().map(|s| s.address()).min().unwrap_or(0) & !0xfff;
+    file.dynamic_symbols()
+        .find(|s| s.is_definition() && s.name() == Ok("_PyRuntime") && s.size() > 0)
+        .map(|s| (s.address(), s.size(), first_vaddr))
+}
+
+/// The bytes of the file mapped at `m`, checked to be the same inode.
+fn read_mapped(pid: i32, view: i32, m: &MapEntry) -> std::io::Result<Vec<u8>> {
+    let path = m.path.as_deref().unwrap_or_default();
+    let mut last = std::io::Error::from(std::io::ErrorKind::NotFound);
+    for candidate in [
+        PathBuf::from(format!("{}{path}", root_of(pid, view))),
+        PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end)),
+    ] {
+        match std::fs::metadata(&candidate) {
+            Ok(md) if md.ino() == m.inode => return std::fs::read(&candidate),
+            Ok(_) => {}
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// `/proc/PID/root` as seen through thread `view` (the main thread's is gone once it
+/// exited).
+fn root_of(pid: i32, view: i32) -> String {
+    if view == pid {
+        format!("/proc/{pid}/root")
+    } else {
+        format!("/proc/{pid}/task/{view}/root")
+    }
+}
+
 /// Read and parse the mapped file, checking it is the same inode the process maps.
-fn load(pid: i32, m: &MapEntry, path: &str) -> Result<ElfInfo, TrimError> {
-    let via_root = PathBuf::from(format!("/proc/{pid}/root{path}"));
+fn load(pid: i32, view: i32, m: &MapEntry, path: &str) -> Result<ElfInfo, TrimError> {
+    let via_root = PathBuf::from(format!("{}{path}", root_of(pid, view)));
     let via_map_files = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
     let mut last_err = None;
     for candidate in [via_root, via_map_files] {
@@ -201,10 +309,45 @@ fn parse_elf(data: &[u8]) -> Result<ElfInfo, object::Error> {
             restartable.push((*n, sym.address(), sym.size()));
         }
     }
+    let mut malloc_trim_code = [0u8; CODE_CHECK];
+    let mut restore_rt = Vec::new();
+    for seg in file.segments() {
+        let object::SegmentFlags::Elf { p_flags, .. } = seg.flags() else {
+            continue;
+        };
+        if p_flags.0 & 1 == 0 {
+            continue;
+        }
+        let Ok(data) = seg.data() else { continue };
+        let body = &super::arch::RESTORE_RT_BODY;
+        restore_rt.extend(
+            data.windows(body.len())
+                .enumerate()
+                .filter(|(_, w)| w == body)
+                .map(|(i, _)| seg.address() + i as u64),
+        );
+        if let Some(mt) = malloc_trim
+            && mt >= seg.address()
+            && mt + CODE_CHECK as u64 <= seg.address() + data.len() as u64
+        {
+            let o = (mt - seg.address()) as usize;
+            malloc_trim_code.copy_from_slice(&data[o..o + CODE_CHECK]);
+        }
+    }
+    let restore_rt = match restore_rt[..] {
+        [one] => Ok(one),
+        [] => Err("no __restore_rt (rt_sigreturn trampoline) found in its code".to_string()),
+        ref many => Err(format!(
+            "{} candidates for __restore_rt (rt_sigreturn trampoline) in its code, expected one",
+            many.len()
+        )),
+    };
     Ok(ElfInfo {
         malloc_trim,
         first_vaddr,
         restartable,
+        restore_rt,
+        malloc_trim_code,
     })
 }
 
@@ -231,12 +374,59 @@ mod tests {
     }
 
     #[test]
+    fn finds_the_python_runtime_of_a_running_interpreter() {
+        let Ok(mut child) = std::process::Command::new("python3")
+            .args(["-c", "import sys; sys.stdin.read()"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("no python3: skipped");
+            return;
+        };
+        let pid = child.id() as i32;
+        let found = (0..200).find_map(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            let maps = parse_maps(&std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?);
+            python_runtime(pid, pid, &maps)
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        let r = found.expect("_PyRuntime of python3");
+        assert!(r.end - r.start > 4096, "{r:?}");
+        let own = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
+        let me = std::process::id() as i32;
+        assert_eq!(python_runtime(me, me, &own), None);
+    }
+
+    #[test]
     fn finds_malloc_trim_in_this_systems_libc() {
         let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
-        let libc = resolve(std::process::id() as i32, &maps).unwrap();
+        let me = std::process::id() as i32;
+        let libc = resolve(me, me, &maps).unwrap();
         // SAFETY: dlsym on the default namespace with a valid C string.
         let ours = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"malloc_trim".as_ptr()) };
         assert_eq!(libc.malloc_trim, ours as u64);
+        // __restore_rt: the restorer glibc's sigaction installs for every handler.
+        // SAFETY: a null new action only reads the current one into `old`.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: sigaction with a null new action and a valid out pointer.
+        unsafe {
+            libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+            libc::sigaction(libc::SIGUSR2, std::ptr::null(), &mut old);
+        }
+        assert_eq!(
+            libc.restore_rt,
+            old.sa_restorer.map_or(0, |f| f as usize as u64)
+        );
+        let (mt, rt) = libc.expected_code();
+        // SAFETY: both addresses are mapped code of our own libc, at least this long.
+        unsafe {
+            assert_eq!(std::slice::from_raw_parts(ours as *const u8, 16), &mt[..]);
+            assert_eq!(
+                std::slice::from_raw_parts(libc.restore_rt as *const u8, 9),
+                &rt[..]
+            );
+        }
         // SAFETY: as above.
         let sleep = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"clock_nanosleep".as_ptr()) };
         assert_eq!(

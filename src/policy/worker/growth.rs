@@ -29,9 +29,12 @@ pub const GROWTH_WINDOW: Duration = Duration::from_secs(120);
 const GROWTH_SAMPLES: usize = 128;
 /// A growth estimate needs samples spanning at least this long.
 const GROWTH_MIN_SPAN: Duration = Duration::from_secs(5);
+/// Transient peaks are remembered this long: requests that allocate and free tens of MiB
+/// may come minutes apart, and the next one is as large as the last.
+pub const TRANSIENT_WINDOW: Duration = Duration::from_secs(3600);
 /// Growth below this many bytes per second is treated as no growth (allocator noise).
 const GROWTH_NOISE: f64 = 1024.0;
-/// The projection to the limit ([`Growth::time_to_limit`]) needs readings since the
+/// The projection to the limit (`WorkerPolicy::time_to_limit`) needs readings since the
 /// worker was ready spanning at least this long.
 ///
 /// It fits them twice, over the whole [`GROWTH_WINDOW`] and over its recent half, and
@@ -43,6 +46,10 @@ const GROWTH_NOISE: f64 = 1024.0;
 /// the recent half; a steady leak reads the same in both (and keeps the whole window's
 /// estimate, which noise moves less).
 pub const PROJECTION_MIN_SPAN: Duration = Duration::from_secs(10);
+/// Near its limit (from `trim_at`), a projection needs readings
+/// spanning only this long: a worker leaking 10 MiB/s under a 96 MiB limit lives about 8 s,
+/// and waiting for [`PROJECTION_MIN_SPAN`] of readings would leave it to the OOM killer.
+pub const NEAR_MIN_SPAN: Duration = Duration::from_secs(2);
 
 /// The readings of one worker and the growth fitted to them.
 #[derive(Clone, Debug)]
@@ -62,6 +69,13 @@ pub(super) struct Growth {
     /// `born + Settings::ready_time`: readings before it are the app starting up, which
     /// the projection to the limit leaves out.
     warm_from: Duration,
+    /// Transient peaks (how far a reading fell below the recent top, see `note_spike`) of
+    /// the last [`TRANSIENT_WINDOW`]: when, and how high. A request that allocates tens of MiB and
+    /// frees them shows as such a peak, and the next one may come at any time.
+    spikes: VecDeque<(Duration, u64)>,
+    /// The plain readings of the last `hold` since the latest trim (a trim's drop is no
+    /// transient).
+    readings: VecDeque<(Duration, u64)>,
 }
 
 impl Growth {
@@ -73,12 +87,21 @@ impl Growth {
             pending_drops: VecDeque::new(),
             hold,
             warm_from,
+            spikes: VecDeque::new(),
+            readings: VecDeque::new(),
         }
     }
 
     /// A trim at `now` released `released` bytes (its drop of the envelope comes later).
     pub(super) fn trimmed(&mut self, now: Duration, released: u64) {
         self.pending_drops.push_back((now, released));
+        self.readings.clear();
+    }
+
+    /// A plain reading of `ws` bytes at `now`.
+    pub(super) fn observe(&mut self, now: Duration, ws: u64) {
+        self.record(now, ws);
+        self.note_spike(now, ws);
     }
 
     /// A reading (or a trim's result) of `ws` bytes at `now`.
@@ -111,23 +134,80 @@ impl Growth {
             .push_back((now, ws, envelope.saturating_add(self.envelope_drops)));
     }
 
+    /// A reading below the highest plain reading of the last `hold` since the latest
+    /// trim: by how much, a transient allocation that came and went (a peak above the
+    /// reading that follows it, however many readings it spanned).
+    fn note_spike(&mut self, now: Duration, ws: u64) {
+        while self
+            .spikes
+            .front()
+            .is_some_and(|s| s.0 + TRANSIENT_WINDOW < now)
+        {
+            self.spikes.pop_front();
+        }
+        while self.readings.front().is_some_and(|r| r.0 + self.hold < now) {
+            self.readings.pop_front();
+        }
+        let top = self.readings.iter().map(|r| r.1).max().unwrap_or(0);
+        self.readings.push_back((now, ws));
+        let height = top.saturating_sub(ws);
+        if height > 0 {
+            // Keep only peaks that a later, higher one does not dominate.
+            while self.spikes.back().is_some_and(|s| s.1 <= height) {
+                self.spikes.pop_back();
+            }
+            self.spikes.push_back((now, height));
+        }
+    }
+
+    /// The highest transient peak of the last [`TRANSIENT_WINDOW`] (0 if none).
+    pub(super) fn transient(&self, now: Duration) -> u64 {
+        self.spikes
+            .iter()
+            .filter(|s| s.0 + TRANSIENT_WINDOW >= now)
+            .map(|s| s.1)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The latest reading's upper envelope (highest reading of the last `hold`).
+    pub(super) fn envelope(&self) -> u64 {
+        self.envelope
+    }
+
+    /// Readings since it was ready span less than [`PROJECTION_MIN_SPAN`].
+    pub(super) fn is_young(&self, now: Duration) -> bool {
+        now < self.warm_from + PROJECTION_MIN_SPAN
+    }
+
     /// Growth in bytes per second over the last [`GROWTH_WINDOW`] (see the module docs).
     pub(super) fn rate(&self, now: Duration) -> Option<f64> {
         self.fit(now.saturating_sub(GROWTH_WINDOW), GROWTH_MIN_SPAN)
     }
 
     /// Projected time until the envelope reaches `limit` (see
-    /// [`super::WorkerPolicy::time_to_limit`]).
-    pub(super) fn time_to_limit(&self, limit: u64, now: Duration) -> Option<Duration> {
+    /// [`super::WorkerPolicy::time_to_limit`]). From `near` bytes on, readings spanning
+    /// [`NEAR_MIN_SPAN`] suffice.
+    pub(super) fn time_to_limit(
+        &self,
+        limit: u64,
+        near: Option<u64>,
+        now: Duration,
+    ) -> Option<Duration> {
         let last = self.samples.back()?.0;
         let ws = self.envelope;
         if ws >= limit {
             return Some(Duration::ZERO);
         }
+        let span = if near.is_some_and(|n| ws >= n) {
+            NEAR_MIN_SPAN
+        } else {
+            PROJECTION_MIN_SPAN
+        };
         let from = now.saturating_sub(GROWTH_WINDOW).max(self.warm_from);
-        let whole = self.fit(from, PROJECTION_MIN_SPAN)?;
+        let whole = self.fit(from, span)?;
         let first = self.samples[self.samples.partition_point(|s| s.0 < from)].0;
-        let recent = self.fit(first + (last - first) / 2, PROJECTION_MIN_SPAN / 2)?;
+        let recent = self.fit(first + (last - first) / 2, span / 2)?;
         // Only growth that clearly slowed down reads from the recent half: the lower of
         // two noisy estimates would err late for a steady leak.
         let rate = if recent < whole / 2.0 { recent } else { whole };

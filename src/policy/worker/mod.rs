@@ -76,8 +76,9 @@ impl fmt::Display for RecycleReason {
 /// Feed it every memory reading ([`observe`](Self::observe)) and the outcome of every
 /// trim attempt ([`trimmed`](Self::trimmed), [`trim_deferred`](Self::trim_deferred),
 /// [`trim_unavailable`](Self::trim_unavailable)); ask it [`should_trim`](Self::should_trim)
-/// and [`recycle_reason`](Self::recycle_reason). How trimming is armed: see [`trim`]; when
-/// memory asks for a recycle: see [`recycle`]; how growth is estimated: see [`growth`].
+/// and [`recycle_reason`](Self::recycle_reason). How trimming is armed: see
+/// `worker/trim.rs`; when memory asks for a recycle: `worker/recycle.rs`; how growth is
+/// estimated: `worker/growth.rs`.
 #[derive(Clone, Debug)]
 pub struct WorkerPolicy {
     limit: Option<u64>,
@@ -203,20 +204,20 @@ impl WorkerPolicy {
     pub fn observe(&mut self, now: Duration, working_set: u64) {
         self.last_ws = Some(working_set);
         self.recycle.observe(now, working_set);
-        self.growth.record(now, working_set);
+        self.growth.observe(now, working_set);
         self.trim.observe(working_set);
     }
 
     /// Whether to trim it now.
     pub fn should_trim(&self, settings: &Settings, now: Duration) -> bool {
-        self.trim.due(settings, now, self.last_ws, || {
-            // Over the recycle threshold with no trim since crossing it: only a fresh
-            // trim can decide the recycle, and the headroom to the hard limit may be
-            // seconds, so it cannot wait a whole --trim-interval.
-            self.last_ws
-                .is_some_and(|ws| self.recycle.crossed_untrimmed(ws))
-                || (self.is_waiting(settings, now)
-                    && self.growth_rate(now).is_some_and(|r| r > 0.0))
+        // Over the recycle threshold with no trim since crossing it: only a fresh trim can
+        // decide the recycle, and the headroom to the hard limit may be seconds, so it
+        // cannot wait a whole --trim-interval.
+        let crossed = self
+            .last_ws
+            .is_some_and(|ws| self.recycle.crossed_untrimmed(ws));
+        self.trim.due(settings, now, self.last_ws, crossed, || {
+            self.is_waiting(settings, now) && self.growth_rate(now).is_some_and(|r| r > 0.0)
         })
     }
 
@@ -262,7 +263,7 @@ impl WorkerPolicy {
         self.recycle.request(reason, now);
     }
 
-    /// Why it should be recycled now, if it should (see [`recycle`]).
+    /// Why it should be recycled now, if it should (see `worker/recycle.rs`).
     pub fn recycle_reason(&self, settings: &Settings, now: Duration) -> Option<RecycleReason> {
         self.reason_since(settings, now).map(|(r, _)| r)
     }
@@ -291,7 +292,52 @@ impl WorkerPolicy {
     /// recent half if growth clearly slowed down (see [`PROJECTION_MIN_SPAN`]).
     /// `None`: limit unknown, too young, or not growing. Zero: at or past the limit.
     pub fn time_to_limit(&self, now: Duration) -> Option<Duration> {
-        self.growth.time_to_limit(self.limit?, now)
+        self.growth
+            .time_to_limit(self.limit?, self.trim.trim_at(), now)
+    }
+
+    /// Its deadline for the recycle queue: [`time_to_limit`](Self::time_to_limit), or zero
+    /// when a transient peak as large as `transient` (a request that allocates and frees
+    /// tens of MiB: pass the largest seen, by this worker or by any worker of the same
+    /// app) would no longer fit under its limit: the next such request may come at any
+    /// moment. A worker plateaued just under its limit does not grow, so without this it
+    /// would wait behind every worker that does.
+    ///
+    /// `eager`: project from two seconds of readings even far
+    /// from the limit (for apps whose workers reach their limits sooner than a normal
+    /// projection needs, see [`super::PoolPolicy`]).
+    pub fn deadline(&self, now: Duration, transient: u64, eager: bool) -> Option<Duration> {
+        let limit = self.limit?;
+        let ws = self.last_ws?;
+        let transient = transient.max(self.growth.transient(now));
+        if transient > 0 && ws.saturating_add(transient) >= limit {
+            return Some(Duration::ZERO);
+        }
+        let near = if eager { Some(0) } else { self.trim.trim_at() };
+        self.growth.time_to_limit(limit, near, now)
+    }
+
+    /// Whether it is still young enough that [`time_to_limit`](Self::time_to_limit) may
+    /// not project it yet for want of readings.
+    pub fn is_young(&self, now: Duration) -> bool {
+        self.growth.is_young(now)
+    }
+
+    /// The highest transient peak of the last hour, bytes.
+    pub fn transient(&self, now: Duration) -> u64 {
+        self.growth.transient(now)
+    }
+
+    /// The upper envelope of its readings (highest of the last `trim_interval`).
+    pub fn peak(&self) -> u64 {
+        self.growth.envelope()
+    }
+
+    /// What a trim could give back now, roughly: what it grew since its last trim's
+    /// result (all of it if never trimmed).
+    pub fn give_back(&self) -> u64 {
+        let ws = self.last_ws.unwrap_or(0);
+        ws.saturating_sub(self.trim.last_after().unwrap_or(0))
     }
 
     /// The `memory.high` to set for it now (see [`super::memory_high_for`]);
@@ -309,7 +355,7 @@ impl WorkerPolicy {
     /// Growth in bytes per second, `None` if unknown; rates within allocator noise are
     /// reported as zero. A least-squares fit over the last [`GROWTH_WINDOW`] of the
     /// readings' upper envelope, with the drops of it that trims caused added back (see
-    /// [`growth`]).
+    /// `worker/growth.rs`).
     pub fn growth_rate(&self, now: Duration) -> Option<f64> {
         self.growth.rate(now)
     }

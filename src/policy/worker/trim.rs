@@ -41,6 +41,8 @@ pub(super) struct TrimArming {
     trims: u64,
     /// Sum of bytes released by trims.
     released: u64,
+    /// The working set the latest trim left.
+    last_after: Option<u64>,
 }
 
 impl TrimArming {
@@ -56,6 +58,7 @@ impl TrimArming {
             unavailable: false,
             trims: 0,
             released: 0,
+            last_after: None,
         }
     }
 
@@ -73,6 +76,14 @@ impl TrimArming {
 
     pub(super) fn is_unavailable(&self) -> bool {
         self.unavailable
+    }
+
+    pub(super) fn trim_at(&self) -> Option<u64> {
+        self.trim_at
+    }
+
+    pub(super) fn last_after(&self) -> Option<u64> {
+        self.last_after
     }
 
     pub(super) fn last_trim_at(&self) -> Option<Duration> {
@@ -93,11 +104,15 @@ impl TrimArming {
     }
 
     /// Whether to trim now, at working set `ws`; `urgent` is asked only when it matters.
+    /// `crossed`: it is at or over its recycle threshold with no trim since (a threshold
+    /// may lie below `trim_at`: the first generation's are staggered down to the base),
+    /// and only a trim can decide whether it must recycle.
     pub(super) fn due(
         &self,
         settings: &Settings,
         now: Duration,
         ws: Option<u64>,
+        crossed: bool,
         urgent: impl FnOnce() -> bool,
     ) -> bool {
         if !settings.trim || self.unavailable {
@@ -106,13 +121,13 @@ impl TrimArming {
         let (Some(ws), Some(trim_at)) = (ws, self.trim_at) else {
             return false;
         };
-        if ws < trim_at {
+        if ws < trim_at && !crossed {
             return false;
         }
         if let Some(retry) = self.retry_at {
             return now >= retry;
         }
-        let urgent = urgent();
+        let urgent = crossed || urgent();
         if !self.armed && !urgent {
             return false;
         }
@@ -135,6 +150,7 @@ impl TrimArming {
         threshold: Option<u64>,
     ) {
         self.released += released;
+        self.last_after = Some(after);
         self.trims += 1;
         self.last_trim_at = Some(now);
         self.deferrals = 0;

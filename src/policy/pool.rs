@@ -1,0 +1,792 @@
+//! The pool's decisions in one place: whom to trim, whom to recycle (and whether the
+//! replacement starts first or the old worker stops first), whom to slow down with
+//! `memory.high`, and how soon to read memory again.
+//!
+//! [`PoolPolicy::decide`] is a function of a view of every worker (their
+//! [`WorkerPolicy`]s plus what only the supervisor knows: role, whether a trim is in
+//! flight, whether the slot may recycle now), the pool budget, the clock and the policy's
+//! own memory (the recycle gate, learned start-up and recycle durations). The supervisor
+//! carries the decisions out; `tests/policy_sim.rs` calls the same function on simulated
+//! workers, so what the simulation shows is what ships.
+//!
+//! Order of the recycle queue: earliest deadline first. A worker's deadline is its
+//! [`WorkerPolicy::deadline`] (projected time to its ceiling, zero if its recent transient
+//! peaks no longer fit under it); with a pool budget, the pool has a deadline too (time
+//! until the sum of the workers reaches the budget), carried by the worker whose
+//! replacement frees the most. A recycle starts when the worker asks for it (threshold,
+//! lifetime, operator) and the gate admits it, or earlier when, one start per cadence in
+//! deadline order, some worker's replacement would not be ready before its deadline
+//! ([`super::behind_schedule`]).
+//!
+//! A worker whose deadline is shorter than a ready time cannot be helped by any schedule
+//! (its replacement cannot be ready in time): it is reported in
+//! [`Decisions::too_fast`] so the supervisor can say so.
+
+use std::time::Duration;
+
+use super::{Candidate, RecycleGate, RecycleReason, Settings, WorkerPolicy, behind_schedule};
+
+/// Memory is read at least this often.
+pub const SLOW_TICK: Duration = Duration::from_secs(1);
+/// ... and at most this often (near a limit).
+pub const FAST_TICK: Duration = Duration::from_millis(100);
+/// A deadline within this many ticks' worth of time makes the tick shorter: the reading
+/// that starts a recycle must come early enough to leave the replacement its ready time.
+const TICKS_PER_DEADLINE: u32 = 10;
+/// With a budget, the pool trims from `trim_at` of the budget and recycles from
+/// `recycle_at` of it (the workers' own fractions applied to the budget).
+const POOL_OVER_GRACE_TICKS: u32 = 3;
+
+/// What the supervisor knows about a worker that the policy does not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Started, not ready yet (a first start, a respawn, or a replacement).
+    Starting,
+    /// Ready and serving; not being replaced.
+    Serving,
+    /// Ready and serving, its replacement is starting (or, stop-first, it is stopping).
+    Replaced,
+    /// Told to stop; finishing its requests.
+    Draining,
+}
+
+/// One worker as [`PoolPolicy::decide`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct WorkerView<'a> {
+    pub slot: usize,
+    pub role: Role,
+    pub policy: &'a WorkerPolicy,
+    /// Its latest reading (also for starting and draining workers: they count against
+    /// the budget).
+    pub usage: Option<u64>,
+    /// No trim in flight and trimming not known to be unavailable.
+    pub may_trim: bool,
+    /// The supervisor allows a recycle of its slot now (slot within the target, not
+    /// backing off after a failed recycle, no other worker starting in the slot).
+    pub may_recycle: bool,
+    /// The `memory.high` set on it now (`None`: max).
+    pub memory_high: Option<u64>,
+    /// Its group supports `memory.high` (cgroup v2).
+    pub has_memory_high: bool,
+}
+
+/// The pool as [`PoolPolicy::decide`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolView<'a> {
+    pub now: Duration,
+    pub workers: &'a [WorkerView<'a>],
+    /// Recycles in progress (count against `--max-recycling`).
+    pub in_progress: usize,
+    /// The pool group's own reading, if there is one (else the sum of the workers').
+    pub pool_usage: Option<u64>,
+}
+
+/// How a recycle proceeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum StartMode {
+    /// Start the replacement, wait until it is ready, then stop the old worker.
+    ReplacementFirst,
+    /// Stop the old worker first, start the replacement when it is gone: the replacement
+    /// would not fit beside it under the pool budget.
+    StopFirst,
+}
+
+/// A trim to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrimOrder {
+    /// Index into [`PoolView::workers`].
+    pub worker: usize,
+    /// Asked by the pool budget (the worker itself is below its own `trim_at`).
+    pub for_budget: bool,
+}
+
+/// A recycle to start.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RecycleOrder {
+    /// Index into [`PoolView::workers`].
+    pub worker: usize,
+    pub reason: RecycleReason,
+    /// How long it waited for its turn.
+    pub waited: Duration,
+    /// Started ahead of its threshold by the deadline lookahead: its deadline then.
+    pub ahead: Option<Duration>,
+    /// Started for the pool budget (the pool, not the worker, reached its threshold).
+    pub for_budget: bool,
+    pub mode: StartMode,
+}
+
+/// What [`PoolPolicy::decide`] asks the supervisor to do.
+#[derive(Clone, Debug, Default)]
+pub struct Decisions {
+    pub trims: Vec<TrimOrder>,
+    pub recycles: Vec<RecycleOrder>,
+    /// `memory.high` changes: (index into [`PoolView::workers`], new value; `None` = max).
+    pub memory_high: Vec<(usize, Option<u64>)>,
+    /// The spacing in force, when the gate shortened it below the configured one.
+    pub spacing_shortened: Option<Duration>,
+    /// Serving workers whose deadline is shorter than a ready time: no schedule can have
+    /// a replacement ready before they reach their ceiling. (index, deadline)
+    pub too_fast: Vec<(usize, Duration)>,
+    /// Read memory again after this long.
+    pub next_tick: Duration,
+    /// From now on young workers are projected from two seconds of readings: workers were
+    /// seen reaching their limits sooner than a normal projection could tell (log once).
+    pub eager_projection: bool,
+}
+
+/// The pool's policy: the recycle gate, the budget, and what it learned about start-ups
+/// and recycles.
+#[derive(Clone, Debug)]
+pub struct PoolPolicy {
+    settings: Settings,
+    gate: RecycleGate,
+    budget: Option<u64>,
+    /// A replacement's working set at its peak while starting (learned, EWMA).
+    start_cost: Option<f64>,
+    /// How long a recycle holds a recycle slot (learned, EWMA): ready time + drain.
+    recycle_time: Duration,
+    /// Whether `recycle_time` was measured at least once.
+    recycle_time_seen: bool,
+    /// When the recycles in progress were admitted, oldest first.
+    in_flight: std::collections::VecDeque<Duration>,
+    /// How long a start takes until ready (learned, EWMA; at least the configured one).
+    ready_time: Duration,
+    /// Start recycles ahead of thresholds when the queue is behind (off only for
+    /// comparisons in simulations).
+    lookahead: bool,
+    /// Project young workers from a couple of seconds of readings (see `decide`).
+    eager: bool,
+    /// Since when the pool has been at or above its recycle threshold.
+    pool_over_since: Option<Duration>,
+    /// When the pool last asked for a trim of each slot (so that budget trims of one
+    /// worker are spaced like urgent trims).
+    budget_trims: Vec<(usize, Duration)>,
+}
+
+impl PoolPolicy {
+    /// `budget`: the pool's hard cap in bytes (`--pool-limit`), if any.
+    pub fn new(settings: &Settings, budget: Option<u64>) -> Self {
+        Self {
+            settings: settings.clone(),
+            gate: RecycleGate::new(settings),
+            budget,
+            start_cost: None,
+            recycle_time: settings.ready_time + Duration::from_secs(2),
+            recycle_time_seen: false,
+            in_flight: std::collections::VecDeque::new(),
+            ready_time: settings.ready_time,
+            lookahead: true,
+            eager: false,
+            pool_over_since: None,
+            budget_trims: Vec::new(),
+        }
+    }
+
+    /// The same policy without the deadline lookahead (comparisons in simulations).
+    pub fn without_lookahead(mut self) -> Self {
+        self.lookahead = false;
+        self
+    }
+
+    /// Follow changed settings (e.g. a ready time measured from start-ups).
+    pub fn update(&mut self, settings: &Settings) {
+        self.settings = settings.clone();
+        self.gate.update(settings);
+    }
+
+    /// The same policy with a gate that never shortens its spacing (comparisons).
+    pub fn strict_spacing(mut self) -> Self {
+        self.gate = self.gate.strict_spacing();
+        self
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn gate(&self) -> &RecycleGate {
+        &self.gate
+    }
+
+    pub fn budget(&self) -> Option<u64> {
+        self.budget
+    }
+
+    /// A recycle finished (its old worker is gone) `took` after it started.
+    pub fn recycle_finished(&mut self, took: Duration) {
+        self.in_flight.pop_front();
+        self.recycle_time = if self.recycle_time_seen {
+            self.recycle_time.mul_f64(0.7) + took.mul_f64(0.3)
+        } else {
+            took
+        };
+        self.recycle_time_seen = true;
+    }
+
+    /// A recycle ended without completing (its replacement failed).
+    pub fn recycle_abandoned(&mut self) {
+        self.in_flight.pop_front();
+    }
+
+    /// A worker became ready `took` after it was started; `peak` is the most it used
+    /// while starting.
+    pub fn started(&mut self, peak: u64, took: Duration) {
+        let p = peak as f64;
+        self.start_cost = Some(self.start_cost.map_or(p, |c| 0.7 * c + 0.3 * p));
+        self.ready_time = self.ready_time.mul_f64(0.7) + took.mul_f64(0.3);
+    }
+
+    /// Whether an OOM kill of a worker that had served for `served` was beyond any
+    /// schedule: it reached its ceiling in less than a ready time, so even a replacement
+    /// started the moment it became ready could not have been ready in time.
+    pub fn oom_unavoidable(&self, served: Duration) -> bool {
+        served < self.ready_time()
+    }
+
+    /// How long a start takes until ready: the configured ready time or, if starts were
+    /// seen to take longer, what they took (EWMA).
+    pub fn ready_time(&self) -> Duration {
+        self.ready_time.max(self.settings.ready_time)
+    }
+
+    /// What a replacement is expected to use right after it starts.
+    pub fn start_cost(&self) -> u64 {
+        self.start_cost.map_or(0, |c| c as u64)
+    }
+
+    /// How long a recycle is expected to hold its slot: what recycles took (EWMA), or
+    /// longer if the oldest one in progress has already taken longer.
+    pub fn recycle_time(&self, now: Duration) -> Duration {
+        let oldest = self
+            .in_flight
+            .front()
+            .map_or(Duration::ZERO, |t| now.saturating_sub(*t));
+        self.recycle_time.max(oldest)
+    }
+
+    /// Everything the pool should do now. Starts it returns are counted by the gate as
+    /// started at `view.now`: the caller must start every recycle returned.
+    pub fn decide(&mut self, view: &PoolView) -> Decisions {
+        let now = view.now;
+        let s = &self.settings;
+        let mut out = Decisions {
+            next_tick: SLOW_TICK,
+            ..Decisions::default()
+        };
+        let ws = |w: &WorkerView| w.usage.or(w.policy.working_set()).unwrap_or(0);
+        let pool_usage = view
+            .pool_usage
+            .unwrap_or_else(|| view.workers.iter().map(ws).sum());
+
+        // Own trims.
+        for (i, w) in view.workers.iter().enumerate() {
+            if w.role == Role::Serving && w.may_trim && w.policy.should_trim(s, now) {
+                out.trims.push(TrimOrder {
+                    worker: i,
+                    for_budget: false,
+                });
+            }
+        }
+
+        // Deadlines of the workers that may still need a recycle. Workers of one pool run
+        // one app: the largest transient any of them showed may come to each.
+        let transient = view
+            .workers
+            .iter()
+            .map(|w| w.policy.transient(now))
+            .max()
+            .unwrap_or(0);
+        let serving = |w: &WorkerView| w.role == Role::Serving && w.may_recycle;
+        let mut deadlines: Vec<(Duration, usize)> = view
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| serving(w))
+            .filter_map(|(i, w)| {
+                w.policy
+                    .deadline(now, transient, self.eager)
+                    .map(|d| (d, i))
+            })
+            .collect();
+        // A young worker whose projection, once it has one, leaves less than a start-up
+        // and a recycle: this app's workers reach their limits sooner than a projection
+        // from [`super::PROJECTION_MIN_SPAN`] of readings can see them coming. From now on
+        // young workers are projected from two seconds of readings. (Not from the start:
+        // most apps surge in their first seconds and then plateau, and a projection from
+        // two seconds of a surge would replace every young worker.)
+        if !self.eager
+            && deadlines.iter().any(|&(d, i)| {
+                let w = &view.workers[i];
+                w.policy.is_young(now)
+                    && w.policy.time_to_limit(now).is_some()
+                    && d < self.ready_time() + self.recycle_time(now)
+            })
+        {
+            self.eager = true;
+            out.eager_projection = true;
+        }
+
+        // The pool budget: trim those with most to give back, then recycle the one whose
+        // replacement frees the most.
+        let mut pool_candidate = None;
+        // The worker whose deadline is the pool's (the budget's, not its own).
+        let mut pool_carrier = None;
+        let pool_rate: f64 = view
+            .workers
+            .iter()
+            .filter(|w| w.role != Role::Draining)
+            .filter_map(|w| w.policy.growth_rate(now))
+            .sum();
+        if let Some(budget) = self.budget {
+            let trim_from = (budget as f64 * s.trim_at) as u64;
+            let recycle_from = (budget as f64 * s.recycle_at) as u64;
+            self.budget_trims
+                .retain(|(_, t)| now < *t + s.urgent_trim_interval());
+            if s.trim && pool_usage >= trim_from {
+                let mut givers: Vec<(u64, usize)> = view
+                    .workers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, w)| {
+                        w.role == Role::Serving
+                            && w.may_trim
+                            && !out.trims.iter().any(|t| t.worker == *i)
+                            && !self.budget_trims.iter().any(|b| b.0 == w.slot)
+                            && w.policy
+                                .last_trim_at()
+                                .is_none_or(|t| now >= t + s.urgent_trim_interval())
+                    })
+                    .map(|(i, w)| (w.policy.give_back(), i))
+                    .filter(|(g, _)| *g >= budget / 100)
+                    .collect();
+                givers.sort_by(|a, b| b.cmp(a));
+                // Enough of them to bring the pool back under trim_at, if trims give
+                // back what they promise.
+                let mut need = pool_usage.saturating_sub(trim_from);
+                for (give, i) in givers {
+                    if need == 0 {
+                        break;
+                    }
+                    need = need.saturating_sub(give / 2);
+                    out.trims.push(TrimOrder {
+                        worker: i,
+                        for_budget: true,
+                    });
+                    self.budget_trims.push((view.workers[i].slot, now));
+                }
+            }
+            if pool_usage >= recycle_from {
+                self.pool_over_since.get_or_insert(now);
+            } else {
+                self.pool_over_since = None;
+            }
+            // The pool's own deadline, carried by the largest serving worker.
+            let rate = pool_rate;
+            let pool_deadline = if pool_usage >= budget {
+                Some(Duration::ZERO)
+            } else if rate > 0.0 {
+                Some(
+                    Duration::try_from_secs_f64((budget - pool_usage) as f64 / rate)
+                        .unwrap_or(Duration::MAX),
+                )
+            } else {
+                None
+            };
+            let largest = view
+                .workers
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| serving(w))
+                .max_by_key(|(_, w)| w.policy.peak().max(ws(w)));
+            if let Some((i, _)) = largest {
+                let over_long_enough = self
+                    .pool_over_since
+                    .is_some_and(|t| now >= t + SLOW_TICK * POOL_OVER_GRACE_TICKS);
+                if let Some(d) = pool_deadline {
+                    match deadlines.iter_mut().find(|x| x.1 == i) {
+                        Some(x) if x.0 <= d => {}
+                        Some(x) => {
+                            x.0 = d;
+                            pool_carrier = Some(i);
+                        }
+                        None => {
+                            deadlines.push((d, i));
+                            pool_carrier = Some(i);
+                        }
+                    }
+                }
+                if over_long_enough || (!s.trim && self.pool_over_since.is_some()) {
+                    pool_candidate = Some((i, pool_deadline));
+                }
+            }
+        }
+
+        // Candidates: workers that ask to recycle (reloads go past the gate).
+        let mut candidates = Vec::new();
+        let mut reloads = Vec::new();
+        for (i, w) in view.workers.iter().enumerate() {
+            if !serving(w) {
+                continue;
+            }
+            let Some(reason) = w.policy.recycle_reason(s, now) else {
+                continue;
+            };
+            let since = w.policy.waiting_since(s, now).unwrap_or(now);
+            if reason == RecycleReason::Reload {
+                reloads.push((w.slot, i, since));
+            } else {
+                candidates.push(Candidate {
+                    slot: i,
+                    reason,
+                    time_to_limit: deadlines.iter().find(|d| d.1 == i).map(|d| d.0),
+                    waiting_since: since,
+                });
+            }
+        }
+        let mut for_budget = None;
+        if let Some((i, d)) = pool_candidate
+            && !candidates.iter().any(|c| c.slot == i)
+        {
+            candidates.push(Candidate {
+                slot: i,
+                reason: RecycleReason::Memory,
+                time_to_limit: d,
+                waiting_since: self.pool_over_since.unwrap_or(now),
+            });
+            for_budget = Some(i);
+        }
+
+        // The spacing in force, then the lookahead: if one start per cadence in deadline
+        // order would reach some worker only after its deadline, the most urgent one not
+        // yet asking starts now.
+        let times: Vec<Duration> = deadlines.iter().map(|d| d.0).collect();
+        self.gate.yield_to(&times);
+        let recycle_time = self.recycle_time(now);
+        let cadence = self
+            .gate
+            .spacing()
+            .max(recycle_time / s.max_recycling.max(1) as u32);
+        let mut ahead = None;
+        // A reading can come up to a tick late.
+        let ready = self.ready_time() + SLOW_TICK;
+        if self.lookahead
+            && behind_schedule(&times, cadence, ready)
+            && let Some(&(d, i)) = deadlines
+                .iter()
+                .filter(|(_, i)| !candidates.iter().any(|c| c.slot == *i))
+                .min()
+        {
+            candidates.push(Candidate {
+                slot: i,
+                reason: RecycleReason::Memory,
+                time_to_limit: Some(d),
+                waiting_since: now,
+            });
+            ahead = Some((i, d));
+        }
+        for (i, w) in view.workers.iter().enumerate() {
+            if serving(w)
+                && let Some(d) = w.policy.time_to_limit(now)
+                && d < self.ready_time()
+            {
+                out.too_fast.push((i, d));
+            }
+        }
+
+        // Rolling reloads: one after the other within --max-recycling, no spacing.
+        reloads.sort();
+        let mut in_progress = view.in_progress;
+        for (_, i, since) in reloads {
+            if in_progress >= s.max_recycling {
+                break;
+            }
+            in_progress += 1;
+            out.recycles.push(RecycleOrder {
+                worker: i,
+                reason: RecycleReason::Reload,
+                waited: now.saturating_sub(since),
+                ahead: None,
+                for_budget: false,
+                mode: self.mode(pool_usage, pool_rate, recycle_time),
+            });
+        }
+
+        // Workers no longer waiting run unthrottled again.
+        for (i, w) in view.workers.iter().enumerate() {
+            if w.memory_high.is_some()
+                && w.role == Role::Serving
+                && !candidates.iter().any(|c| c.slot == i)
+            {
+                out.memory_high.push((i, None));
+            }
+        }
+
+        if !candidates.is_empty() {
+            let admitted = self.gate.admit(now, in_progress, &candidates);
+            if !admitted.is_empty() && self.gate.spacing() < self.gate.configured_spacing() {
+                out.spacing_shortened = Some(self.gate.spacing());
+            }
+            for &i in &admitted {
+                let Some(c) = candidates.iter().find(|c| c.slot == i) else {
+                    continue;
+                };
+                in_progress += 1;
+                out.recycles.push(RecycleOrder {
+                    worker: i,
+                    reason: c.reason,
+                    waited: now.saturating_sub(c.waiting_since),
+                    ahead: ahead.filter(|a| a.0 == i).map(|a| a.1),
+                    for_budget: for_budget == Some(i) || pool_carrier == Some(i),
+                    mode: self.mode(pool_usage, pool_rate, recycle_time),
+                });
+            }
+            // Those still waiting: slow them down (v2) rather than let them be killed.
+            let order = self.gate.order(&candidates);
+            for (position, &i) in order.iter().enumerate() {
+                if admitted.contains(&i) {
+                    continue;
+                }
+                let w = &view.workers[i];
+                if !w.has_memory_high {
+                    continue;
+                }
+                let wait = self
+                    .gate
+                    .expected_wait(now, in_progress, position, recycle_time);
+                let high = w.policy.memory_high(now, Some(wait));
+                if high != w.memory_high {
+                    out.memory_high.push((i, high));
+                }
+            }
+        }
+
+        for _ in &out.recycles {
+            self.in_flight.push_back(now);
+        }
+        // Read sooner when a deadline is near (and not yet being acted on).
+        for &(d, i) in &deadlines {
+            if out.recycles.iter().any(|r| r.worker == i) {
+                continue;
+            }
+            let tick = (d / TICKS_PER_DEADLINE).clamp(FAST_TICK, SLOW_TICK);
+            out.next_tick = out.next_tick.min(tick);
+        }
+        out
+    }
+
+    /// Replacement first, unless the replacement would not fit beside the old worker
+    /// under the budget (below its `memory.high` brake), counting what the pool grows
+    /// (`pool_rate`, bytes/s) while the recycle runs.
+    fn mode(&self, pool_usage: u64, pool_rate: f64, recycle_time: Duration) -> StartMode {
+        let Some(budget) = self.budget else {
+            return StartMode::ReplacementFirst;
+        };
+        let growth = (pool_rate.max(0.0) * recycle_time.as_secs_f64()) as u64;
+        let need = pool_usage
+            .saturating_add(self.start_cost())
+            .saturating_add(growth);
+        if need <= pool_memory_high(budget) {
+            StartMode::ReplacementFirst
+        } else {
+            StartMode::StopFirst
+        }
+    }
+}
+
+/// The pool group's `memory.high` under a budget (cgroup v2): 1/32 of the budget (at least
+/// 1 MiB) below it, so that the kernel reclaims and slows allocations before the OOM
+/// killer acts at the budget itself. Page-aligned.
+pub fn pool_memory_high(budget: u64) -> u64 {
+    budget.saturating_sub((budget / 32).max(1 << 20)) & !4095
+}
+
+/// The default ceiling of each worker under a budget: twice the fair share (`budget /
+/// workers`), at most the budget, so that one worker's burst can use room the others
+/// leave.
+pub fn default_ceiling(budget: u64, workers: usize) -> u64 {
+    (budget / workers.max(1) as u64)
+        .saturating_mul(2)
+        .min(budget)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    const MIB: u64 = 1 << 20;
+
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            recycle_jitter: 0.0,
+            ready_time: s(1),
+            ..Settings::default()
+        }
+    }
+
+    fn views(ws: &[WorkerPolicy]) -> Vec<WorkerView<'_>> {
+        ws.iter()
+            .enumerate()
+            .map(|(slot, p)| WorkerView {
+                slot,
+                role: Role::Serving,
+                policy: p,
+                usage: p.working_set(),
+                may_trim: true,
+                may_recycle: true,
+                memory_high: None,
+                has_memory_high: false,
+            })
+            .collect()
+    }
+
+    /// Workers under `ceiling`, observed once a second until `until` at `ws(slot, t)`.
+    fn workers(
+        n: usize,
+        ceiling: u64,
+        until: u64,
+        ws: impl Fn(usize, u64) -> u64,
+    ) -> Vec<WorkerPolicy> {
+        let st = settings();
+        let mut rng = StdRng::seed_from_u64(1);
+        (0..n)
+            .map(|slot| {
+                let mut p = WorkerPolicy::new(&st, Some(ceiling), Duration::ZERO, &mut rng);
+                for t in 0..=until {
+                    p.observe(s(t), ws(slot, t));
+                }
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_replacement_that_would_not_fit_under_the_budget_is_stop_first() {
+        // 4 workers at 92-95 MiB under a 400 MiB budget (ceilings 200 MiB, so none is near
+        // its own threshold): the pool is over 90% of its budget, and a 70 MiB start-up
+        // beside them would pass the budget's memory.high.
+        let st = Settings {
+            trim: false,
+            ..settings()
+        };
+        let budget = 400 * MIB;
+        let ws = workers(4, default_ceiling(budget, 4), 30, |slot, _| {
+            (92 + slot as u64) * MIB
+        });
+        let mut pool = PoolPolicy::new(&st, Some(budget));
+        pool.started(70 * MIB, s(1));
+        let v = views(&ws);
+        let mut recycles = vec![];
+        for t in 30..40 {
+            let d = pool.decide(&PoolView {
+                now: s(t),
+                workers: &v,
+                in_progress: 0,
+                pool_usage: None,
+            });
+            recycles.extend(d.recycles);
+            if !recycles.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(recycles.len(), 1, "{recycles:?}");
+        let r = recycles[0];
+        assert_eq!(r.worker, 3, "the largest goes first");
+        assert!(r.for_budget);
+        assert_eq!(r.mode, StartMode::StopFirst);
+        // With room beside them, the same recycle starts its replacement first.
+        let mut roomy = PoolPolicy::new(&st, Some(2 * budget));
+        roomy.started(70 * MIB, s(1));
+        assert_eq!(
+            roomy.mode(380 * MIB, 0.0, s(3)),
+            StartMode::ReplacementFirst
+        );
+        assert_eq!(pool.mode(300 * MIB, 0.0, s(3)), StartMode::ReplacementFirst);
+        assert_eq!(pool.mode(320 * MIB, 0.0, s(3)), StartMode::StopFirst);
+    }
+
+    #[test]
+    fn near_the_budget_those_with_most_to_give_back_are_trimmed_first() {
+        let budget = 1024 * MIB;
+        // The pool at ~80% of its budget (trim_at 75%), no worker near its own trim_at
+        // (75% of a 512 MiB ceiling = 384 MiB).
+        let sizes = [150u64, 260, 200, 210];
+        let ws = workers(4, default_ceiling(budget, 4), 20, |slot, _| {
+            sizes[slot] * MIB
+        });
+        let mut pool = PoolPolicy::new(&settings(), Some(budget));
+        let v = views(&ws);
+        let d = pool.decide(&PoolView {
+            now: s(20),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        });
+        assert!(d.trims.iter().all(|t| t.for_budget), "{:?}", d.trims);
+        assert_eq!(d.trims.first().map(|t| t.worker), Some(1), "{:?}", d.trims);
+        assert!(!d.trims.iter().any(|t| t.worker == 0), "{:?}", d.trims);
+        // The same pool without a budget: nobody is trimmed.
+        let mut free = PoolPolicy::new(&settings(), None);
+        let d = free.decide(&PoolView {
+            now: s(20),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        });
+        assert!(d.trims.is_empty());
+    }
+
+    #[test]
+    fn memory_is_read_faster_near_a_limit_and_once_a_second_otherwise() {
+        let mut pool = PoolPolicy::new(&settings(), None);
+        let flat = workers(2, 96 * MIB, 20, |_, _| 40 * MIB);
+        let v = views(&flat);
+        let view = |now| PoolView {
+            now,
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        };
+        assert_eq!(pool.decide(&view(s(20))).next_tick, SLOW_TICK);
+        // 1 MiB/s, 8 s from its limit: read every 0.8 s; the recycle it asks for starts.
+        let growing = workers(1, 96 * MIB, 20, |_, t| (68 + t) * MIB);
+        let v = views(&growing);
+        let d = pool.decide(&PoolView {
+            now: s(20),
+            workers: &v,
+            in_progress: 1,
+            pool_usage: None,
+        });
+        assert!(d.next_tick < SLOW_TICK && d.next_tick >= FAST_TICK, "{d:?}");
+    }
+
+    #[test]
+    fn a_worker_that_reaches_its_limit_within_a_ready_time_is_beyond_any_schedule() {
+        let mut pool = PoolPolicy::new(&settings(), None);
+        pool.started(20 * MIB, s(2));
+        assert!(pool.ready_time() > s(1), "learned from the start-up");
+        assert!(pool.oom_unavoidable(Duration::from_millis(900)));
+        assert!(!pool.oom_unavoidable(s(5)));
+    }
+
+    #[test]
+    fn a_worker_whose_headroom_no_longer_holds_the_pools_transients_goes_first() {
+        // Worker 0 grows slowly towards its limit; worker 1 sits flat at 80 of 96 MiB, but
+        // worker 2 once held 30 MiB for a second: the same request on worker 1 would pass
+        // its limit, so its deadline is now.
+        let ws = workers(3, 96 * MIB, 60, |slot, t| match slot {
+            0 => (40 + t / 2) * MIB,
+            1 => 80 * MIB,
+            _ => (20 + if t == 30 { 30 } else { 0 }) * MIB,
+        });
+        let d1 = ws[1].deadline(s(60), ws[2].transient(s(60)), false);
+        assert_eq!(d1, Some(Duration::ZERO));
+        assert_eq!(ws[1].deadline(s(60), 0, false), None, "flat: no projection");
+        assert_eq!(ws[2].transient(s(60)), 30 * MIB);
+    }
+}
