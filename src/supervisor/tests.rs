@@ -167,6 +167,37 @@ async fn starts_every_slot_and_reports_ready_after_the_delay() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn only_workers_started_together_spread_their_first_thresholds() {
+    // Seeded draws: with 8 workers some first thresholds are spread well below the normal
+    // draw (90% of the limit, jittered); a lone worker's never is, in any of 20 pools.
+    let limit = 256 * MIB;
+    let low = |ts: Vec<Option<u64>>| ts.into_iter().flatten().filter(|t| *t < limit / 2).count();
+    let p = pool(&["-n", "8"], Some(limit));
+    // The spread applies at the first reading after the ready time.
+    p.run_for(Duration::from_secs(10)).await;
+    let spread = low(p
+        .status()
+        .await
+        .workers
+        .iter()
+        .map(|w| w.recycle_threshold)
+        .collect());
+    assert!(spread > 0, "no first threshold was spread");
+    p.stop().await;
+    for _ in 0..20 {
+        let p = pool(&["-n", "1"], Some(limit));
+        p.run_for(Duration::from_secs(10)).await;
+        let t = p.status().await.workers[0].recycle_threshold;
+        assert_eq!(
+            low(vec![t]),
+            0,
+            "a lone worker's threshold was spread: {t:?}"
+        );
+        p.stop().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn notify_readiness_comes_from_the_workers_own_socket() {
     let p = pool(&["-n", "1", "--ready", "notify"], None);
     p.run_for(Duration::from_millis(50)).await;

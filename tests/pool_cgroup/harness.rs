@@ -635,7 +635,6 @@ pub fn oom_kill_reported_replaced_neighbours_untouched(at: &Place, n: usize, lim
     })
     .unwrap_or_else(|| panic!("slot {victim_slot} not replaced\n{}", pool.log()));
     assert_eq!(after["oom_kills"].as_u64(), Some(1), "{after}");
-    assert_eq!(after["restarts"].as_u64(), Some(1), "{after}");
     let now = Pool::slots(&after);
     let new_pid = now[&victim_slot];
     let w = after["workers"]
@@ -644,6 +643,12 @@ pub fn oom_kill_reported_replaced_neighbours_untouched(at: &Place, n: usize, lim
         .iter()
         .find(|w| w["pid"].as_i64() == Some(new_pid as i64))
         .unwrap();
+    // Replaced once: restarted after the kill, or by the recycle the policy had already
+    // begun when it saw the worker race towards its limit (the replacement then takes the
+    // slot, and nothing needs restarting).
+    let restarts = after["restarts"].as_u64().unwrap_or(0);
+    let recycled = w["recycles"].as_u64().unwrap_or(0);
+    assert_eq!(restarts + recycled, 1, "{after}");
     assert_eq!(w["generation"].as_u64(), Some(1), "{w}");
     let new_dir = hier.dir_of(new_pid).unwrap();
     assert!(
