@@ -664,7 +664,7 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
     // futex); the malloc_trim it injects waits for the arena lock malloc_stats holds, for
     // the whole --timeout. A Ctrl-C then arrives while the thread is running our call.
     let trim = Command::new(env!("CARGO_BIN_EXE_trimrun"))
-        .args(["trim", "--timeout", "1s", &pid.to_string()])
+        .args(["trim", "--timeout", "5s", &pid.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -673,7 +673,16 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
         traced_by(pid, trim.id()).then_some(())
     });
     assert!(attached.is_some(), "trimrun trim never attached");
-    std::thread::sleep(Duration::from_millis(100));
+    // In our call: the sleeper too now waits in futex (for the arena lock), beside the
+    // main thread. Waiting for that, not for a fixed time, keeps a loaded machine from
+    // abandoning the call before the Ctrl-C arrives.
+    let in_call = wait_for(Duration::from_secs(10), || {
+        (threads_in_syscall(pid, libc::SYS_futex) >= 2).then_some(())
+    });
+    assert!(
+        in_call.is_some(),
+        "the injected call never blocked on the arena lock"
+    );
     let interrupted = Instant::now();
     // SAFETY: kill has no memory preconditions; the pid is our own child.
     unsafe { libc::kill(trim.id() as i32, libc::SIGINT) };
@@ -694,6 +703,20 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
     assert!(p.child.wait().unwrap().success());
     drop(p);
     drain.join().unwrap();
+}
+
+/// How many threads of `pid` are in syscall `nr` now (`/proc/PID/task/*/syscall`).
+fn threads_in_syscall(pid: i32, nr: libc::c_long) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("syscall"))
+                .is_ok_and(|s| s.split_whitespace().next() == Some(&nr.to_string()))
+        })
+        .count()
 }
 
 #[test]
