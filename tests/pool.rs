@@ -447,6 +447,9 @@ fn systemd_socket_activation_passes_the_inherited_socket_on() {
     let port = free_port();
     let app = example("app.py");
     let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    // systemd-socket-activate passes on only the environment it is told to: the control
+    // socket and the backend go as flags, so this pool never takes the default socket.
+    let ctl = dir.path().join("ctl.sock");
     let mut child = Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(format!("127.0.0.1:{port}"))
@@ -457,6 +460,10 @@ fn systemd_socket_activation_passes_the_inherited_socket_on() {
             "2",
             "--ready",
             "delay:200ms",
+            "--cgroup",
+            "none",
+            "--control",
+            ctl.to_str().unwrap(),
             "--",
             "python3",
             &app,
