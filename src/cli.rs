@@ -228,6 +228,18 @@ pub struct RunArgs {
     /// Each worker draws its own threshold within ± this many points
     #[arg(long, env = "TRIMRUN_RECYCLE_JITTER", default_value = "5%", value_parser = parse_fraction, help_heading = "Recycling")]
     pub recycle_jitter: f64,
+    /// Spread the first workers' recycles over one life (`on`: each of the workers started
+    /// together draws where in a life its first recycle falls, so they never recycle in a
+    /// wave; the cost is one early recycle per slot, once). `off`: every worker recycles at
+    /// its own threshold from the start
+    #[arg(
+        long,
+        env = "TRIMRUN_SPREAD_FIRST",
+        value_enum,
+        default_value = "on",
+        help_heading = "Recycling"
+    )]
+    pub spread_first: OnOff,
     /// Recycle a worker after this long, whatever its memory
     #[arg(long, env = "TRIMRUN_MAX_LIFETIME", value_parser = parse_duration, help_heading = "Recycling")]
     pub max_lifetime: Option<Duration>,

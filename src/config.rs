@@ -123,6 +123,8 @@ pub struct Config {
     pub trim_interval: Duration,
     pub recycle_at: f64,
     pub recycle_jitter: f64,
+    /// `--spread-first`: the first generation's thresholds are spread over a life.
+    pub spread_first: bool,
     pub max_lifetime: Option<Duration>,
     pub lifetime_jitter: Duration,
     pub max_recycling: usize,
@@ -250,6 +252,7 @@ impl Config {
             trim_interval: a.trim_interval,
             recycle_at: a.recycle_at,
             recycle_jitter: a.recycle_jitter,
+            spread_first: a.spread_first == OnOff::On,
             max_lifetime: a.max_lifetime,
             lifetime_jitter: a
                 .lifetime_jitter

@@ -115,7 +115,9 @@ impl Supervisor {
         // The first generation draws thresholds spread over a whole life, so that workers
         // started together do not reach their thresholds together (policy::new_initial).
         // A lone worker has nobody to collide with: its early recycle would be pure cost.
-        let wpolicy = if self.phase == Phase::Starting && generation == 0 && self.target > 1 {
+        // `--spread-first off` leaves every worker at its own threshold.
+        let spread = self.cfg.spread_first && self.target > 1;
+        let wpolicy = if self.phase == Phase::Starting && generation == 0 && spread {
             WorkerPolicy::new_initial(&self.settings, self.limit, self.now_d(), &mut self.rng)
         } else {
             WorkerPolicy::new(&self.settings, self.limit, self.now_d(), &mut self.rng)

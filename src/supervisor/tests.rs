@@ -184,6 +184,17 @@ async fn only_workers_started_together_spread_their_first_thresholds() {
         .collect());
     assert!(spread > 0, "no first threshold was spread");
     p.stop().await;
+    let p = pool(&["-n", "8", "--spread-first", "off"], Some(limit));
+    p.run_for(Duration::from_secs(10)).await;
+    let off = low(p
+        .status()
+        .await
+        .workers
+        .iter()
+        .map(|w| w.recycle_threshold)
+        .collect());
+    assert_eq!(off, 0, "--spread-first off spread a threshold");
+    p.stop().await;
     for _ in 0..20 {
         let p = pool(&["-n", "1"], Some(limit));
         p.run_for(Duration::from_secs(10)).await;

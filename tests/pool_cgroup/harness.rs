@@ -354,6 +354,10 @@ impl Pool {
                 "delay:300ms",
                 "--graceful-timeout",
                 "3s",
+                // These tests watch particular workers: none is recycled early by the
+                // first generation's spread (unit-tested in the supervisor and the policy).
+                "--spread-first",
+                "off",
             ],
             wrap,
         );
