@@ -9,30 +9,8 @@ use std::time::Duration;
 
 use common::load::{Client, Load};
 use common::pool::*;
+use common::python::*;
 use common::wait_for;
-
-fn python_dir() -> String {
-    format!("{}/python", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn apps_dir() -> String {
-    format!("{}/tests/apps", env!("CARGO_MANIFEST_DIR"))
-}
-
-fn have_python_deps(modules: &str) -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", &format!("import {modules}")])
-        .env("PYTHONPATH", python_dir())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        common::cannot_run(&format!(
-            "python3 with {modules} (scripts/install-test-deps.sh installs them)"
-        ));
-    }
-    ok
-}
 
 fn preload_pool(n: usize, app: &str, extra: &[&str], env: &[(&str, &str)]) -> Pool {
     let n = n.to_string();

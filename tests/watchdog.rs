@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::pool::*;
+use common::python::*;
 use common::wait_for;
 
 fn prog() -> String {
@@ -267,25 +268,6 @@ fn worker_that_hangs_at_every_start_is_backed_off_with_jitter() {
 }
 
 // ----- trimrun_worker (python/) ------------------------------------------------------------
-
-fn python_dir() -> String {
-    format!("{}/python", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// True when python3 can import `modules`; else says why (a skip, or a failure under CI).
-fn have_python_deps(modules: &str) -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", &format!("import {modules}")])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ok {
-        common::cannot_run(&format!(
-            "python3 with {modules} (scripts/install-test-deps.sh installs them)"
-        ));
-    }
-    ok
-}
 
 /// One `python -m trimrun_worker` worker serving tests/apps/stuck_app.py's `attr`.
 fn stuck_app_pool(timeout: &str, interface: &str, attr: &str) -> Pool {

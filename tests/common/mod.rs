@@ -4,6 +4,7 @@
 
 pub mod load;
 pub mod pool;
+pub mod python;
 pub mod vm;
 
 use std::time::{Duration, Instant};
