@@ -33,21 +33,7 @@ pub fn render_for(s: &Snapshot, wide: bool, cols: Option<usize>) -> String {
 /// ```
 pub fn render_compact(s: &Snapshot) -> String {
     let mut out = String::new();
-    let state = if s.state.is_empty() {
-        "running"
-    } else {
-        &s.state
-    };
-    let backend = if s.backend.is_empty() {
-        "?"
-    } else {
-        &s.backend
-    };
-    let total = short_bytes(s.total_working_set());
-    let memory = match s.total_limit() {
-        Some(limit) => format!("{total} of {}", short_bytes(limit)),
-        None => total,
-    };
+    let (state, backend, memory) = pool_summary(s, short_bytes);
     let fields = [
         format!(
             "trimrun pid {} ({state}, up {})",
@@ -322,7 +308,9 @@ fn zygote_line(s: &Snapshot) -> String {
     }
 }
 
-fn pool_line(s: &Snapshot) -> String {
+/// The pool line's state (empty: running), backend (empty: unknown) and total memory
+/// against the total limit, sizes written by `bytes`.
+fn pool_summary(s: &Snapshot, bytes: fn(u64) -> String) -> (&str, &str, String) {
     let state = if s.state.is_empty() {
         "running"
     } else {
@@ -333,11 +321,16 @@ fn pool_line(s: &Snapshot) -> String {
     } else {
         &s.backend
     };
-    let total = human_bytes(s.total_working_set());
+    let total = bytes(s.total_working_set());
     let memory = match s.total_limit() {
-        Some(limit) => format!("{total} of {}", human_bytes(limit)),
+        Some(limit) => format!("{total} of {}", bytes(limit)),
         None => total,
     };
+    (state, backend, memory)
+}
+
+fn pool_line(s: &Snapshot) -> String {
+    let (state, backend, memory) = pool_summary(s, human_bytes);
     let timeouts = if s.timeouts > 0 {
         format!("  watchdog timeouts {}", s.timeouts)
     } else {
