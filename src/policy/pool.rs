@@ -33,6 +33,11 @@ pub const FAST_TICK: Duration = Duration::from_millis(100);
 /// A deadline within this many ticks' worth of time makes the tick shorter: the reading
 /// that starts a recycle must come early enough to leave the replacement its ready time.
 const TICKS_PER_DEADLINE: u32 = 10;
+/// A worker projected to reach its ceiling within this long is stopped now
+/// ([`EmergencyAction::Stop`]): the stop signal takes effect within milliseconds, but the
+/// reading that shows the worker there may come a tick late on a busy host, and its
+/// requests in flight still allocate while it drains.
+pub const STOP_MARGIN: Duration = Duration::from_millis(600);
 /// With a budget, the pool trims from `trim_at` of the budget and recycles from
 /// `recycle_at` of it (the workers' own fractions applied to the budget).
 const POOL_OVER_GRACE_TICKS: u32 = 3;
@@ -115,6 +120,32 @@ pub struct RecycleOrder {
     pub mode: StartMode,
 }
 
+/// What to do with a worker that will reach its ceiling before a recycle through the gate
+/// could replace it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum EmergencyAction {
+    /// Start its replacement now, past the gate's spacing (and past `--max-recycling`,
+    /// up to twice it): admitted later, the replacement would not be ready before the
+    /// ceiling. The worker serves on until its replacement is ready, as in any recycle.
+    StartReplacement,
+    /// Stop it now, gracefully (the stop signal: it stops accepting and finishes the
+    /// requests it has), and start its replacement now if none is starting: it reaches
+    /// its ceiling within [`STOP_MARGIN`], before its replacement can be ready. Its slot
+    /// serves nothing until the replacement is ready (a brief dip in capacity), which
+    /// beats the OOM killer taking it with its requests in flight.
+    Stop,
+}
+
+/// A worker that will reach its ceiling before the gate could replace it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Emergency {
+    /// Index into [`PoolView::workers`].
+    pub worker: usize,
+    /// Its [`WorkerPolicy::imminent_time_to_limit`].
+    pub time_to_limit: Duration,
+    pub action: EmergencyAction,
+}
+
 /// What [`PoolPolicy::decide`] asks the supervisor to do.
 #[derive(Clone, Debug, Default)]
 pub struct Decisions {
@@ -127,6 +158,9 @@ pub struct Decisions {
     /// Serving workers whose deadline is shorter than a ready time: no schedule can have
     /// a replacement ready before they reach their ceiling. (index, deadline)
     pub too_fast: Vec<(usize, Duration)>,
+    /// Workers that will reach their ceilings before a recycle through the gate could
+    /// replace them: replaced past the gate, or stopped now (see [`EmergencyAction`]).
+    pub emergencies: Vec<Emergency>,
     /// Read memory again after this long.
     pub next_tick: Duration,
     /// From now on young workers are projected from two seconds of readings: workers were
@@ -288,6 +322,43 @@ impl PoolPolicy {
             }
         }
 
+        // Emergencies: workers that reach their ceilings, at their growth of the last few
+        // seconds, before the gate could have them replaced. Known from a second of
+        // readings on, so also for the first generation, whose normal projections need
+        // more (they start together and have no growth history yet). What reads memory
+        // must come often enough for the stop to come in time: a tick of a quarter of the
+        // time left.
+        let ready_time = self.ready_time();
+        let mut urgent_starts = 0;
+        for (i, w) in view.workers.iter().enumerate() {
+            if !matches!(w.role, Role::Serving | Role::Replaced) {
+                continue;
+            }
+            let Some(ttl) = w.policy.imminent_time_to_limit(now) else {
+                continue;
+            };
+            out.next_tick = out
+                .next_tick
+                .min((ttl / 4).clamp(FAST_TICK, SLOW_TICK));
+            let action = if ttl < STOP_MARGIN {
+                EmergencyAction::Stop
+            } else if w.role == Role::Serving
+                && w.may_recycle
+                && ttl < ready_time + STOP_MARGIN
+                && view.in_progress + urgent_starts < 2 * s.max_recycling.max(1)
+            {
+                urgent_starts += 1;
+                EmergencyAction::StartReplacement
+            } else {
+                continue;
+            };
+            out.emergencies.push(Emergency {
+                worker: i,
+                time_to_limit: ttl,
+                action,
+            });
+        }
+
         // Deadlines of the workers that may still need a recycle. Workers of one pool run
         // one app: the largest transient any of them showed may come to each.
         let transient = view
@@ -296,12 +367,14 @@ impl PoolPolicy {
             .map(|w| w.policy.transient(now))
             .max()
             .unwrap_or(0);
-        let serving = |w: &WorkerView| w.role == Role::Serving && w.may_recycle;
+        let emergency: Vec<usize> = out.emergencies.iter().map(|e| e.worker).collect();
+        let serving_at =
+            |i: usize, w: &WorkerView| w.role == Role::Serving && w.may_recycle && !emergency.contains(&i);
         let mut deadlines: Vec<(Duration, usize)> = view
             .workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| serving(w))
+            .filter(|(i, w)| serving_at(*i, w))
             .filter_map(|(i, w)| {
                 w.policy
                     .deadline(now, transient, self.eager)
@@ -396,7 +469,7 @@ impl PoolPolicy {
                 .workers
                 .iter()
                 .enumerate()
-                .filter(|(_, w)| serving(w))
+                .filter(|(i, w)| serving_at(*i, w))
                 .max_by_key(|(_, w)| w.policy.peak().max(ws(w)));
             if let Some((i, _)) = largest {
                 let over_long_enough = self
@@ -425,7 +498,7 @@ impl PoolPolicy {
         let mut candidates = Vec::new();
         let mut reloads = Vec::new();
         for (i, w) in view.workers.iter().enumerate() {
-            if !serving(w) {
+            if !serving_at(i, w) {
                 continue;
             }
             let Some(reason) = w.policy.recycle_reason(s, now) else {
@@ -484,10 +557,16 @@ impl PoolPolicy {
             });
             ahead = Some((i, d));
         }
+        // Too fast for any schedule: its whole life from ready to its ceiling is shorter
+        // than a ready time, so even a replacement started the moment it was ready could
+        // not be ready before it reaches its ceiling.
         for (i, w) in view.workers.iter().enumerate() {
-            if serving(w)
-                && let Some(d) = w.policy.time_to_limit(now)
-                && d < self.ready_time()
+            if matches!(w.role, Role::Serving | Role::Replaced)
+                && let Some(d) = w
+                    .policy
+                    .imminent_time_to_limit(now)
+                    .or_else(|| w.policy.time_to_limit(now))
+                && now.saturating_sub(w.policy.born() + ready_time) + d < ready_time
             {
                 out.too_fast.push((i, d));
             }
@@ -560,7 +639,14 @@ impl PoolPolicy {
             }
         }
 
-        for _ in &out.recycles {
+        // Recycles started now: the gate's, and the emergencies' that start one (a stop of
+        // a worker not yet being replaced starts its replacement too).
+        let emergency_starts = out
+            .emergencies
+            .iter()
+            .filter(|e| view.workers[e.worker].role == Role::Serving)
+            .count();
+        for _ in 0..out.recycles.len() + emergency_starts {
             self.in_flight.push_back(now);
         }
         // Read sooner when a deadline is near (and not yet being acted on).

@@ -50,6 +50,11 @@ pub const PROJECTION_MIN_SPAN: Duration = Duration::from_secs(10);
 /// spanning only this long: a worker leaking 10 MiB/s under a 96 MiB limit lives about 8 s,
 /// and waiting for [`PROJECTION_MIN_SPAN`] of readings would leave it to the OOM killer.
 pub const NEAR_MIN_SPAN: Duration = Duration::from_secs(2);
+/// The imminent projection ([`Growth::imminent_time_to_limit`]) fits the readings of the
+/// last this long: what the worker does now, not what it did over minutes.
+pub const IMMINENT_WINDOW: Duration = Duration::from_secs(4);
+/// ... once they span at least this long, however young the worker.
+pub const IMMINENT_MIN_SPAN: Duration = Duration::from_secs(1);
 
 /// The readings of one worker and the growth fitted to them.
 #[derive(Clone, Debug)]
@@ -211,6 +216,32 @@ impl Growth {
         // Only growth that clearly slowed down reads from the recent half: the lower of
         // two noisy estimates would err late for a steady leak.
         let rate = if recent < whole / 2.0 { recent } else { whole };
+        if rate <= 0.0 {
+            return None;
+        }
+        let elapsed = now.saturating_sub(last).as_secs_f64();
+        let secs = ((limit - ws) as f64 / rate - elapsed).max(0.0);
+        Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+    }
+
+    /// Projected time until the plain working set `ws` reaches `limit` at the growth of
+    /// the last [`IMMINENT_WINDOW`] of readings since it was ready (from
+    /// [`IMMINENT_MIN_SPAN`] of them on, however young the worker). For the emergency
+    /// stop: whether the worker reaches its ceiling within the next second or two, which
+    /// neither a start-up surge nor a trim's saw-tooth can make look nearer than it is for
+    /// long (the surge is over by then, the fit follows the growth underneath the trims).
+    pub(super) fn imminent_time_to_limit(
+        &self,
+        limit: u64,
+        ws: u64,
+        now: Duration,
+    ) -> Option<Duration> {
+        if ws >= limit {
+            return Some(Duration::ZERO);
+        }
+        let last = self.samples.back()?.0;
+        let from = now.saturating_sub(IMMINENT_WINDOW).max(self.warm_from);
+        let rate = self.fit(from, IMMINENT_MIN_SPAN)?;
         if rate <= 0.0 {
             return None;
         }
