@@ -190,6 +190,9 @@ pub struct PoolPolicy {
     lookahead: bool,
     /// Project young workers from a couple of seconds of readings (see `decide`).
     eager: bool,
+    /// Emergency actions ([`Decisions::emergencies`]; off only for comparisons in
+    /// simulations).
+    emergencies: bool,
     /// Since when the pool has been at or above its recycle threshold.
     pool_over_since: Option<Duration>,
     /// When the pool last asked for a trim of each slot (so that budget trims of one
@@ -211,6 +214,7 @@ impl PoolPolicy {
             ready_time: settings.ready_time,
             lookahead: true,
             eager: false,
+            emergencies: true,
             pool_over_since: None,
             budget_trims: Vec::new(),
         }
@@ -219,6 +223,12 @@ impl PoolPolicy {
     /// The same policy without the deadline lookahead (comparisons in simulations).
     pub fn without_lookahead(mut self) -> Self {
         self.lookahead = false;
+        self
+    }
+
+    /// The same policy without emergency actions (comparisons in simulations).
+    pub fn without_emergencies(mut self) -> Self {
+        self.emergencies = false;
         self
     }
 
@@ -334,12 +344,14 @@ impl PoolPolicy {
             if !matches!(w.role, Role::Serving | Role::Replaced) {
                 continue;
             }
-            let Some(ttl) = w.policy.imminent_time_to_limit(now) else {
+            let Some(ttl) = w
+                .policy
+                .imminent_time_to_limit(now)
+                .filter(|_| self.emergencies)
+            else {
                 continue;
             };
-            out.next_tick = out
-                .next_tick
-                .min((ttl / 4).clamp(FAST_TICK, SLOW_TICK));
+            out.next_tick = out.next_tick.min((ttl / 4).clamp(FAST_TICK, SLOW_TICK));
             let action = if ttl < STOP_MARGIN {
                 EmergencyAction::Stop
             } else if w.role == Role::Serving
@@ -368,8 +380,9 @@ impl PoolPolicy {
             .max()
             .unwrap_or(0);
         let emergency: Vec<usize> = out.emergencies.iter().map(|e| e.worker).collect();
-        let serving_at =
-            |i: usize, w: &WorkerView| w.role == Role::Serving && w.may_recycle && !emergency.contains(&i);
+        let serving_at = |i: usize, w: &WorkerView| {
+            w.role == Role::Serving && w.may_recycle && !emergency.contains(&i)
+        };
         let mut deadlines: Vec<(Duration, usize)> = view
             .workers
             .iter()
@@ -574,7 +587,13 @@ impl PoolPolicy {
 
         // Rolling reloads: one after the other within --max-recycling, no spacing.
         reloads.sort();
-        let mut in_progress = view.in_progress;
+        // Recycles the emergencies begin count against --max-recycling from now on.
+        let mut in_progress = view.in_progress
+            + out
+                .emergencies
+                .iter()
+                .filter(|e| view.workers[e.worker].role == Role::Serving)
+                .count();
         for (_, i, since) in reloads {
             if in_progress >= s.max_recycling {
                 break;
@@ -874,5 +893,136 @@ mod tests {
         assert_eq!(d1, Some(Duration::ZERO));
         assert_eq!(ws[1].deadline(s(60), 0, false), None, "flat: no projection");
         assert_eq!(ws[2].transient(s(60)), 30 * MIB);
+    }
+
+    /// One worker of a first generation: ready at 1 s with 20 MiB, then growing `rate`
+    /// MiB/s, read every `step_ms` until `until_ms`.
+    fn young(rate: f64, step_ms: u64, until_ms: u64) -> WorkerPolicy {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut p =
+            WorkerPolicy::new_initial(&settings(), Some(96 * MIB), Duration::ZERO, &mut rng);
+        let mut t = 0;
+        while t <= until_ms {
+            let secs = t as f64 / 1000.0;
+            let ws = if secs < 1.0 {
+                20.0 * secs
+            } else {
+                20.0 + rate * (secs - 1.0)
+            };
+            p.observe(Duration::from_millis(t), (ws * MIB as f64) as u64);
+            t += step_ms;
+        }
+        p
+    }
+
+    fn decide_one(pool: &mut PoolPolicy, p: &WorkerPolicy, role: Role, now_ms: u64) -> Decisions {
+        let v = vec![WorkerView {
+            slot: 0,
+            role,
+            policy: p,
+            usage: p.working_set(),
+            may_trim: false,
+            may_recycle: true,
+            memory_high: None,
+            has_memory_high: false,
+        }];
+        pool.decide(&PoolView {
+            now: Duration::from_millis(now_ms),
+            workers: &v,
+            in_progress: usize::from(role == Role::Replaced),
+            pool_usage: None,
+        })
+    }
+
+    #[test]
+    fn a_young_worker_about_to_reach_its_ceiling_is_replaced_past_the_gate_then_stopped() {
+        // 10 MiB/s from 20 MiB: the ceiling (96 MiB) at ~8.6 s. The normal projection of
+        // a young worker needs 10 s of readings (2 s from trim_at, 72 MiB, at 6.2 s),
+        // the gate's spacing is 5 s: without the emergencies nothing would act in time.
+        let mut pool = PoolPolicy::new(&settings(), None);
+        // 5 s: ~36 s from its ceiling at this rate: nothing yet, but it is read faster.
+        let p = young(10.0, 250, 5000);
+        assert_eq!(
+            p.time_to_limit(s(5)),
+            None,
+            "too young for a normal projection"
+        );
+        let ttl = p
+            .imminent_time_to_limit(s(5))
+            .expect("a second of readings suffices");
+        assert!(ttl > s(3) && ttl < s(4), "{ttl:?}");
+        let d = decide_one(&mut pool, &p, Role::Serving, 5000);
+        assert!(d.emergencies.is_empty(), "{:?}", d.emergencies);
+        assert!(d.next_tick < SLOW_TICK, "{:?}", d.next_tick);
+        // 7.2 s: 1.4 s left, less than a ready time and the margin: replace it now.
+        let p = young(10.0, 100, 7200);
+        let d = decide_one(&mut pool, &p, Role::Serving, 7200);
+        assert_eq!(d.emergencies.len(), 1, "{d:?}");
+        assert_eq!(d.emergencies[0].action, EmergencyAction::StartReplacement);
+        assert!(d.recycles.is_empty(), "not also through the gate");
+        // 8.1 s, its replacement still starting: 0.5 s left, stop it now.
+        let p = young(10.0, 100, 8100);
+        let d = decide_one(&mut pool, &p, Role::Replaced, 8100);
+        assert_eq!(d.emergencies.len(), 1, "{d:?}");
+        assert_eq!(d.emergencies[0].action, EmergencyAction::Stop);
+        assert!(d.emergencies[0].time_to_limit < STOP_MARGIN);
+        assert!(
+            d.next_tick <= Duration::from_millis(150),
+            "{:?}",
+            d.next_tick
+        );
+        // A worker that does not grow, however near its ceiling, is left alone.
+        let flat = workers(1, 96 * MIB, 30, |_, _| 93 * MIB);
+        let d = decide_one(&mut pool, &flat[0], Role::Serving, 30_000);
+        assert!(d.emergencies.is_empty(), "{:?}", d.emergencies);
+        // Without emergencies (comparisons), the same worker is left to the gate.
+        let mut off = PoolPolicy::new(&settings(), None).without_emergencies();
+        let p = young(10.0, 100, 8100);
+        assert!(
+            decide_one(&mut off, &p, Role::Replaced, 8100)
+                .emergencies
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn urgent_starts_past_the_gate_stop_at_twice_max_recycling() {
+        // Two workers both 1.2 s from their ceilings, one recycle already in progress:
+        // one more start past the gate (two in progress), not two.
+        let a = young(10.0, 100, 7400);
+        let b = young(10.0, 100, 7400);
+        let c = young(10.0, 100, 7400);
+        let v: Vec<WorkerView> = [&a, &b, &c]
+            .iter()
+            .enumerate()
+            .map(|(slot, p)| WorkerView {
+                slot,
+                role: if slot == 2 {
+                    Role::Replaced
+                } else {
+                    Role::Serving
+                },
+                policy: p,
+                usage: p.working_set(),
+                may_trim: false,
+                may_recycle: slot != 2,
+                memory_high: None,
+                has_memory_high: false,
+            })
+            .collect();
+        let mut pool = PoolPolicy::new(&settings(), None);
+        let d = pool.decide(&PoolView {
+            now: Duration::from_millis(7400),
+            workers: &v,
+            in_progress: 1,
+            pool_usage: None,
+        });
+        let starts = d
+            .emergencies
+            .iter()
+            .filter(|e| e.action == EmergencyAction::StartReplacement)
+            .count();
+        assert_eq!(starts, 1, "{:?}", d.emergencies);
+        assert!(d.recycles.is_empty(), "{:?}", d.recycles);
     }
 }

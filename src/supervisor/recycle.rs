@@ -7,8 +7,7 @@ use tracing::{debug, info, warn};
 use super::lifecycle::drain;
 use super::{Replacing, State, Supervisor, Trim, Why, Worker};
 use crate::policy::{
-    Emergency, EmergencyAction, PoolView, RecycleOrder, RecycleReason, Role, StartMode,
-    WorkerView,
+    Emergency, EmergencyAction, PoolView, RecycleOrder, RecycleReason, Role, StartMode, WorkerView,
 };
 
 impl Supervisor {
@@ -92,7 +91,7 @@ impl Supervisor {
                     pid = w.pid,
                     projected_limit_in_s = ttl.as_secs_f64(),
                     ready_time_s = self.pool.ready_time().as_secs_f64(),
-                    "worker grows to its limit faster than a replacement can get ready: no recycle schedule can prevent an OOM kill (raise --limit, or slow its growth)"
+                    "worker grows to its limit faster than a replacement can get ready: no recycle schedule keeps its slot serving; it is stopped before its limit if a reading shows it coming, else the kernel OOM-kills it (raise --limit, or slow its growth)"
                 );
             }
         }
@@ -182,14 +181,25 @@ impl Supervisor {
         match e.action {
             EmergencyAction::StartReplacement => {
                 warn!(
-                    slot, pid, usage, limit, projected_limit_in_s = ttl_s, ready_time_s, in_progress,
+                    slot,
+                    pid,
+                    usage,
+                    limit,
+                    projected_limit_in_s = ttl_s,
+                    ready_time_s,
+                    in_progress,
                     "recycling worker past the gate: it reaches its limit sooner than a replacement admitted later could be ready; starting its replacement now"
                 );
                 self.start_worker(slot, Some(Replacing { pid, reason }));
             }
             EmergencyAction::Stop => {
                 warn!(
-                    slot, pid, usage, limit, projected_limit_in_s = ttl_s, replacement_starting = replaced.is_some() || !starts,
+                    slot,
+                    pid,
+                    usage,
+                    limit,
+                    projected_limit_in_s = ttl_s,
+                    replacement_starting = replaced.is_some() || !starts,
                     "emergency stop: the worker reaches its limit before a replacement can take over; stopping it gracefully now (it finishes its requests; its slot serves nothing until the replacement is ready) instead of leaving it to the OOM killer"
                 );
                 let until = Instant::now() + self.cfg.graceful_timeout;

@@ -296,15 +296,15 @@ impl WorkerPolicy {
             .time_to_limit(self.limit?, self.trim.trim_at(), now)
     }
 
-    /// Projected time until its latest reading reaches the hard limit at its growth of
-    /// the last few seconds ([`IMMINENT_WINDOW`]), known from [`IMMINENT_MIN_SPAN`] of
-    /// readings since it was ready on, even for a young worker: whether it must be
-    /// stopped (or its replacement started past the gate) now, see
-    /// [`super::PoolPolicy::decide`]. `None`: limit unknown, no reading yet, or not
-    /// growing.
+    /// Projected time until its latest reading reaches the hard limit: at the growth rate
+    /// of [`time_to_limit`](Self::time_to_limit) once that has one, before that at its
+    /// growth of the last few seconds ([`IMMINENT_WINDOW`], from [`IMMINENT_MIN_SPAN`] of
+    /// readings since it was ready on). Whether it must be stopped, or its replacement
+    /// started past the gate, now (see [`super::PoolPolicy::decide`]). `None`: limit
+    /// unknown, no reading yet, too young, or not growing.
     pub fn imminent_time_to_limit(&self, now: Duration) -> Option<Duration> {
         self.growth
-            .imminent_time_to_limit(self.limit?, self.last_ws?, now)
+            .imminent_time_to_limit(self.limit?, self.trim.trim_at(), self.last_ws?, now)
     }
 
     /// Its deadline for the recycle queue: [`time_to_limit`](Self::time_to_limit), or zero
