@@ -437,7 +437,13 @@ fn leaking_pool(
     Some((ok, failures, pool.log(), status))
 }
 
-fn assert_recycled_without_oom(what: &str, r: &(usize, Vec<String>, String, serde_json::Value)) {
+/// No failed request, no OOM kill, at least one recycle, at most `max_at_once` recycles
+/// in progress at once.
+fn assert_recycled_without_oom(
+    what: &str,
+    r: &(usize, Vec<String>, String, serde_json::Value),
+    max_at_once: usize,
+) {
     let (ok, failures, log, status) = r;
     let notable: Vec<&str> = log
         .lines()
@@ -466,10 +472,9 @@ fn assert_recycled_without_oom(what: &str, r: &(usize, Vec<String>, String, serd
         notable.join("\n")
     );
     assert_eq!(status["oom_kills"], 0);
-    assert_eq!(
-        max_concurrent_recycles(log),
-        1,
-        "two recycles overlapped:\n{log}"
+    assert!(
+        max_concurrent_recycles(log) <= max_at_once,
+        "more than {max_at_once} recycles overlapped:\n{log}"
     );
 }
 
@@ -492,7 +497,7 @@ fn a_worker_growing_5_mib_s_under_160m_with_defaults_is_recycled_never_oom_kille
     ) else {
         return;
     };
-    assert_recycled_without_oom("4 x 160M at ~5 MiB/s", &r);
+    assert_recycled_without_oom("4 x 160M at ~5 MiB/s", &r, 1);
 }
 
 #[test]
@@ -525,7 +530,13 @@ fn four_workers_at_10_mib_s_under_96m_with_defaults_have_no_oom_kill_and_no_fail
         log.matches("emergency stop").count(),
         log.matches("recycling worker past the gate").count(),
     );
-    assert_recycled_without_oom("4 x 96M at ~10 MiB/s", &(ok, failures, log.clone(), status));
+    // A replacement started past the gate may overlap one admitted by it (never more:
+    // twice --max-recycling).
+    assert_recycled_without_oom(
+        "4 x 96M at ~10 MiB/s",
+        &(ok, failures, log.clone(), status),
+        2,
+    );
     assert!(ooms.is_empty(), "{}", ooms.join("\n"));
     assert!(log.matches("recycle complete").count() >= 6, "{log}");
 }
