@@ -531,3 +531,44 @@ fn user_who_cannot_reach_the_program_is_told_which_path_and_uid() {
     let _ = child.wait();
     assert!(seen.is_some(), "no clear error:\n{}", read_log(dir.path()));
 }
+
+/// A worker that says READY=1 on its notify socket 2.5 s after it starts (longer than the
+/// 2 s the policy assumes before it has measured anything), then sleeps.
+const READY_AFTER_2500MS: &str = "import os,socket,time\n\
+time.sleep(2.5)\n\
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+s.connect(os.environ['NOTIFY_SOCKET'])\n\
+s.send(b'READY=1')\n\
+time.sleep(1000)";
+
+/// `--ready notify`: the ready time the policy plans recycles with (`status --json`
+/// `ready_time_secs`, also `trimrun_ready_time_seconds`) is the slowest start-up measured
+/// from the workers' READY=1, not the fixed 2 s it assumes before the first one.
+#[test]
+fn with_ready_notify_the_policy_plans_with_the_measured_ready_time() {
+    let pool = Pool::start(
+        &["-n", "2", "--ready", "notify", "--ready-timeout", "60s"],
+        &["python3", "-c", READY_AFTER_2500MS],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(60));
+    let log = pool.log();
+    let measured: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("worker ready"))
+        .filter_map(|l| {
+            let v = l.split("ready_ms=").nth(1)?.split_whitespace().next()?;
+            v.parse().ok()
+        })
+        .collect();
+    assert_eq!(measured.len(), 2, "{log}");
+    let slowest = *measured.iter().max().unwrap() as f64 / 1000.0;
+    assert!(slowest >= 2.5, "{log}");
+    let planned = pool.status()["ready_time_secs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no ready_time_secs in status --json: {log}"));
+    // `ready_ms` is rounded down to the millisecond.
+    assert!(
+        planned >= slowest && planned < slowest + 0.002,
+        "the policy plans with a ready time of {planned} s, the slowest start-up took {slowest} s: {log}"
+    );
+}
