@@ -572,3 +572,63 @@ fn with_ready_notify_the_policy_plans_with_the_measured_ready_time() {
         "the policy plans with a ready time of {planned} s, the slowest start-up took {slowest} s: {log}"
     );
 }
+
+/// `--preload --cgroup none`: a daemon a forked worker started in its own session (here
+/// `sleep` from `daemon_app`'s `/daemon`) dies when its worker is recycled, and the next
+/// one's when trimrun stops, as with fork+exec workers; the zygote is no orphan.
+#[test]
+fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
+    use common::python::{apps_dir, have_python_deps, python_dir};
+    if !have_python_deps("waitress, trimrun_worker") {
+        return;
+    }
+    let tag = format!("{}", 65000 + std::process::id() % 500);
+    let (apps, py) = (apps_dir(), python_dir());
+    let mut pool = Pool::start_env(
+        &["-n", "1", "--ready", "notify", "--preload"],
+        &[
+            "python3",
+            "-m",
+            "trimrun_worker",
+            "--app-dir",
+            &apps,
+            "daemon_app:app",
+        ],
+        &[("PYTHONPATH", &py)],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(60));
+    let daemon = |pool: &Pool| -> i32 {
+        get(pool.port, &format!("/daemon?{tag}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let first = daemon(&pool);
+    assert!(sleeps_with(&tag).contains(&first), "{}", pool.log());
+    let zygote = pool.status()["zygote"]["pid"].as_i64().unwrap() as i32;
+    let (code, out) = pool.ctl(&["recycle", "0"]);
+    assert_eq!(code, 0, "{out}");
+    pool.wait_log("recycle complete", Duration::from_secs(60));
+    let dead = wait_for(Duration::from_secs(20), || (!alive(first)).then_some(()));
+    let second = daemon(&pool);
+    let zygote_kept = alive(zygote);
+    pool.signal(libc::SIGTERM);
+    let code = pool.wait_exit(Duration::from_secs(30));
+    let left = wait_for(Duration::from_secs(10), || {
+        sleeps_with(&tag).is_empty().then_some(())
+    });
+    for p in sleeps_with(&tag) {
+        // SAFETY: kill(2) of a process this test's pool started.
+        unsafe { libc::kill(p, libc::SIGKILL) };
+    }
+    let log = pool.log();
+    assert!(
+        dead.is_some(),
+        "the recycled worker's daemon {first} survived: {log}"
+    );
+    assert!(zygote_kept, "the zygote {zygote} was killed as an orphan: {log}");
+    assert_ne!(second, first);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
+}
