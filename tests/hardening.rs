@@ -627,7 +627,10 @@ fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
         dead.is_some(),
         "the recycled worker's daemon {first} survived: {log}"
     );
-    assert!(zygote_kept, "the zygote {zygote} was killed as an orphan: {log}");
+    assert!(
+        zygote_kept,
+        "the zygote {zygote} was killed as an orphan: {log}"
+    );
     assert_ne!(second, first);
     assert_eq!(code, Some(0), "{log}");
     assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
