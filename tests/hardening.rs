@@ -635,3 +635,134 @@ fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
     assert_eq!(code, Some(0), "{log}");
     assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
 }
+
+/// Start and stop a pool of two `sleep` workers 20 times, by SIGTERM, `ctl stop`, SIGINT, `ctl stop --now` and
+/// SIGQUIT in turn, some with `--control new/dir/x.sock`: after each exit no
+/// `trimrun-<pid>/` cgroup, notify socket, run directory, control socket or control
+/// directory it created is left (issue 12: 2 of 20 stops left the cgroup behind).
+#[test]
+fn twenty_starts_and_stops_leave_no_cgroup_socket_or_directory_behind() {
+    if !common::is_root() {
+        common::cannot_run("root (for the pool's trimrun-<pid>/ cgroup)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let stops = ["TERM", "ctl stop", "INT", "ctl stop --now", "QUIT"];
+    for i in 0..20 {
+        let how = stops[i % stops.len()];
+        let (ctl, created) = if i % 3 == 0 {
+            let new = dir.path().join(format!("new{i}"));
+            (new.join("dir/x.sock"), Some(new))
+        } else {
+            (dir.path().join(format!("ctl{i}.sock")), None)
+        };
+        let log_path = dir.path().join(format!("log{i}"));
+        let mut child = Command::new(BIN)
+            .args(["-v", "-n", "2", "--cgroup", "auto", "--trim", "off"])
+            // --timeout gives each worker a notify socket; a silent worker has
+            // --ready-timeout for its first keep-alive, longer than a run.
+            .args([
+                "--ready",
+                "delay:50ms",
+                "--timeout",
+                "60s",
+                "--ready-timeout",
+                "60s",
+            ])
+            .args(["--graceful-timeout", "10s", "--control"])
+            .arg(&ctl)
+            .args(["--", "sleep", "1000"])
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("TRIMRUN_CONTROL")
+            .env("TMPDIR", &tmp)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let guard = KillOnDrop(pid);
+        let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        if wait_for(Duration::from_secs(30), || {
+            read().contains("all workers ready").then_some(())
+        })
+        .is_none()
+        {
+            panic!("run {i}: not ready: {}", read());
+        }
+        // The pool's group: the parent of a worker's group, from the log.
+        let log = read();
+        let group = log
+            .lines()
+            .find(|l| l.contains("worker started"))
+            .and_then(|l| l.split("cgroup=").nth(1))
+            .and_then(|s| s.split_whitespace().next())
+            .map(|w| {
+                std::path::PathBuf::from(w.trim_matches('"'))
+                    .parent()
+                    .unwrap()
+                    .to_path_buf()
+            })
+            .unwrap_or_else(|| panic!("run {i}: no worker cgroup in the log: {log}"));
+        assert!(
+            group.ends_with(format!("trimrun-{pid}")) && group.is_dir(),
+            "run {i}: {}",
+            group.display()
+        );
+        assert!(ctl.exists());
+        let run_dirs: Vec<_> = std::fs::read_dir(&tmp).unwrap().flatten().collect();
+        assert_eq!(run_dirs.len(), 1, "run {i}: one run directory in {tmp:?}");
+        let sockets = std::fs::read_dir(run_dirs[0].path()).unwrap().count();
+        assert!(sockets >= 2, "run {i}: the workers' notify sockets");
+        match how {
+            "TERM" => unsafe { libc::kill(pid, libc::SIGTERM) },
+            "INT" => unsafe { libc::kill(pid, libc::SIGINT) },
+            "QUIT" => unsafe { libc::kill(pid, libc::SIGQUIT) },
+            ctl_stop => {
+                let out = Command::new(BIN)
+                    .args(["ctl", "--control"])
+                    .arg(&ctl)
+                    .args(ctl_stop.split_whitespace().skip(1))
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "run {i}: {how}: {out:?}");
+                0
+            }
+        };
+        let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+        drop(guard);
+        let log = read();
+        assert_eq!(
+            code.and_then(|s| s.code()),
+            Some(0),
+            "run {i} ({how}): {log}"
+        );
+        assert!(
+            !group.exists(),
+            "run {i} ({how}) left its cgroup {}: {log}",
+            group.display()
+        );
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "run {i} ({how}) left {left:?}: {log}");
+        assert!(
+            !ctl.exists(),
+            "run {i} ({how}) left {}: {log}",
+            ctl.display()
+        );
+        if let Some(new) = created {
+            assert!(
+                !new.exists(),
+                "run {i} ({how}) left {}: {log}",
+                new.display()
+            );
+        }
+        assert!(!log.contains("cannot remove"), "run {i} ({how}): {log}");
+    }
+}
