@@ -766,3 +766,153 @@ fn twenty_starts_and_stops_leave_no_cgroup_socket_or_directory_behind() {
         assert!(!log.contains("cannot remove"), "run {i} ({how}): {log}");
     }
 }
+
+/// A process the test froze with the cgroup v1 freezer: SIGKILL cannot end it until it is
+/// thawed. Thawed, killed and its freezer group removed on drop.
+struct Frozen {
+    child: std::process::Child,
+    freezer: std::path::PathBuf,
+}
+
+impl Frozen {
+    /// A `sleep` in the memory cgroup `memory_group`, frozen. None when there is no v1
+    /// freezer hierarchy to nest in.
+    fn start_in(memory_group: &std::path::Path) -> Option<Frozen> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string()))?;
+        let base = std::path::Path::new("/sys/fs/cgroup/freezer").join(rel.trim_start_matches('/'));
+        let freezer = base.join(format!("trimrun-test-{}", std::process::id()));
+        std::fs::create_dir(&freezer).ok()?;
+        let child = Command::new("sleep").arg("1000").spawn().unwrap();
+        let f = Frozen { child, freezer };
+        let pid = f.child.id().to_string();
+        std::fs::write(memory_group.join("cgroup.procs"), &pid).unwrap();
+        std::fs::write(f.freezer.join("cgroup.procs"), &pid).unwrap();
+        std::fs::write(f.freezer.join("freezer.state"), "FROZEN").unwrap();
+        wait_for(Duration::from_secs(10), || {
+            std::fs::read_to_string(f.freezer.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN")
+                .then_some(())
+        })
+        .expect("the freezer group freezes");
+        Some(f)
+    }
+
+    fn thaw(&mut self) {
+        let _ = std::fs::write(self.freezer.join("freezer.state"), "THAWED");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.thaw();
+        let _ = wait_for(Duration::from_secs(10), || {
+            std::fs::remove_dir(&self.freezer).ok()
+        });
+    }
+}
+
+/// While a worker's cgroup cannot be removed (a process lingers in it: one the test froze,
+/// which SIGKILL cannot end), trimrun retries the removal off its runtime thread: `status`
+/// answers, and the slot's next worker is started and gets ready, while that removal is
+/// still being retried (it gives up after 10 s, with a line in the log). Once the
+/// process can die, the group goes.
+#[test]
+fn status_answers_and_workers_start_while_a_workers_cgroup_removal_is_retried() {
+    if !common::is_root() {
+        common::cannot_run("root (cgroup v1 memory and freezer groups)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let log_path = dir.path().join("log");
+    let mut child = Command::new(BIN)
+        .args(["-v", "-n", "2", "--cgroup", "v1", "--trim", "off"])
+        .args(["--ready", "delay:100ms", "--control"])
+        .arg(&ctl)
+        .args(["--", "sleep", "1000"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let _guard = KillOnDrop(pid);
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let ready = wait_for(Duration::from_secs(30), || {
+        let log = read();
+        if log.contains("exit") && child.try_wait().unwrap().is_some() {
+            return Some(false);
+        }
+        log.contains("all workers ready").then_some(true)
+    });
+    if ready != Some(true) {
+        if read().contains("cgroup v1") {
+            panic!("not ready: {}", read());
+        }
+        common::cannot_run("a writable cgroup v1 memory hierarchy");
+        return;
+    }
+    // Slot 0's worker and its group, from the log.
+    let log = read();
+    let line = log
+        .lines()
+        .find(|l| l.contains("worker started") && l.contains("slot=0 "))
+        .unwrap_or_else(|| panic!("{log}"));
+    let field = |k: &str| {
+        line.split(&format!(" {k}="))
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .map(|v| v.trim_matches('"').to_string())
+            .unwrap_or_else(|| panic!("no {k} in {line}"))
+    };
+    let worker: i32 = field("pid").parse().unwrap();
+    let group = std::path::PathBuf::from(field("cgroup"));
+    assert!(group.is_dir(), "{line}");
+    let Some(mut frozen) = Frozen::start_in(&group) else {
+        common::cannot_run("a cgroup v1 freezer hierarchy");
+        return;
+    };
+    // The worker dies; its group keeps the frozen process, so its removal is retried.
+    // SAFETY: kill(2) of a worker of the trimrun this test started.
+    unsafe { libc::kill(worker, libc::SIGKILL) };
+    let status = || -> Option<serde_json::Value> {
+        let out = Command::new(BIN)
+            .args(["status", "--json", "--control"])
+            .arg(&ctl)
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    };
+    let next = wait_for(Duration::from_secs(30), || {
+        let s = status()?;
+        s["workers"].as_array()?.iter().find_map(|w| {
+            (w["slot"] == 0 && w["pid"] != worker && w["state"] == "ready").then(|| w.clone())
+        })
+    });
+    // Before anything else: is the removal still being retried?
+    let retrying = group.exists() && !read().contains("cannot remove the worker's cgroup");
+    let lingering = alive(frozen.child.id() as i32);
+    frozen.thaw();
+    let log = read();
+    let next = next.unwrap_or_else(|| panic!("slot 0 was not restarted: {log}"));
+    assert!(lingering, "the frozen process died early: {log}");
+    assert!(
+        retrying,
+        "status answered (slot 0 back as {}) only once the removal of {} had given up: the supervisor waited for it: {log}",
+        next["pid"],
+        group.display()
+    );
+    // Thawed, the process dies and the retrying removal succeeds.
+    let removed = wait_for(Duration::from_secs(15), || (!group.exists()).then_some(()));
+    assert!(removed.is_some(), "{} stayed: {}", group.display(), read());
+    // SAFETY: kill(2) of the trimrun this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
+    assert_eq!(code.and_then(|s| s.code()), Some(0), "{}", read());
+}
