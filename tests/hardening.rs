@@ -916,3 +916,99 @@ fn status_answers_and_workers_start_while_a_workers_cgroup_removal_is_retried() 
     let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
     assert_eq!(code.and_then(|s| s.code()), Some(0), "{}", read());
 }
+
+/// The uid, gid and supplementary groups lines of `/proc/<pid>/status`.
+fn ids_of(pid: i32) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    (field("Uid:"), field("Gid:"), field("Groups:"))
+}
+
+/// `--preload --user nobody --group 65534`, as gunicorn's `preload_app` with `user`: the
+/// zygote imports the app as trimrun, and each forked worker runs as that user (every uid
+/// and gid, no other group) from its first instruction; the pool still serves it, trims it
+/// and recycles it (the replacement too runs as that user).
+#[test]
+fn preloaded_workers_run_as_the_user_and_are_still_trimmed_and_recycled() {
+    use common::python::{apps_dir, have_python_deps, python_dir};
+    if !common::is_root() {
+        common::cannot_run("root (to drop a worker's privileges)");
+        return;
+    }
+    if !have_python_deps("waitress, trimrun_worker") {
+        return;
+    }
+    let (apps, py) = (apps_dir(), python_dir());
+    let mut pool = Pool::start_env(
+        &[
+            "-v",
+            "-n",
+            "1",
+            "--ready",
+            "notify",
+            "--preload",
+            "--cgroup",
+            "auto",
+            "--user",
+            "nobody",
+            "--group",
+            "65534",
+        ],
+        &[
+            "python3",
+            "-m",
+            "trimrun_worker",
+            "--app-dir",
+            &apps,
+            "daemon_app:app",
+        ],
+        &[("PYTHONPATH", &py)],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(60));
+    let nobody = vec!["65534".to_string(); 4];
+    let worker: i32 = get(pool.port, "/").unwrap().trim().parse().unwrap();
+    let (uids, gids, groups) = ids_of(worker);
+    assert_eq!(uids, nobody, "{}", pool.log());
+    assert_eq!(gids, nobody);
+    assert_eq!(
+        groups,
+        vec!["65534".to_string()],
+        "supplementary groups reset"
+    );
+    let zygote = pool.status()["zygote"]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(
+        ids_of(zygote).0,
+        vec!["0".to_string(); 4],
+        "the zygote keeps root"
+    );
+    // A trim can be deferred (no thread parked in a safe syscall at that instant): ask
+    // again until one is done.
+    let trimmed = wait_for(Duration::from_secs(60), || {
+        let _ = pool.ctl(&["trim", "all"]);
+        wait_for(Duration::from_secs(3), || {
+            pool.log().contains("trimmed slot=0").then_some(())
+        })
+    });
+    assert!(trimmed.is_some(), "not trimmed: {}", pool.log());
+    let (code, out) = pool.ctl(&["recycle", "0"]);
+    assert_eq!(code, 0, "{out}");
+    pool.wait_log("recycle complete", Duration::from_secs(60));
+    let next: i32 = get(pool.port, "/").unwrap().trim().parse().unwrap();
+    assert_ne!(next, worker);
+    assert_eq!(ids_of(next).0, nobody, "{}", pool.log());
+    pool.signal(libc::SIGTERM);
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
+}
