@@ -179,6 +179,16 @@ impl Launcher for Zygotes {
         self.inner.signal(pid, sig)
     }
 
+    /// Forked workers are trimrun's children, so what they leave behind is re-parented to
+    /// trimrun as with fork+exec; the zygotes (current and retired) are its children too,
+    /// and are not orphans.
+    fn kill_orphans(&self, keep: &[i32]) -> Vec<i32> {
+        let mut keep = keep.to_vec();
+        keep.extend(self.current.as_ref().map(|z| z.pid));
+        keep.extend(&self.retired);
+        self.inner.kill_orphans(&keep)
+    }
+
     fn exited(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         self.inner.exited()
     }
