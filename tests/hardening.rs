@@ -573,6 +573,22 @@ fn with_ready_notify_the_policy_plans_with_the_measured_ready_time() {
     );
 }
 
+/// The process `pid` if it is still the one that started at `start` (clock ticks since
+/// boot, `/proc/<pid>/stat` field 22), alive.
+fn same_process_alive(pid: i32, start: u64) -> bool {
+    start_ticks(pid) == Some(start) && alive(pid)
+}
+
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// `--preload --cgroup none`: a daemon a forked worker started in its own session (here
 /// `sleep` from `daemon_app`'s `/daemon`) dies when its worker is recycled, and the next
 /// one's when trimrun stops, as with fork+exec workers; the zygote is no orphan.
@@ -582,7 +598,6 @@ fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
     if !have_python_deps("waitress, trimrun_worker") {
         return;
     }
-    let tag = format!("{}", 65000 + std::process::id() % 500);
     let (apps, py) = (apps_dir(), python_dir());
     let mut pool = Pool::start_env(
         &["-n", "1", "--ready", "notify", "--preload"],
@@ -597,41 +612,46 @@ fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
         &[("PYTHONPATH", &py)],
     );
     pool.wait_log("all workers ready", Duration::from_secs(60));
-    let daemon = |pool: &Pool| -> i32 {
-        get(pool.port, &format!("/daemon?{tag}"))
+    // (pid, start time) of a new daemon of the pool's worker.
+    let daemon = |pool: &Pool| -> (i32, u64) {
+        let pid: i32 = get(pool.port, "/daemon?1000")
             .unwrap()
             .trim()
             .parse()
-            .unwrap()
+            .unwrap();
+        let start = start_ticks(pid).unwrap_or_else(|| panic!("daemon {pid} is gone"));
+        (pid, start)
     };
     let first = daemon(&pool);
-    assert!(sleeps_with(&tag).contains(&first), "{}", pool.log());
     let zygote = pool.status()["zygote"]["pid"].as_i64().unwrap() as i32;
     let (code, out) = pool.ctl(&["recycle", "0"]);
     assert_eq!(code, 0, "{out}");
     pool.wait_log("recycle complete", Duration::from_secs(60));
-    let dead = wait_for(Duration::from_secs(20), || (!alive(first)).then_some(()));
+    let dead = wait_for(Duration::from_secs(20), || {
+        (!same_process_alive(first.0, first.1)).then_some(())
+    });
     let second = daemon(&pool);
     let zygote_kept = alive(zygote);
     pool.signal(libc::SIGTERM);
     let code = pool.wait_exit(Duration::from_secs(30));
     let left = wait_for(Duration::from_secs(10), || {
-        sleeps_with(&tag).is_empty().then_some(())
+        (!same_process_alive(second.0, second.1)).then_some(())
     });
-    for p in sleeps_with(&tag) {
-        // SAFETY: kill(2) of a process this test's pool started.
-        unsafe { libc::kill(p, libc::SIGKILL) };
+    for (pid, start) in [first, second] {
+        if same_process_alive(pid, start) {
+            // SAFETY: kill(2) of a process this test's pool started (same start time).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
     let log = pool.log();
     assert!(
         dead.is_some(),
-        "the recycled worker's daemon {first} survived: {log}"
+        "the recycled worker's daemon {first:?} survived: {log}"
     );
     assert!(
         zygote_kept,
         "the zygote {zygote} was killed as an orphan: {log}"
     );
-    assert_ne!(second, first);
     assert_eq!(code, Some(0), "{log}");
     assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
 }
@@ -733,7 +753,10 @@ fn twenty_starts_and_stops_leave_no_cgroup_socket_or_directory_behind() {
             }
         };
         let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
-        drop(guard);
+        if code.is_some() {
+            // Reaped: its pid may be reused at once, so it is no longer ours to kill.
+            std::mem::forget(guard);
+        }
         let log = read();
         assert_eq!(
             code.and_then(|s| s.code()),
