@@ -573,6 +573,22 @@ fn with_ready_notify_the_policy_plans_with_the_measured_ready_time() {
     );
 }
 
+/// The process `pid` if it is still the one that started at `start` (clock ticks since
+/// boot, `/proc/<pid>/stat` field 22), alive.
+fn same_process_alive(pid: i32, start: u64) -> bool {
+    start_ticks(pid) == Some(start) && alive(pid)
+}
+
+fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// `--preload --cgroup none`: a daemon a forked worker started in its own session (here
 /// `sleep` from `daemon_app`'s `/daemon`) dies when its worker is recycled, and the next
 /// one's when trimrun stops, as with fork+exec workers; the zygote is no orphan.
@@ -582,7 +598,6 @@ fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
     if !have_python_deps("waitress, trimrun_worker") {
         return;
     }
-    let tag = format!("{}", 65000 + std::process::id() % 500);
     let (apps, py) = (apps_dir(), python_dir());
     let mut pool = Pool::start_env(
         &["-n", "1", "--ready", "notify", "--preload"],
@@ -597,41 +612,46 @@ fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
         &[("PYTHONPATH", &py)],
     );
     pool.wait_log("all workers ready", Duration::from_secs(60));
-    let daemon = |pool: &Pool| -> i32 {
-        get(pool.port, &format!("/daemon?{tag}"))
+    // (pid, start time) of a new daemon of the pool's worker.
+    let daemon = |pool: &Pool| -> (i32, u64) {
+        let pid: i32 = get(pool.port, "/daemon?1000")
             .unwrap()
             .trim()
             .parse()
-            .unwrap()
+            .unwrap();
+        let start = start_ticks(pid).unwrap_or_else(|| panic!("daemon {pid} is gone"));
+        (pid, start)
     };
     let first = daemon(&pool);
-    assert!(sleeps_with(&tag).contains(&first), "{}", pool.log());
     let zygote = pool.status()["zygote"]["pid"].as_i64().unwrap() as i32;
     let (code, out) = pool.ctl(&["recycle", "0"]);
     assert_eq!(code, 0, "{out}");
     pool.wait_log("recycle complete", Duration::from_secs(60));
-    let dead = wait_for(Duration::from_secs(20), || (!alive(first)).then_some(()));
+    let dead = wait_for(Duration::from_secs(20), || {
+        (!same_process_alive(first.0, first.1)).then_some(())
+    });
     let second = daemon(&pool);
     let zygote_kept = alive(zygote);
     pool.signal(libc::SIGTERM);
     let code = pool.wait_exit(Duration::from_secs(30));
     let left = wait_for(Duration::from_secs(10), || {
-        sleeps_with(&tag).is_empty().then_some(())
+        (!same_process_alive(second.0, second.1)).then_some(())
     });
-    for p in sleeps_with(&tag) {
-        // SAFETY: kill(2) of a process this test's pool started.
-        unsafe { libc::kill(p, libc::SIGKILL) };
+    for (pid, start) in [first, second] {
+        if same_process_alive(pid, start) {
+            // SAFETY: kill(2) of a process this test's pool started (same start time).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
     let log = pool.log();
     assert!(
         dead.is_some(),
-        "the recycled worker's daemon {first} survived: {log}"
+        "the recycled worker's daemon {first:?} survived: {log}"
     );
     assert!(
         zygote_kept,
         "the zygote {zygote} was killed as an orphan: {log}"
     );
-    assert_ne!(second, first);
     assert_eq!(code, Some(0), "{log}");
     assert!(left.is_some(), "a daemon survived trimrun's exit: {log}");
 }
@@ -733,7 +753,10 @@ fn twenty_starts_and_stops_leave_no_cgroup_socket_or_directory_behind() {
             }
         };
         let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
-        drop(guard);
+        if code.is_some() {
+            // Reaped: its pid may be reused at once, so it is no longer ours to kill.
+            std::mem::forget(guard);
+        }
         let log = read();
         assert_eq!(
             code.and_then(|s| s.code()),
@@ -915,4 +938,100 @@ fn status_answers_and_workers_start_while_a_workers_cgroup_removal_is_retried() 
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let code = wait_for(Duration::from_secs(30), || child.try_wait().unwrap());
     assert_eq!(code.and_then(|s| s.code()), Some(0), "{}", read());
+}
+
+/// The uid, gid and supplementary groups lines of `/proc/<pid>/status`.
+fn ids_of(pid: i32) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    (field("Uid:"), field("Gid:"), field("Groups:"))
+}
+
+/// `--preload --user nobody --group 65534`, as gunicorn's `preload_app` with `user`: the
+/// zygote imports the app as trimrun, and each forked worker runs as that user (every uid
+/// and gid, no other group) from its first instruction; the pool still serves it, trims it
+/// and recycles it (the replacement too runs as that user).
+#[test]
+fn preloaded_workers_run_as_the_user_and_are_still_trimmed_and_recycled() {
+    use common::python::{apps_dir, have_python_deps, python_dir};
+    if !common::is_root() {
+        common::cannot_run("root (to drop a worker's privileges)");
+        return;
+    }
+    if !have_python_deps("waitress, trimrun_worker") {
+        return;
+    }
+    let (apps, py) = (apps_dir(), python_dir());
+    let mut pool = Pool::start_env(
+        &[
+            "-v",
+            "-n",
+            "1",
+            "--ready",
+            "notify",
+            "--preload",
+            "--cgroup",
+            "auto",
+            "--user",
+            "nobody",
+            "--group",
+            "65534",
+        ],
+        &[
+            "python3",
+            "-m",
+            "trimrun_worker",
+            "--app-dir",
+            &apps,
+            "daemon_app:app",
+        ],
+        &[("PYTHONPATH", &py)],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(60));
+    let nobody = vec!["65534".to_string(); 4];
+    let worker: i32 = get(pool.port, "/").unwrap().trim().parse().unwrap();
+    let (uids, gids, groups) = ids_of(worker);
+    assert_eq!(uids, nobody, "{}", pool.log());
+    assert_eq!(gids, nobody);
+    assert_eq!(
+        groups,
+        vec!["65534".to_string()],
+        "supplementary groups reset"
+    );
+    let zygote = pool.status()["zygote"]["pid"].as_i64().unwrap() as i32;
+    assert_eq!(
+        ids_of(zygote).0,
+        vec!["0".to_string(); 4],
+        "the zygote keeps root"
+    );
+    // A trim can be deferred (no thread parked in a safe syscall at that instant): ask
+    // again until one is done.
+    let trimmed = wait_for(Duration::from_secs(60), || {
+        let _ = pool.ctl(&["trim", "all"]);
+        wait_for(Duration::from_secs(3), || {
+            pool.log().contains("trimmed slot=0").then_some(())
+        })
+    });
+    assert!(trimmed.is_some(), "not trimmed: {}", pool.log());
+    let (code, out) = pool.ctl(&["recycle", "0"]);
+    assert_eq!(code, 0, "{out}");
+    pool.wait_log("recycle complete", Duration::from_secs(60));
+    let next: i32 = get(pool.port, "/").unwrap().trim().parse().unwrap();
+    assert_ne!(next, worker);
+    assert_eq!(ids_of(next).0, nobody, "{}", pool.log());
+    pool.signal(libc::SIGTERM);
+    assert_eq!(
+        pool.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        pool.log()
+    );
 }
