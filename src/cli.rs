@@ -127,7 +127,7 @@ pub struct RunArgs {
     )]
     pub bind_mode: Option<String>,
 
-    /// Run the workers as this user (name or number); trimrun itself keeps root for cgroups and trimming
+    /// Run the workers as this user (name or number); trimrun itself keeps root for cgroups and trimming (with --preload the zygote too: it imports the app as root)
     #[arg(long, env = "TRIMRUN_USER", help_heading = "Lifecycle")]
     pub user: Option<String>,
     /// Run the workers with this group (name or number) [default: the --user's primary group]; supplementary groups are reset

@@ -220,11 +220,6 @@ impl Config {
         }
         let credentials =
             crate::spawn::Credentials::resolve(a.user.as_deref(), a.group.as_deref())?;
-        if credentials.is_some() && a.preload {
-            return Err(
-                "--user/--group with --preload is not supported yet: the zygote would run as root; drop one of them".into(),
-            );
-        }
         Ok(Config {
             credentials,
             cmd: a.cmd.clone(),

@@ -8,14 +8,19 @@
 //! ```text
 //! zygote  -> trimrun  {"type":"ready","pid":P}                       app imported, gc frozen
 //! trimrun -> zygote   {"type":"fork","slot":S,"generation":G,"env":{...}}
+//!                     (+ "credentials":{"uid":U,"gid":G} with --user/--group)
 //!                     + SCM_RIGHTS [the worker's cgroup.procs, open for writing] (or none)
 //! zygote  -> trimrun  {"type":"forked","slot":S,"generation":G,"pid":W}
 //!                  or {"type":"error","slot":S,"generation":G,"error":"..."}
 //! ```
 //!
-//! The zygote forks a child that joins the worker's cgroup and forks the worker there (so
-//! the worker is in its cgroup before it runs one instruction), then exits; trimrun is a
-//! child subreaper, so the worker becomes trimrun's child and is reaped like any other.
+//! The zygote forks a child that joins the worker's cgroup, drops to the worker's user
+//! (`--user`/`--group`: the zygote itself runs as trimrun, like gunicorn's master under
+//! `preload_app`) and forks the worker there (so the worker is in its cgroup, as its user,
+//! before it runs one instruction), then exits; trimrun is a child subreaper, so the worker
+//! becomes trimrun's child and is reaped like any other. trimrun checks the worker's ids
+//! in `/proc` ([`check_ids`]): a zygote that ignored the credentials is caught, and its
+//! worker killed, before the worker counts as started.
 //!
 //! This module is the trimrun side of one zygote: start it, wait for `ready`, ask for a
 //! fork. Requests are answered in order, one at a time.
@@ -31,7 +36,7 @@ use nix::sys::socket::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::spawn::{self, Program, SpawnError, WorkerSpec};
+use crate::spawn::{self, Credentials, Program, SpawnError, WorkerSpec};
 
 /// Largest message either side sends.
 const MAX_MESSAGE: usize = 64 * 1024;
@@ -44,6 +49,15 @@ struct ForkRequest<'a> {
     slot: usize,
     generation: u64,
     env: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credentials: Option<CredentialsMsg>,
+}
+
+/// Who the worker runs as (`--user`/`--group`), in a fork request.
+#[derive(Serialize)]
+struct CredentialsMsg {
+    uid: Option<u32>,
+    gid: Option<u32>,
 }
 
 /// What the zygote says.
@@ -69,12 +83,21 @@ pub enum Message {
 }
 
 /// The bytes of one fork request.
-pub fn encode_fork(slot: usize, generation: u64, env: &[(&str, &str)]) -> Vec<u8> {
+pub fn encode_fork(
+    slot: usize,
+    generation: u64,
+    env: &[(&str, &str)],
+    credentials: Option<&Credentials>,
+) -> Vec<u8> {
     serde_json::to_vec(&ForkRequest {
         kind: "fork",
         slot,
         generation,
         env: env.iter().copied().collect(),
+        credentials: credentials.map(|c| CredentialsMsg {
+            uid: c.uid,
+            gid: c.gid,
+        }),
     })
     .expect("a map of strings serializes")
 }
@@ -116,6 +139,49 @@ pub enum ZygoteError {
     },
     #[error("zygote (pid {pid}) broke the protocol: {detail} (see docs/preload.md)")]
     Protocol { pid: i32, detail: String },
+    #[error(
+        "zygote (pid {pid}) started worker {slot} (pid {worker}) {detail}: the zygote does not apply the fork request's credentials (docs/preload.md); the worker was killed"
+    )]
+    Credentials {
+        pid: i32,
+        slot: usize,
+        worker: i32,
+        detail: String,
+    },
+}
+
+/// Whether a process whose `/proc/<pid>/status` is `status` runs as `want`: every uid
+/// (real, effective, saved, filesystem) is `want.uid`, every gid `want.gid`, and its only
+/// supplementary group is `want.gid` (what `--user`/`--group` mean for a worker). Err says
+/// what it runs as instead.
+pub fn check_ids(status: &str, want: &Credentials) -> Result<(), String> {
+    let ids = |key: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| {
+                v.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (uids, gids, groups) = (ids("Uid:"), ids("Gid:"), ids("Groups:"));
+    let uid_ok = want
+        .uid
+        .is_none_or(|u| uids.len() == 4 && uids.iter().all(|&x| x == u));
+    let gid_ok = want.gid.is_none_or(|g| {
+        gids.len() == 4 && gids.iter().all(|&x| x == g) && groups.iter().all(|&x| x == g)
+    });
+    if uid_ok && gid_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "as uids {uids:?}, gids {gids:?}, groups {groups:?} instead of uid {} and gid {}",
+            want.uid.map_or("unchanged".into(), |u| u.to_string()),
+            want.gid.map_or("unchanged".into(), |g| g.to_string()),
+        ))
+    }
 }
 
 /// One running zygote, seen from trimrun.
@@ -159,7 +225,8 @@ impl Zygote {
             zygote_channel: Some(theirs.as_raw_fd()),
             stdio: None,
             watchdog: None,
-            // --user with --preload is refused at start-up (config.rs).
+            // The zygote runs as trimrun: each worker drops to --user/--group after its
+            // fork (see the fork request's credentials).
             credentials: None,
         };
         let pid = spawn::spawn(program, &spec)?;
@@ -196,7 +263,8 @@ impl Zygote {
     }
 
     /// Ask for worker `slot`/`generation` with `env` on top of the zygote's environment,
-    /// placed in the cgroup whose `cgroup.procs` is `procs`. Returns the worker's pid.
+    /// placed in the cgroup whose `cgroup.procs` is `procs`, running as `credentials`.
+    /// Returns the worker's pid (the caller checks its ids with [`check_ids`]).
     ///
     /// A `forked` answer to an earlier request that timed out is a worker nobody
     /// supervises: it is killed here.
@@ -205,10 +273,11 @@ impl Zygote {
         slot: usize,
         generation: u64,
         env: &[(&str, &str)],
+        credentials: Option<&Credentials>,
         procs: Option<&OwnedFd>,
         timeout: Duration,
     ) -> Result<i32, ZygoteError> {
-        let msg = encode_fork(slot, generation, env);
+        let msg = encode_fork(slot, generation, env, credentials);
         let fds: Vec<RawFd> = procs.iter().map(|f| f.as_raw_fd()).collect();
         let cmsgs: Vec<ControlMessage<'_>> = if fds.is_empty() {
             vec![]
@@ -372,6 +441,7 @@ mod tests {
                 2,
                 5,
                 &[("TRIMRUN_WORKER_ID", "2")],
+                None,
                 Some(&procs),
                 Duration::from_secs(5),
             )
@@ -386,15 +456,19 @@ mod tests {
         let (z, peer) = pair();
         peer.send(br#"{"type":"error","slot":1,"generation":3,"error":"fork: EAGAIN"}"#)
             .unwrap();
-        let e = z.fork(1, 3, &[], None, Duration::from_secs(5)).unwrap_err();
+        let e = z
+            .fork(1, 3, &[], None, None, Duration::from_secs(5))
+            .unwrap_err();
         assert!(matches!(e, ZygoteError::Refused { .. }), "{e}");
         assert!(e.to_string().contains("fork: EAGAIN"), "{e}");
         let e = z
-            .fork(1, 4, &[], None, Duration::from_millis(50))
+            .fork(1, 4, &[], None, None, Duration::from_millis(50))
             .unwrap_err();
         assert!(matches!(e, ZygoteError::Timeout { .. }), "{e}");
         drop(peer);
-        let e = z.fork(1, 5, &[], None, Duration::from_secs(5)).unwrap_err();
+        let e = z
+            .fork(1, 5, &[], None, None, Duration::from_secs(5))
+            .unwrap_err();
         assert!(matches!(e, ZygoteError::Closed { .. }), "{e}");
     }
 
@@ -404,13 +478,70 @@ mod tests {
             3,
             7,
             &[("TRIMRUN_WORKER_ID", "3"), ("NOTIFY_SOCKET", "/run/n.sock")],
+            None,
         );
         let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert!(v.get("credentials").is_none(), "{v}");
+        let nobody = Credentials {
+            uid: Some(65534),
+            gid: Some(65533),
+        };
+        let with: serde_json::Value =
+            serde_json::from_slice(&encode_fork(3, 7, &[], Some(&nobody))).unwrap();
+        assert_eq!(with["credentials"]["uid"], 65534);
+        assert_eq!(with["credentials"]["gid"], 65533);
         assert_eq!(v["type"], "fork");
         assert_eq!(v["slot"], 3);
         assert_eq!(v["generation"], 7);
         assert_eq!(v["env"]["TRIMRUN_WORKER_ID"], "3");
         assert_eq!(v["env"]["NOTIFY_SOCKET"], "/run/n.sock");
+    }
+
+    #[test]
+    fn a_worker_runs_as_asked_only_with_every_id_and_no_other_group() {
+        let status = |uid: &str, gid: &str, groups: &str| {
+            format!(
+                "Name:\tpython3\nUid:\t{uid}\nGid:\t{gid}\nFDSize:\t64\nGroups:\t{groups}\nNStgid:\t7\n"
+            )
+        };
+        let nobody = Credentials {
+            uid: Some(65534),
+            gid: Some(65534),
+        };
+        let ok = status(
+            "65534\t65534\t65534\t65534",
+            "65534\t65534\t65534\t65534",
+            "65534 ",
+        );
+        assert_eq!(check_ids(&ok, &nobody), Ok(()));
+        let root = status("0\t0\t0\t0", "0\t0\t0\t0", "0 ");
+        let e = check_ids(&root, &nobody).unwrap_err();
+        assert!(
+            e.contains("uids [0, 0, 0, 0]") && e.contains("uid 65534"),
+            "{e}"
+        );
+        let saved_root = status(
+            "65534\t65534\t0\t65534",
+            "65534\t65534\t65534\t65534",
+            "65534",
+        );
+        assert!(check_ids(&saved_root, &nobody).is_err());
+        let extra_group = status(
+            "65534\t65534\t65534\t65534",
+            "65534\t65534\t65534\t65534",
+            "0 65534",
+        );
+        assert!(check_ids(&extra_group, &nobody).is_err());
+        let group_only = Credentials {
+            uid: None,
+            gid: Some(65534),
+        };
+        let root_in_group = status("0\t0\t0\t0", "65534\t65534\t65534\t65534", "65534");
+        assert_eq!(check_ids(&root_in_group, &group_only), Ok(()));
+        assert!(
+            check_ids("", &nobody).is_err(),
+            "an unreadable status is no proof"
+        );
     }
 
     #[test]

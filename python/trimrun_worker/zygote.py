@@ -9,8 +9,8 @@ requests one at a time:
     trimrun -> zygote  {"type": "fork", "slot": 3, "generation": 7, "env": {...}}
                        + SCM_RIGHTS: [the worker's cgroup.procs, opened for writing] (or none)
     zygote             fork() -> A (reaped later, before the next request)
-    A                  joins the worker's cgroup (writes "0" to cgroup.procs), fork() -> B,
-                       replies, exits
+    A                  joins the worker's cgroup (writes "0" to cgroup.procs), drops to the
+                       request's "credentials" (uid/gid) if any, fork() -> B, replies, exits
     A -> trimrun       {"type": "forked", "slot": 3, "generation": 7, "pid": B}
     B                  own process group; waits until it is trimrun's child (A exited:
                        trimrun is a child subreaper); PR_SET_PDEATHSIG(SIGKILL); applies
@@ -48,7 +48,12 @@ def _set_pdeathsig():
 
 
 def _preimport(interface):
-    """Import the server here too, so that workers share it instead of importing it each."""
+    """Import the server here too, so that workers share it instead of importing it each.
+
+    Also what serving imports lazily (the idna codec of getaddrinfo): under trimrun
+    ``--user``, a worker may not be able to read the interpreter's own files (a Python
+    installed under /root), so what it needs should be imported before the fork."""
+    import encodings.idna  # noqa: F401
     if interface == "asgi":
         from . import asgi  # noqa: F401
         import uvicorn.lifespan.on  # noqa: F401
@@ -124,16 +129,18 @@ def _fork(chan, req, procs, supervisor, app, interface, args):
         # A replies, then exits at once: it is reaped before the next request, without
         # waiting here for its exit (unmapping a large heap takes a while).
         return
-    # A: join the worker's cgroup, then fork the worker inside it.
+    # A: join the worker's cgroup, drop to the worker's user (--user/--group), then fork
+    # the worker: it is born in its cgroup, as that user.
     a = os.getpid()
     try:
         if procs is not None:
             os.write(procs, b"0")
+        _drop_privileges(req.get("credentials"))
         b = os.fork()
     except OSError as e:
         try:
             _send(chan, {"type": "error", "slot": slot, "generation": generation,
-                         "error": f"join cgroup / fork: {e}"})
+                         "error": f"join cgroup / drop privileges / fork: {e}"})
         finally:
             os._exit(1)
     if b:
@@ -142,6 +149,20 @@ def _fork(chan, req, procs, supervisor, app, interface, args):
         finally:
             os._exit(0)
     _become_worker(chan, req, procs, supervisor, a, app, interface, args)
+
+
+def _drop_privileges(credentials):
+    """Become the worker's user (trimrun ``--user``/``--group``), as gunicorn's workers do
+    under ``preload_app``: supplementary groups reset to the one group, then the gid, then
+    the uid (after which none of it can be undone)."""
+    if not credentials:
+        return
+    gid, uid = credentials.get("gid"), credentials.get("uid")
+    if gid is not None:
+        os.setgroups([gid])
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
 
 
 def _become_worker(chan, req, procs, supervisor, a, app, interface, args):

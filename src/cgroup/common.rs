@@ -82,7 +82,7 @@ pub fn kill_pids(pids: &[i32]) {
 /// catches what forked meanwhile). A group already removed (by a concurrent teardown) has
 /// nothing left to kill: success.
 pub fn kill_cgroup(dir: &Path) -> Result<(), CgroupError> {
-    let gone = |e: &CgroupError| e.raw_os_error() == Some(libc::ENOENT);
+    let gone = |e: &CgroupError| removed_meanwhile(e.raw_os_error());
     let kill_file = dir.join("cgroup.kill");
     if kill_file.exists() {
         return match write(&kill_file, "1") {
@@ -98,6 +98,13 @@ pub fn kill_cgroup(dir: &Path) -> Result<(), CgroupError> {
         Err(e) if gone(&e) => Ok(()),
         Err(e) => Err(e),
     }
+}
+
+/// Whether an error of a file in a cgroup means the group was removed meanwhile:
+/// `ENOENT` once it is gone, `ENODEV` from a file opened or read while its group is being
+/// removed (by the pool's teardown and a worker's own removal at once, at exit).
+pub fn removed_meanwhile(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::ENOENT) | Some(libc::ENODEV))
 }
 
 /// rmdir a cgroup, retrying on EBUSY for up to `patience` while the kernel finishes
@@ -123,7 +130,7 @@ pub fn rmdir_retry(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
     loop {
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if removed_meanwhile(e.raw_os_error()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));
@@ -160,7 +167,7 @@ pub fn destroy_tree(dir: &Path, patience: Duration) -> Result<(), CgroupError> {
         kill_cgroup(dir)?;
         match fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if removed_meanwhile(e.raw_os_error()) => return Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(100));

@@ -471,3 +471,16 @@ fn killing_or_destroying_a_group_removed_meanwhile_is_success() {
     fs::create_dir(&gone).unwrap();
     common::kill_cgroup(&gone).unwrap();
 }
+
+#[test]
+fn a_group_removed_meanwhile_is_no_error_whichever_way_the_kernel_says_it() {
+    use super::common::{kill_cgroup, removed_meanwhile};
+    assert!(removed_meanwhile(Some(libc::ENOENT)));
+    // What reading cgroup.procs gives while another thread removes the group.
+    assert!(removed_meanwhile(Some(libc::ENODEV)));
+    assert!(!removed_meanwhile(Some(libc::EBUSY)));
+    assert!(!removed_meanwhile(Some(libc::EACCES)));
+    assert!(!removed_meanwhile(None));
+    let dir = tempfile::tempdir().unwrap();
+    assert!(kill_cgroup(&dir.path().join("worker-0-0")).is_ok());
+}

@@ -136,6 +136,10 @@ impl ForkExec {
     pub fn fd_names(&self) -> &[String] {
         &self.fd_names
     }
+    /// Who the workers run as (`--user`/`--group`).
+    pub fn credentials(&self) -> Option<&spawn::Credentials> {
+        self.credentials.as_ref()
+    }
 }
 
 impl Launcher for ForkExec {

@@ -152,10 +152,38 @@ impl Launcher for Zygotes {
         if let Some(usec) = &watchdog {
             env.push(("WATCHDOG_USEC", usec));
         }
+        let credentials = self.inner.credentials().cloned();
         let z = self.ready(slot)?;
+        let zpid = z.pid;
         let started = Instant::now();
-        match z.fork(slot, generation, &env, procs.as_ref(), FORK_TIMEOUT) {
+        match z.fork(
+            slot,
+            generation,
+            &env,
+            credentials.as_ref(),
+            procs.as_ref(),
+            FORK_TIMEOUT,
+        ) {
             Ok(pid) => {
+                // The worker was forked after its parent dropped to the credentials: its ids
+                // are final, and it cannot have been reaped yet (trimrun reaps it).
+                if let Some(want) = &credentials {
+                    let status =
+                        std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                    if let Err(detail) = crate::zygote::check_ids(&status, want) {
+                        self.inner.signal(pid, Signal::SIGKILL);
+                        return Err(spawn_error(
+                            slot,
+                            "fork",
+                            ZygoteError::Credentials {
+                                pid: zpid,
+                                slot,
+                                worker: pid,
+                                detail,
+                            },
+                        ));
+                    }
+                }
                 self.forks += 1;
                 tracing::debug!(
                     slot,
@@ -177,6 +205,16 @@ impl Launcher for Zygotes {
 
     fn signal(&self, pid: i32, sig: Signal) {
         self.inner.signal(pid, sig)
+    }
+
+    /// Forked workers are trimrun's children, so what they leave behind is re-parented to
+    /// trimrun as with fork+exec; the zygotes (current and retired) are its children too,
+    /// and are not orphans.
+    fn kill_orphans(&self, keep: &[i32]) -> Vec<i32> {
+        let mut keep = keep.to_vec();
+        keep.extend(self.current.as_ref().map(|z| z.pid));
+        keep.extend(&self.retired);
+        self.inner.kill_orphans(&keep)
     }
 
     fn exited(&mut self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {

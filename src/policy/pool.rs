@@ -681,12 +681,17 @@ impl PoolPolicy {
 
     /// Replacement first, unless the replacement would not fit beside the old worker
     /// under the budget (below its `memory.high` brake), counting what the pool grows
-    /// (`pool_rate`, bytes/s) while the recycle runs.
+    /// (`pool_rate`, bytes/s) while both run: the replacement's ready time and then the
+    /// old worker's drain. (`recycle_time` alone is not that: after stop-first recycles,
+    /// which end in a fraction of a second, its average is far shorter than a ready
+    /// time, and a replacement admitted on it was seen to push the pool into the OOM
+    /// killer on a loaded machine.)
     fn mode(&self, pool_usage: u64, pool_rate: f64, recycle_time: Duration) -> StartMode {
         let Some(budget) = self.budget else {
             return StartMode::ReplacementFirst;
         };
-        let growth = (pool_rate.max(0.0) * recycle_time.as_secs_f64()) as u64;
+        let both_run = self.ready_time() + recycle_time;
+        let growth = (pool_rate.max(0.0) * both_run.as_secs_f64()) as u64;
         let need = pool_usage
             .saturating_add(self.start_cost())
             .saturating_add(growth);
@@ -813,6 +818,30 @@ mod tests {
         );
         assert_eq!(pool.mode(300 * MIB, 0.0, s(3)), StartMode::ReplacementFirst);
         assert_eq!(pool.mode(320 * MIB, 0.0, s(3)), StartMode::StopFirst);
+    }
+
+    #[test]
+    fn after_quick_stop_first_recycles_a_replacement_still_counts_its_ready_time() {
+        // 2 workers under 64 MiB growing 4 MiB/s together, 10 MiB start-ups: stop-first
+        // recycles took 0.1 s each, so the recycle time alone would admit a replacement
+        // that the pool's growth over one ready time pushes past the brake.
+        let st = settings();
+        let budget = 64 * MIB;
+        let mut pool = PoolPolicy::new(&st, Some(budget));
+        pool.started(10 * MIB, s(1));
+        let rate = 4.0 * MIB as f64;
+        let room = pool_memory_high(budget) - 10 * MIB;
+        let usage = room - (rate * 0.5) as u64;
+        assert!(pool.ready_time() >= s(1));
+        assert_eq!(
+            pool.mode(usage, rate, Duration::from_millis(100)),
+            StartMode::StopFirst
+        );
+        // Without growth, it fits.
+        assert_eq!(
+            pool.mode(usage, 0.0, Duration::from_millis(100)),
+            StartMode::ReplacementFirst
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@
 //! | `trimrun_slot_backoff_seconds` | gauge (until the next start; 0 when not backing off) | `slot` |
 //! | `trimrun_slot_last_exit` | gauge, always 1 | `slot`, `cause` (`exit_code_1`, `killed_by_sigsegv`, `oom_kill`, ...) |
 //! | `trimrun_log_lines_dropped_total` | counter | |
+//! | `trimrun_ready_time_seconds` | gauge (the start-up time the policy plans with: measured with `--ready notify`) | |
 //! | `trimrun_worker_timeouts_total` | counter (workers that missed their `--timeout` watchdog) | `slot` |
 //!
 //! The per-worker gauges of a slot that no longer exists (after `scale -1`) are removed at
@@ -143,6 +144,7 @@ pub struct Metrics {
     slot_backoff: Family<SlotLabels, GaugeF64>,
     slot_last_exit: Family<ExitLabels, GaugeU64>,
     log_dropped: Counter,
+    ready_time: GaugeF64,
     timeouts: Family<SlotLabels, Counter>,
     /// Slots with per-worker gauges, to drop those of slots that are gone.
     slots: Mutex<BTreeSet<usize>>,
@@ -184,6 +186,7 @@ impl Metrics {
             slot_backoff: Default::default(),
             slot_last_exit: Default::default(),
             log_dropped: Default::default(),
+            ready_time: Default::default(),
             timeouts: Default::default(),
             slots: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
@@ -324,6 +327,12 @@ impl Metrics {
             "Lines of trimrun's log lost (stderr closed or not keeping up)",
             m.log_dropped.clone(),
         );
+        r.register_with_unit(
+            "ready_time",
+            "How long a new worker takes to become ready, as the policy plans with it (measured from READY=1 with --ready notify)",
+            Unit::Seconds,
+            m.ready_time.clone(),
+        );
         r.register(
             "worker_timeouts",
             "Workers that missed their watchdog (--timeout) and were replaced",
@@ -393,6 +402,7 @@ impl Metrics {
         }
         catch_up(&self.oom_kills, s.oom_kills);
         catch_up(&self.log_dropped, s.log_lines_dropped);
+        self.ready_time.set(s.ready_time_secs);
         self.worker_state.clear();
         for w in &s.workers {
             self.worker_state
@@ -922,12 +932,13 @@ mod tests {
     }
 
     #[test]
-    fn worker_states_slot_trouble_and_oom_kills_per_slot_are_exported() {
+    fn worker_states_slot_trouble_oom_kills_per_slot_and_ready_time_are_exported() {
         let m = Metrics::new();
         let mut s = snapshot();
         s.workers[0].state = "ready".into();
         s.workers[1].state = "starting".into();
         s.log_lines_dropped = 7;
+        s.ready_time_secs = 2.75;
         s.slots = vec![
             crate::status::SlotSnapshot {
                 slot: 0,
@@ -964,6 +975,7 @@ mod tests {
             1.0
         );
         assert_eq!(v["trimrun_log_lines_dropped_total"], 7.0);
+        assert_eq!(v["trimrun_ready_time_seconds"], 2.75);
         // A state that is over disappears; counters never go back.
         s.workers[1].state = "ready".into();
         s.slots[0].oom_kills = 0;

@@ -90,6 +90,10 @@ pub struct Snapshot {
     pub slots: Vec<SlotSnapshot>,
     /// Lines of trimrun's own log lost so far (stderr closed or not keeping up).
     pub log_lines_dropped: u64,
+    /// How long a new worker takes to become ready, as the policy plans recycles with it
+    /// (spacing, deadlines): with `--ready notify`, measured from the workers' `READY=1`
+    /// (the slowest recent start-up); with `--ready delay:D`, at least `D`.
+    pub ready_time_secs: f64,
     /// The zygote workers are forked from (`--preload`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zygote: Option<ZygoteSnapshot>,

@@ -432,6 +432,7 @@ mod tests {
             state: "running".into(),
             slots: vec![],
             log_lines_dropped: 0,
+            ready_time_secs: 2.0,
             zygote: None,
             workers: vec![
                 WorkerSnapshot {

@@ -246,6 +246,7 @@ impl Supervisor {
             released_bytes: self.totals.released,
             slots: self.slot_snapshots(),
             log_lines_dropped: crate::logging::dropped_lines(),
+            ready_time_secs: self.pool.ready_time().as_secs_f64(),
             zygote: self.launcher.zygote(),
             state: match self.phase {
                 Phase::Starting => "starting",

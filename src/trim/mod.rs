@@ -287,20 +287,22 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
     }
 }
 
-/// The process is alive, or becomes so again within a few ms (during an execve its
-/// threads are killed and the main thread replaced: /proc shows it dead for a moment).
+/// The process is alive, or becomes so again soon (during an execve by another thread,
+/// the others are killed and the old main thread shows as a zombie until the exec'ing
+/// thread takes its place; on a loaded machine that window lasted over 20 ms). Bounded at
+/// 1 s, and only paid on this error path.
 #[cfg(target_arch = "x86_64")]
 fn lives_on(pid: i32) -> bool {
-    for _ in 0..20 {
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    loop {
         if procfs::process_alive(pid) {
             return true;
         }
-        if !procfs::proc_path(pid, "").exists() {
+        if !procfs::proc_path(pid, "").exists() || std::time::Instant::now() >= until {
             return false;
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    false
 }
 
 #[cfg(target_arch = "x86_64")]
