@@ -437,7 +437,13 @@ fn leaking_pool(
     Some((ok, failures, pool.log(), status))
 }
 
-fn assert_recycled_without_oom(what: &str, r: &(usize, Vec<String>, String, serde_json::Value)) {
+/// No failed request, no OOM kill, at least one recycle, at most `max_at_once` recycles
+/// in progress at once.
+fn assert_recycled_without_oom(
+    what: &str,
+    r: &(usize, Vec<String>, String, serde_json::Value),
+    max_at_once: usize,
+) {
     let (ok, failures, log, status) = r;
     let notable: Vec<&str> = log
         .lines()
@@ -466,10 +472,9 @@ fn assert_recycled_without_oom(what: &str, r: &(usize, Vec<String>, String, serd
         notable.join("\n")
     );
     assert_eq!(status["oom_kills"], 0);
-    assert_eq!(
-        max_concurrent_recycles(log),
-        1,
-        "two recycles overlapped:\n{log}"
+    assert!(
+        max_concurrent_recycles(log) <= max_at_once,
+        "more than {max_at_once} recycles overlapped:\n{log}"
     );
 }
 
@@ -480,59 +485,60 @@ fn a_worker_growing_5_mib_s_under_160m_with_defaults_is_recycled_never_oom_kille
         return;
     }
     // Issue 11's Flask case: 4 workers, --limit 160M, everything else default; 40
-    // requests/s leaking 512 KiB each: ~5 MiB/s per worker.
+    // requests/s leaking 512 KiB each: ~5 MiB/s per worker, a life of ~30 s. 30 s of
+    // load: the whole first generation (its recycles spread over one life) and the first
+    // of the next.
     let Some(r) = leaking_pool(
         &["-n", "4", "--limit", "160M"],
         "512",
         4,
         Duration::from_millis(100),
-        Duration::from_secs(40),
+        Duration::from_secs(30),
     ) else {
         return;
     };
-    assert_recycled_without_oom("4 x 160M at ~5 MiB/s", &r);
+    assert_recycled_without_oom("4 x 160M at ~5 MiB/s", &r, 1);
 }
 
 #[test]
-#[ignore = "issue 11 is open: at 10 MiB/s the first generation can still lose a worker and a request or two (failed 1 of 3 fresh-clone CI runs); run with --ignored"]
-fn four_workers_growing_10_mib_s_under_96m_with_defaults_lose_at_most_one_of_the_first_generation()
-{
+fn four_workers_at_10_mib_s_under_96m_with_defaults_have_no_oom_kill_and_no_failed_request() {
     if !common::is_root() {
         common::cannot_run("root (per-worker memory cgroups)");
         return;
     }
     // Issue 11's plain case: 4 workers, --limit 96M, defaults; 40 requests/s leaking 1 MiB
     // each: ~10 MiB/s per worker, each worker's life about 8 s. The issue measured 19 OOM
-    // kills and 15 failed requests in 40 s. Not yet what the issue asks (none): the first
-    // generation, started together, can still lose a worker before the pool has seen
-    // how fast its workers grow (README, "Growth faster than a start-up"). Measured here
-    // (shared 2-core machine, 2 runs): 1 OOM kill and 1 failed request each, in the first
-    // 10 s of load; none after.
+    // kills and 15 failed requests in 40 s. The first generation, started together, has
+    // no growth history: what saves it is the policy's emergencies (a replacement started
+    // past the gate, or a graceful stop before the ceiling, from a second of readings),
+    // then the deadline schedule. 25 s of load: the first generation and two more.
     let Some((ok, failures, log, status)) = leaking_pool(
         &["-n", "4", "--limit", "96M"],
         "1024",
         4,
         Duration::from_millis(100),
-        Duration::from_secs(40),
+        Duration::from_secs(25),
     ) else {
         return;
     };
     let ooms: Vec<&str> = log.lines().filter(|l| l.contains("OOM-killed")).collect();
     println!(
-        "4 x 96M at ~10 MiB/s: {ok} requests, {} failed, {} recycles completed, oom_kills={} {ooms:?}",
+        "4 x 96M at ~10 MiB/s: {ok} requests, {} failed, {} recycles completed, oom_kills={}, {} emergency stops, {} replacements past the gate",
         failures.len(),
         log.matches("recycle complete").count(),
-        status["oom_kills"]
+        status["oom_kills"],
+        log.matches("emergency stop").count(),
+        log.matches("recycling worker past the gate").count(),
     );
-    assert!(ooms.len() <= 1, "{}", ooms.join("\n"));
-    // A killed worker loses the request it was serving, no more.
-    assert!(failures.len() <= ooms.len(), "{failures:?}");
-    assert!(log.matches("recycle complete").count() >= 8, "{log}");
-    assert_eq!(
-        max_concurrent_recycles(&log),
-        1,
-        "two recycles overlapped:\n{log}"
+    // A replacement started past the gate may overlap one admitted by it (never more:
+    // twice --max-recycling).
+    assert_recycled_without_oom(
+        "4 x 96M at ~10 MiB/s",
+        &(ok, failures, log.clone(), status),
+        2,
     );
+    assert!(ooms.is_empty(), "{}", ooms.join("\n"));
+    assert!(log.matches("recycle complete").count() >= 6, "{log}");
 }
 
 #[test]

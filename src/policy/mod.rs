@@ -48,8 +48,8 @@ pub use gate::{
     Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, feasible_cadence, urgency_order,
 };
 pub use pool::{
-    Decisions, FAST_TICK, PoolPolicy, PoolView, RecycleOrder, Role, SLOW_TICK, StartMode,
-    TrimOrder, WorkerView, default_ceiling, pool_memory_high,
+    Decisions, Emergency, EmergencyAction, FAST_TICK, PoolPolicy, PoolView, RecycleOrder, Role,
+    SLOW_TICK, STOP_MARGIN, StartMode, TrimOrder, WorkerView, default_ceiling, pool_memory_high,
 };
 pub use settings::{MIN_DERIVED_SPACING, READY_SAMPLES, Settings, SettingsError, ready_time};
 pub use throttle::{WAIT_MARGIN, memory_high_for};
@@ -58,6 +58,6 @@ pub use watchdog::{
     replacement_delay, replacement_first,
 };
 pub use worker::{
-    GROWTH_WINDOW, PROJECTION_MIN_SPAN, RecycleReason, TRIM_RETRY_BASE, TRIM_RETRY_MAX,
-    WorkerPolicy,
+    GROWTH_WINDOW, IMMINENT_MIN_SPAN, IMMINENT_WINDOW, PROJECTION_MIN_SPAN, RecycleReason,
+    TRIM_RETRY_BASE, TRIM_RETRY_MAX, WorkerPolicy,
 };

@@ -33,6 +33,11 @@ pub const FAST_TICK: Duration = Duration::from_millis(100);
 /// A deadline within this many ticks' worth of time makes the tick shorter: the reading
 /// that starts a recycle must come early enough to leave the replacement its ready time.
 const TICKS_PER_DEADLINE: u32 = 10;
+/// A worker projected to reach its ceiling within this long is stopped now
+/// ([`EmergencyAction::Stop`]): the stop signal takes effect within milliseconds, but the
+/// reading that shows the worker there may come a tick late on a busy host, and its
+/// requests in flight still allocate while it drains.
+pub const STOP_MARGIN: Duration = Duration::from_millis(600);
 /// With a budget, the pool trims from `trim_at` of the budget and recycles from
 /// `recycle_at` of it (the workers' own fractions applied to the budget).
 const POOL_OVER_GRACE_TICKS: u32 = 3;
@@ -115,6 +120,32 @@ pub struct RecycleOrder {
     pub mode: StartMode,
 }
 
+/// What to do with a worker that will reach its ceiling before a recycle through the gate
+/// could replace it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum EmergencyAction {
+    /// Start its replacement now, past the gate's spacing (and past `--max-recycling`,
+    /// up to twice it): admitted later, the replacement would not be ready before the
+    /// ceiling. The worker serves on until its replacement is ready, as in any recycle.
+    StartReplacement,
+    /// Stop it now, gracefully (the stop signal: it stops accepting and finishes the
+    /// requests it has), and start its replacement now if none is starting: it reaches
+    /// its ceiling within [`STOP_MARGIN`], before its replacement can be ready. Its slot
+    /// serves nothing until the replacement is ready (a brief dip in capacity), which
+    /// beats the OOM killer taking it with its requests in flight.
+    Stop,
+}
+
+/// A worker that will reach its ceiling before the gate could replace it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Emergency {
+    /// Index into [`PoolView::workers`].
+    pub worker: usize,
+    /// Its [`WorkerPolicy::imminent_time_to_limit`].
+    pub time_to_limit: Duration,
+    pub action: EmergencyAction,
+}
+
 /// What [`PoolPolicy::decide`] asks the supervisor to do.
 #[derive(Clone, Debug, Default)]
 pub struct Decisions {
@@ -127,6 +158,9 @@ pub struct Decisions {
     /// Serving workers whose deadline is shorter than a ready time: no schedule can have
     /// a replacement ready before they reach their ceiling. (index, deadline)
     pub too_fast: Vec<(usize, Duration)>,
+    /// Workers that will reach their ceilings before a recycle through the gate could
+    /// replace them: replaced past the gate, or stopped now (see [`EmergencyAction`]).
+    pub emergencies: Vec<Emergency>,
     /// Read memory again after this long.
     pub next_tick: Duration,
     /// From now on young workers are projected from two seconds of readings: workers were
@@ -156,6 +190,9 @@ pub struct PoolPolicy {
     lookahead: bool,
     /// Project young workers from a couple of seconds of readings (see `decide`).
     eager: bool,
+    /// Emergency actions ([`Decisions::emergencies`]; off only for comparisons in
+    /// simulations).
+    emergencies: bool,
     /// Since when the pool has been at or above its recycle threshold.
     pool_over_since: Option<Duration>,
     /// When the pool last asked for a trim of each slot (so that budget trims of one
@@ -177,6 +214,7 @@ impl PoolPolicy {
             ready_time: settings.ready_time,
             lookahead: true,
             eager: false,
+            emergencies: true,
             pool_over_since: None,
             budget_trims: Vec::new(),
         }
@@ -185,6 +223,12 @@ impl PoolPolicy {
     /// The same policy without the deadline lookahead (comparisons in simulations).
     pub fn without_lookahead(mut self) -> Self {
         self.lookahead = false;
+        self
+    }
+
+    /// The same policy without emergency actions (comparisons in simulations).
+    pub fn without_emergencies(mut self) -> Self {
+        self.emergencies = false;
         self
     }
 
@@ -288,6 +332,45 @@ impl PoolPolicy {
             }
         }
 
+        // Emergencies: workers that reach their ceilings, at their growth of the last few
+        // seconds, before the gate could have them replaced. Known from a second of
+        // readings on, so also for the first generation, whose normal projections need
+        // more (they start together and have no growth history yet). What reads memory
+        // must come often enough for the stop to come in time: a tick of a quarter of the
+        // time left.
+        let ready_time = self.ready_time();
+        let mut urgent_starts = 0;
+        for (i, w) in view.workers.iter().enumerate() {
+            if !matches!(w.role, Role::Serving | Role::Replaced) {
+                continue;
+            }
+            let Some(ttl) = w
+                .policy
+                .imminent_time_to_limit(now)
+                .filter(|_| self.emergencies)
+            else {
+                continue;
+            };
+            out.next_tick = out.next_tick.min((ttl / 4).clamp(FAST_TICK, SLOW_TICK));
+            let action = if ttl < STOP_MARGIN {
+                EmergencyAction::Stop
+            } else if w.role == Role::Serving
+                && w.may_recycle
+                && ttl < ready_time + STOP_MARGIN
+                && view.in_progress + urgent_starts < 2 * s.max_recycling.max(1)
+            {
+                urgent_starts += 1;
+                EmergencyAction::StartReplacement
+            } else {
+                continue;
+            };
+            out.emergencies.push(Emergency {
+                worker: i,
+                time_to_limit: ttl,
+                action,
+            });
+        }
+
         // Deadlines of the workers that may still need a recycle. Workers of one pool run
         // one app: the largest transient any of them showed may come to each.
         let transient = view
@@ -296,12 +379,15 @@ impl PoolPolicy {
             .map(|w| w.policy.transient(now))
             .max()
             .unwrap_or(0);
-        let serving = |w: &WorkerView| w.role == Role::Serving && w.may_recycle;
+        let emergency: Vec<usize> = out.emergencies.iter().map(|e| e.worker).collect();
+        let serving_at = |i: usize, w: &WorkerView| {
+            w.role == Role::Serving && w.may_recycle && !emergency.contains(&i)
+        };
         let mut deadlines: Vec<(Duration, usize)> = view
             .workers
             .iter()
             .enumerate()
-            .filter(|(_, w)| serving(w))
+            .filter(|(i, w)| serving_at(*i, w))
             .filter_map(|(i, w)| {
                 w.policy
                     .deadline(now, transient, self.eager)
@@ -396,7 +482,7 @@ impl PoolPolicy {
                 .workers
                 .iter()
                 .enumerate()
-                .filter(|(_, w)| serving(w))
+                .filter(|(i, w)| serving_at(*i, w))
                 .max_by_key(|(_, w)| w.policy.peak().max(ws(w)));
             if let Some((i, _)) = largest {
                 let over_long_enough = self
@@ -425,7 +511,7 @@ impl PoolPolicy {
         let mut candidates = Vec::new();
         let mut reloads = Vec::new();
         for (i, w) in view.workers.iter().enumerate() {
-            if !serving(w) {
+            if !serving_at(i, w) {
                 continue;
             }
             let Some(reason) = w.policy.recycle_reason(s, now) else {
@@ -484,10 +570,16 @@ impl PoolPolicy {
             });
             ahead = Some((i, d));
         }
+        // Too fast for any schedule: its whole life from ready to its ceiling is shorter
+        // than a ready time, so even a replacement started the moment it was ready could
+        // not be ready before it reaches its ceiling.
         for (i, w) in view.workers.iter().enumerate() {
-            if serving(w)
-                && let Some(d) = w.policy.time_to_limit(now)
-                && d < self.ready_time()
+            if matches!(w.role, Role::Serving | Role::Replaced)
+                && let Some(d) = w
+                    .policy
+                    .imminent_time_to_limit(now)
+                    .or_else(|| w.policy.time_to_limit(now))
+                && now.saturating_sub(w.policy.born() + ready_time) + d < ready_time
             {
                 out.too_fast.push((i, d));
             }
@@ -495,7 +587,13 @@ impl PoolPolicy {
 
         // Rolling reloads: one after the other within --max-recycling, no spacing.
         reloads.sort();
-        let mut in_progress = view.in_progress;
+        // Recycles the emergencies begin count against --max-recycling from now on.
+        let mut in_progress = view.in_progress
+            + out
+                .emergencies
+                .iter()
+                .filter(|e| view.workers[e.worker].role == Role::Serving)
+                .count();
         for (_, i, since) in reloads {
             if in_progress >= s.max_recycling {
                 break;
@@ -560,7 +658,14 @@ impl PoolPolicy {
             }
         }
 
-        for _ in &out.recycles {
+        // Recycles started now: the gate's, and the emergencies' that start one (a stop of
+        // a worker not yet being replaced starts its replacement too).
+        let emergency_starts = out
+            .emergencies
+            .iter()
+            .filter(|e| view.workers[e.worker].role == Role::Serving)
+            .count();
+        for _ in 0..out.recycles.len() + emergency_starts {
             self.in_flight.push_back(now);
         }
         // Read sooner when a deadline is near (and not yet being acted on).
@@ -817,5 +922,136 @@ mod tests {
         assert_eq!(d1, Some(Duration::ZERO));
         assert_eq!(ws[1].deadline(s(60), 0, false), None, "flat: no projection");
         assert_eq!(ws[2].transient(s(60)), 30 * MIB);
+    }
+
+    /// One worker of a first generation: ready at 1 s with 20 MiB, then growing `rate`
+    /// MiB/s, read every `step_ms` until `until_ms`.
+    fn young(rate: f64, step_ms: u64, until_ms: u64) -> WorkerPolicy {
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut p =
+            WorkerPolicy::new_initial(&settings(), Some(96 * MIB), Duration::ZERO, &mut rng);
+        let mut t = 0;
+        while t <= until_ms {
+            let secs = t as f64 / 1000.0;
+            let ws = if secs < 1.0 {
+                20.0 * secs
+            } else {
+                20.0 + rate * (secs - 1.0)
+            };
+            p.observe(Duration::from_millis(t), (ws * MIB as f64) as u64);
+            t += step_ms;
+        }
+        p
+    }
+
+    fn decide_one(pool: &mut PoolPolicy, p: &WorkerPolicy, role: Role, now_ms: u64) -> Decisions {
+        let v = vec![WorkerView {
+            slot: 0,
+            role,
+            policy: p,
+            usage: p.working_set(),
+            may_trim: false,
+            may_recycle: true,
+            memory_high: None,
+            has_memory_high: false,
+        }];
+        pool.decide(&PoolView {
+            now: Duration::from_millis(now_ms),
+            workers: &v,
+            in_progress: usize::from(role == Role::Replaced),
+            pool_usage: None,
+        })
+    }
+
+    #[test]
+    fn a_young_worker_about_to_reach_its_ceiling_is_replaced_past_the_gate_then_stopped() {
+        // 10 MiB/s from 20 MiB: the ceiling (96 MiB) at ~8.6 s. The normal projection of
+        // a young worker needs 10 s of readings (2 s from trim_at, 72 MiB, at 6.2 s),
+        // the gate's spacing is 5 s: without the emergencies nothing would act in time.
+        let mut pool = PoolPolicy::new(&settings(), None);
+        // 5 s: ~36 s from its ceiling at this rate: nothing yet, but it is read faster.
+        let p = young(10.0, 250, 5000);
+        assert_eq!(
+            p.time_to_limit(s(5)),
+            None,
+            "too young for a normal projection"
+        );
+        let ttl = p
+            .imminent_time_to_limit(s(5))
+            .expect("a second of readings suffices");
+        assert!(ttl > s(3) && ttl < s(4), "{ttl:?}");
+        let d = decide_one(&mut pool, &p, Role::Serving, 5000);
+        assert!(d.emergencies.is_empty(), "{:?}", d.emergencies);
+        assert!(d.next_tick < SLOW_TICK, "{:?}", d.next_tick);
+        // 7.2 s: 1.4 s left, less than a ready time and the margin: replace it now.
+        let p = young(10.0, 100, 7200);
+        let d = decide_one(&mut pool, &p, Role::Serving, 7200);
+        assert_eq!(d.emergencies.len(), 1, "{d:?}");
+        assert_eq!(d.emergencies[0].action, EmergencyAction::StartReplacement);
+        assert!(d.recycles.is_empty(), "not also through the gate");
+        // 8.1 s, its replacement still starting: 0.5 s left, stop it now.
+        let p = young(10.0, 100, 8100);
+        let d = decide_one(&mut pool, &p, Role::Replaced, 8100);
+        assert_eq!(d.emergencies.len(), 1, "{d:?}");
+        assert_eq!(d.emergencies[0].action, EmergencyAction::Stop);
+        assert!(d.emergencies[0].time_to_limit < STOP_MARGIN);
+        assert!(
+            d.next_tick <= Duration::from_millis(150),
+            "{:?}",
+            d.next_tick
+        );
+        // A worker that does not grow, however near its ceiling, is left alone.
+        let flat = workers(1, 96 * MIB, 30, |_, _| 93 * MIB);
+        let d = decide_one(&mut pool, &flat[0], Role::Serving, 30_000);
+        assert!(d.emergencies.is_empty(), "{:?}", d.emergencies);
+        // Without emergencies (comparisons), the same worker is left to the gate.
+        let mut off = PoolPolicy::new(&settings(), None).without_emergencies();
+        let p = young(10.0, 100, 8100);
+        assert!(
+            decide_one(&mut off, &p, Role::Replaced, 8100)
+                .emergencies
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn urgent_starts_past_the_gate_stop_at_twice_max_recycling() {
+        // Two workers both 1.2 s from their ceilings, one recycle already in progress:
+        // one more start past the gate (two in progress), not two.
+        let a = young(10.0, 100, 7400);
+        let b = young(10.0, 100, 7400);
+        let c = young(10.0, 100, 7400);
+        let v: Vec<WorkerView> = [&a, &b, &c]
+            .iter()
+            .enumerate()
+            .map(|(slot, p)| WorkerView {
+                slot,
+                role: if slot == 2 {
+                    Role::Replaced
+                } else {
+                    Role::Serving
+                },
+                policy: p,
+                usage: p.working_set(),
+                may_trim: false,
+                may_recycle: slot != 2,
+                memory_high: None,
+                has_memory_high: false,
+            })
+            .collect();
+        let mut pool = PoolPolicy::new(&settings(), None);
+        let d = pool.decide(&PoolView {
+            now: Duration::from_millis(7400),
+            workers: &v,
+            in_progress: 1,
+            pool_usage: None,
+        });
+        let starts = d
+            .emergencies
+            .iter()
+            .filter(|e| e.action == EmergencyAction::StartReplacement)
+            .count();
+        assert_eq!(starts, 1, "{:?}", d.emergencies);
+        assert!(d.recycles.is_empty(), "{:?}", d.recycles);
     }
 }

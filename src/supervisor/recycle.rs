@@ -6,7 +6,9 @@ use tracing::{debug, info, warn};
 
 use super::lifecycle::drain;
 use super::{Replacing, State, Supervisor, Trim, Why, Worker};
-use crate::policy::{PoolView, RecycleOrder, RecycleReason, Role, StartMode, WorkerView};
+use crate::policy::{
+    Emergency, EmergencyAction, PoolView, RecycleOrder, RecycleReason, Role, StartMode, WorkerView,
+};
 
 impl Supervisor {
     pub(super) fn after_recycle_progress(&mut self) {
@@ -89,7 +91,7 @@ impl Supervisor {
                     pid = w.pid,
                     projected_limit_in_s = ttl.as_secs_f64(),
                     ready_time_s = self.pool.ready_time().as_secs_f64(),
-                    "worker grows to its limit faster than a replacement can get ready: no recycle schedule can prevent an OOM kill (raise --limit, or slow its growth)"
+                    "worker grows to its limit faster than a replacement can get ready: no recycle schedule keeps its slot serving; it is stopped before its limit if a reading shows it coming, else the kernel OOM-kills it (raise --limit, or slow its growth)"
                 );
             }
         }
@@ -130,12 +132,85 @@ impl Supervisor {
                 "recycle spacing shortened: with the configured spacing, waiting workers would reach their limits first"
             );
         }
+        for e in &d.emergencies {
+            self.emergency(pids[e.worker], e);
+        }
         for r in &d.recycles {
             let pid = pids[r.worker];
             let Some(slot) = self.worker_mut(pid).map(|w| w.slot) else {
                 continue;
             };
             self.start_recycle(pid, slot, r);
+        }
+    }
+
+    /// A worker that will reach its ceiling before a recycle through the gate could
+    /// replace it ([`EmergencyAction`]): start its replacement past the gate, or stop it
+    /// now (gracefully: it finishes the requests it has) rather than leave it to the OOM
+    /// killer, starting its replacement too if none is starting.
+    fn emergency(&mut self, pid: i32, e: &Emergency) {
+        let Some(w) = self.workers.iter().find(|w| w.pid == pid) else {
+            return;
+        };
+        if w.state != State::Ready {
+            return;
+        }
+        let slot = w.slot;
+        let replaced = self.recycling(w);
+        let usage = w.usage.as_ref().map(|u| u.working_set);
+        let limit = self.limit;
+        let in_progress = self.in_progress();
+        let ttl_s = e.time_to_limit.as_secs_f64();
+        let ready_time_s = self.pool.ready_time().as_secs_f64();
+        let reason = replaced.unwrap_or(RecycleReason::Memory);
+        let starts = replaced.is_none()
+            && slot < self.target
+            && !self
+                .workers
+                .iter()
+                .any(|o| o.slot == slot && o.pid != pid && o.state.is_starting());
+        if replaced.is_none() {
+            self.slots[slot].recycle_started = Some(Instant::now());
+        }
+        if let Some(w) = self.worker_mut(pid) {
+            w.stats.recycle_wait = Some(std::time::Duration::ZERO);
+            if w.memory_high.is_some() && w.group.set_high(None).is_ok() {
+                w.memory_high = None;
+            }
+        }
+        match e.action {
+            EmergencyAction::StartReplacement => {
+                warn!(
+                    slot,
+                    pid,
+                    usage,
+                    limit,
+                    projected_limit_in_s = ttl_s,
+                    ready_time_s,
+                    in_progress,
+                    "recycling worker past the gate: it reaches its limit sooner than a replacement admitted later could be ready; starting its replacement now"
+                );
+                self.start_worker(slot, Some(Replacing { pid, reason }));
+            }
+            EmergencyAction::Stop => {
+                warn!(
+                    slot,
+                    pid,
+                    usage,
+                    limit,
+                    projected_limit_in_s = ttl_s,
+                    replacement_starting = replaced.is_some() || !starts,
+                    "emergency stop: the worker reaches its limit before a replacement can take over; stopping it gracefully now (it finishes its requests; its slot serves nothing until the replacement is ready) instead of leaving it to the OOM killer"
+                );
+                let until = Instant::now() + self.cfg.graceful_timeout;
+                let sig = self.cfg.stop_signal;
+                if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                    drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
+                }
+                if starts {
+                    self.start_worker(slot, Some(Replacing { pid, reason }));
+                }
+            }
         }
     }
 

@@ -521,6 +521,63 @@ async fn a_worker_past_its_recycle_threshold_is_replaced_first() {
     p.stop().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_worker_reaching_its_limit_before_its_replacement_is_ready_is_stopped_gracefully() {
+    // A young worker growing 20 MiB/s under 100 MiB: its replacement starts past the gate
+    // and never gets ready (no READY=1); the old worker gets the stop signal before its
+    // limit, not an OOM kill at it.
+    let p = pool(
+        &[
+            "-n",
+            "2",
+            "--ready",
+            "notify",
+            "--ready-timeout",
+            "60s",
+            "--trim",
+            "off",
+            "--spread-first",
+            "off",
+        ],
+        Some(100 * MIB),
+    );
+    when(Duration::from_secs(1), "launched", || {
+        p.launched(0).len() == 1 && p.launched(1).len() == 1
+    })
+    .await;
+    p.groups.set(0, 0, |g| g.working_set = 20 * MIB);
+    p.groups.set(1, 0, |g| g.working_set = 20 * MIB);
+    notify(&p, 0, 0, b"READY=1");
+    notify(&p, 1, 0, b"READY=1");
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    let old = p.launched(0)[0].pid;
+    let mut ws = 20 * MIB;
+    let mut replaced_at = None;
+    while p.signals_to(old).is_empty() {
+        assert!(ws < 100 * MIB, "reached its limit unstopped");
+        sleep(Duration::from_millis(50)).await;
+        ws += MIB;
+        p.groups.set(0, 0, |g| g.working_set = ws);
+        if replaced_at.is_none() && p.launched(0).len() == 2 {
+            replaced_at = Some(ws);
+        }
+    }
+    assert_eq!(p.signals_to(old), vec![Signal::SIGTERM]);
+    let replaced_at = replaced_at.expect("its replacement started first");
+    assert!(replaced_at < ws, "{replaced_at} {ws}");
+    // Stopped with room left: a reading or more of growth (1 MiB per 50 ms).
+    assert!(ws <= 97 * MIB, "stopped at {} MiB", ws >> 20);
+    let s = p.status().await;
+    assert!(
+        s.workers
+            .iter()
+            .any(|w| w.slot == 0 && w.state == "starting"),
+        "{s:#?}"
+    );
+    assert_eq!((s.restarts, s.oom_kills), (0, 0));
+    p.stop().await;
+}
+
 // ----- the watchdog (--timeout) -------------------------------------------------------------
 
 /// Send one sd_notify datagram as worker (`slot`, `generation`) would.

@@ -50,6 +50,11 @@ pub const PROJECTION_MIN_SPAN: Duration = Duration::from_secs(10);
 /// spanning only this long: a worker leaking 10 MiB/s under a 96 MiB limit lives about 8 s,
 /// and waiting for [`PROJECTION_MIN_SPAN`] of readings would leave it to the OOM killer.
 pub const NEAR_MIN_SPAN: Duration = Duration::from_secs(2);
+/// The imminent projection ([`Growth::imminent_time_to_limit`]) fits the readings of the
+/// last this long: what the worker does now, not what it did over minutes.
+pub const IMMINENT_WINDOW: Duration = Duration::from_secs(4);
+/// ... once they span at least this long, however young the worker.
+pub const IMMINENT_MIN_SPAN: Duration = Duration::from_secs(1);
 
 /// The readings of one worker and the growth fitted to them.
 #[derive(Clone, Debug)]
@@ -199,7 +204,21 @@ impl Growth {
         if ws >= limit {
             return Some(Duration::ZERO);
         }
-        let span = if near.is_some_and(|n| ws >= n) {
+        let rate = self.projection_rate(near, now)?;
+        if rate <= 0.0 {
+            return None;
+        }
+        let elapsed = now.saturating_sub(last).as_secs_f64();
+        let secs = ((limit - ws) as f64 / rate - elapsed).max(0.0);
+        Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+    }
+
+    /// The growth rate the projection to the limit uses (see
+    /// [`super::WorkerPolicy::time_to_limit`]); `None` until readings since it was ready
+    /// span [`PROJECTION_MIN_SPAN`] ([`NEAR_MIN_SPAN`] from `near` bytes on).
+    fn projection_rate(&self, near: Option<u64>, now: Duration) -> Option<f64> {
+        let last = self.samples.back()?.0;
+        let span = if near.is_some_and(|n| self.envelope >= n) {
             NEAR_MIN_SPAN
         } else {
             PROJECTION_MIN_SPAN
@@ -210,7 +229,33 @@ impl Growth {
         let recent = self.fit(first + (last - first) / 2, span / 2)?;
         // Only growth that clearly slowed down reads from the recent half: the lower of
         // two noisy estimates would err late for a steady leak.
-        let rate = if recent < whole / 2.0 { recent } else { whole };
+        Some(if recent < whole / 2.0 { recent } else { whole })
+    }
+
+    /// Projected time until the plain working set `ws` reaches `limit`, for the
+    /// emergencies: at the projection's own rate once it has one (see
+    /// [`Self::projection_rate`]: fitted over minutes, a transient request's step barely
+    /// moves it), before that at the growth of the last [`IMMINENT_WINDOW`] of readings
+    /// since it was ready (from [`IMMINENT_MIN_SPAN`] of them on): the first seconds of a
+    /// young worker, e.g. of the first generation, which has no growth history. From the
+    /// plain reading, not the envelope: right after a trim that released much, the
+    /// worker is as far from its ceiling as the reading says.
+    pub(super) fn imminent_time_to_limit(
+        &self,
+        limit: u64,
+        near: Option<u64>,
+        ws: u64,
+        now: Duration,
+    ) -> Option<Duration> {
+        if ws >= limit {
+            return Some(Duration::ZERO);
+        }
+        let last = self.samples.back()?.0;
+        let from = now.saturating_sub(IMMINENT_WINDOW).max(self.warm_from);
+        let rate = match self.projection_rate(near, now) {
+            Some(rate) => rate,
+            None => self.fit(from, IMMINENT_MIN_SPAN)?,
+        };
         if rate <= 0.0 {
             return None;
         }

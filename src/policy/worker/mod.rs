@@ -22,7 +22,7 @@ use growth::Growth;
 use recycle::RecycleTiming;
 use trim::TrimArming;
 
-pub use growth::{GROWTH_WINDOW, PROJECTION_MIN_SPAN};
+pub use growth::{GROWTH_WINDOW, IMMINENT_MIN_SPAN, IMMINENT_WINDOW, PROJECTION_MIN_SPAN};
 pub use trim::{TRIM_RETRY_BASE, TRIM_RETRY_MAX};
 
 /// The highest recycle threshold a draw may produce (fraction of the limit): a threshold
@@ -294,6 +294,17 @@ impl WorkerPolicy {
     pub fn time_to_limit(&self, now: Duration) -> Option<Duration> {
         self.growth
             .time_to_limit(self.limit?, self.trim.trim_at(), now)
+    }
+
+    /// Projected time until its latest reading reaches the hard limit: at the growth rate
+    /// of [`time_to_limit`](Self::time_to_limit) once that has one, before that at its
+    /// growth of the last few seconds ([`IMMINENT_WINDOW`], from [`IMMINENT_MIN_SPAN`] of
+    /// readings since it was ready on). Whether it must be stopped, or its replacement
+    /// started past the gate, now (see [`super::PoolPolicy::decide`]). `None`: limit
+    /// unknown, no reading yet, too young, or not growing.
+    pub fn imminent_time_to_limit(&self, now: Duration) -> Option<Duration> {
+        self.growth
+            .imminent_time_to_limit(self.limit?, self.trim.trim_at(), self.last_ws?, now)
     }
 
     /// Its deadline for the recycle queue: [`time_to_limit`](Self::time_to_limit), or zero
