@@ -1036,3 +1036,71 @@ fn preloaded_workers_run_as_the_user_and_are_still_trimmed_and_recycled() {
         pool.log()
     );
 }
+
+/// `--preload` with an app whose import takes 2 s: while the zygote imports it (at start,
+/// and again after a HUP), trimrun does not wait for it on its runtime thread: `status`
+/// answers with the zygote still `starting`, the serving workers keep serving, and once
+/// it is ready the workers start (and the rolling restart completes) with no failure.
+#[test]
+fn status_answers_while_the_zygote_imports_the_app() {
+    use common::python::{apps_dir, have_python_deps, python_dir};
+    if !have_python_deps("waitress, trimrun_worker") {
+        return;
+    }
+    let (apps, py) = (apps_dir(), python_dir());
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("slow");
+    std::fs::write(&flag, "").unwrap();
+    let flag_s = flag.to_str().unwrap().to_string();
+    let pool = Pool::start_env(
+        &["-n", "2", "--ready", "notify", "--preload"],
+        &[
+            "python3",
+            "-m",
+            "trimrun_worker",
+            "--app-dir",
+            &apps,
+            "slow_import_app:app",
+        ],
+        &[
+            ("PYTHONPATH", &py),
+            ("SLOW_IMPORT_FLAG", &flag_s),
+            ("SLOW_IMPORT_SECONDS", "2"),
+        ],
+    );
+    // The status of a zygote of generation `generation` still importing the app.
+    let importing = |generation: i64| {
+        wait_for(Duration::from_secs(30), || {
+            let out = Command::new(BIN)
+                .args(["status", "--json", "--control"])
+                .arg(pool.dir.path().join("ctl.sock"))
+                .output()
+                .ok()?;
+            let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            let z = &s["zygote"];
+            (z["generation"] == generation && z["state"] == "starting").then_some(s)
+        })
+    };
+    let first = importing(1);
+    pool.wait_log("all workers ready", Duration::from_secs(60));
+    let first = first.unwrap_or_else(|| {
+        panic!(
+            "status never answered while the zygote imported the app: {}",
+            pool.log()
+        )
+    });
+    assert_eq!(first["workers"].as_array().map(Vec::len), Some(0));
+    // HUP: a new zygote imports the app again; the old workers serve meanwhile.
+    pool.signal(libc::SIGHUP);
+    let second = importing(2);
+    let served = get(pool.port, "/");
+    pool.wait_log("rolling restart complete", Duration::from_secs(60));
+    let log = pool.log();
+    assert!(
+        second.is_some(),
+        "status never answered while the new zygote imported the app: {log}"
+    );
+    assert!(served.is_ok(), "{served:?}: {log}");
+    assert_eq!(pool.status()["restarts"], 0, "{log}");
+    assert!(!log.contains("cannot start worker"), "{log}");
+}

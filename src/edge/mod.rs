@@ -112,6 +112,12 @@ pub trait Launcher: Send {
     fn kill_orphans(&self, _keep: &[i32]) -> Vec<i32> {
         Vec::new()
     }
+    /// Some(d) when a launch now would have to wait (the zygote of `--preload` is still
+    /// importing the app): the supervisor starts no worker and decides no recycle, and asks
+    /// again after `d`. Never blocks.
+    fn not_before(&mut self) -> Option<std::time::Duration> {
+        None
+    }
     /// A rolling restart begins (HUP, `ctl reload`): workers launched from now on must run
     /// the new code. (The zygote launcher starts a new zygote.)
     fn reload(&mut self) {}

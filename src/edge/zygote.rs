@@ -2,13 +2,15 @@
 //! fresh fork+execs. Signals, exits and reaping are fork+exec's ([`ForkExec`]): a forked
 //! worker becomes trimrun's child (trimrun is a child subreaper) and is reaped the same way.
 //!
-//! - The zygote is started before the first worker; [`Launcher::launch`] waits for its
-//!   `ready` (up to `--ready-timeout`) when it is not ready yet.
+//! - The zygote is started before the first worker. Nothing here waits for its `ready`:
+//!   while it imports the app, [`Launcher::not_before`] says so and the supervisor starts
+//!   no worker and decides no recycle, and keeps answering signals and `status`; a
+//!   zygote not ready within `--ready-timeout` is killed and another started.
 //! - HUP ([`Launcher::reload`]): the zygote is stopped and a new one started (new code);
-//!   the rolling restart then forks every replacement from it.
+//!   the rolling restart then forks every replacement from it, once it is ready.
 //! - A zygote that dies is reaped here, not reported as a worker; one that had been ready is
-//!   started again at once, one that never got ready at the next launch (whose failures the
-//!   supervisor backs off). Serving workers are not touched either way.
+//!   started again at once, one that never got ready (an app that fails to import) after a
+//!   backoff (0.1 s doubling to 30 s). Serving workers are not touched either way.
 
 use std::future::Future;
 use std::os::fd::AsRawFd;
@@ -25,6 +27,12 @@ use crate::zygote::{Zygote, ZygoteError};
 
 /// How long the zygote may take to answer one fork request.
 const FORK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon the supervisor looks again while the zygote imports the app.
+const READY_POLL: Duration = Duration::from_millis(50);
+/// A zygote that failed before it was ready is started again after this, doubling up to
+/// [`ZYGOTE_BACKOFF_MAX`]: an app that cannot be imported is not restarted in a tight loop.
+const ZYGOTE_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const ZYGOTE_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 pub struct Zygotes {
     inner: ForkExec,
@@ -34,6 +42,9 @@ pub struct Zygotes {
     generation: u64,
     ready_timeout: Duration,
     forks: u64,
+    /// After a zygote failed before it was ready: no new one before then.
+    next_start: Option<Instant>,
+    backoff: Duration,
 }
 
 fn spawn_error(slot: usize, op: &'static str, e: ZygoteError) -> SpawnError {
@@ -57,7 +68,15 @@ impl Zygotes {
             generation: 0,
             ready_timeout,
             forks: 0,
+            next_start: None,
+            backoff: ZYGOTE_BACKOFF_MIN,
         }
+    }
+
+    /// A zygote failed before it was ready: the next one waits.
+    fn failed(&mut self) {
+        self.next_start = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(ZYGOTE_BACKOFF_MAX);
     }
 
     fn start(&mut self) -> Result<(), ZygoteError> {
@@ -87,42 +106,71 @@ impl Zygotes {
         }
     }
 
-    /// The current zygote, started and ready.
-    fn ready(&mut self, slot: usize) -> Result<&Zygote, SpawnError> {
+    /// Where the zygote stands, without waiting: Ok(None) when it takes fork requests,
+    /// Ok(Some(d)) while it imports the app (or, after a failure, until the next one may
+    /// start), Err when it failed (it is discarded and the next one backs off). Starts a
+    /// zygote when there is none.
+    fn poll(&mut self) -> Result<Option<Duration>, ZygoteError> {
         if self.current.is_none() {
-            self.start()
-                .map_err(|e| spawn_error(slot, "start the zygote", e))?;
+            let now = Instant::now();
+            if let Some(t) = self.next_start
+                && now < t
+            {
+                return Ok(Some(t - now));
+            }
+            self.next_start = None;
+            if let Err(e) = self.start() {
+                self.failed();
+                return Err(e);
+            }
         }
         let timeout = self.ready_timeout;
         let z = self.current.as_mut().expect("started above");
-        if !z.is_ready() {
-            match z.wait_ready(timeout) {
-                Ok(true) => info!(
+        if z.is_ready() {
+            return Ok(None);
+        }
+        match z.wait_ready(Duration::ZERO) {
+            Ok(true) => {
+                info!(
                     pid = z.pid,
                     generation = z.generation,
                     ready_ms = z.started.elapsed().as_millis() as u64,
                     "zygote ready"
-                ),
-                Ok(false) => {
-                    let pid = z.pid;
-                    self.discard();
-                    return Err(spawn_error(
-                        slot,
-                        "wait for the zygote",
-                        ZygoteError::Timeout {
-                            pid,
-                            what: "say ready",
-                            after: timeout,
-                        },
-                    ));
-                }
-                Err(e) => {
-                    self.discard();
-                    return Err(spawn_error(slot, "wait for the zygote", e));
-                }
+                );
+                self.backoff = ZYGOTE_BACKOFF_MIN;
+                Ok(None)
+            }
+            Ok(false) if z.started.elapsed() < timeout => Ok(Some(READY_POLL)),
+            Ok(false) => {
+                let pid = z.pid;
+                self.discard();
+                self.failed();
+                Err(ZygoteError::Timeout {
+                    pid,
+                    what: "say ready",
+                    after: timeout,
+                })
+            }
+            Err(e) => {
+                self.discard();
+                self.failed();
+                Err(e)
             }
         }
-        Ok(self.current.as_ref().expect("ready above"))
+    }
+
+    /// The current zygote, if it is ready; never waits for it (the supervisor asks
+    /// [`Launcher::not_before`] first).
+    fn ready(&mut self, slot: usize) -> Result<&Zygote, SpawnError> {
+        match self.poll() {
+            Ok(None) => Ok(self.current.as_ref().expect("ready")),
+            Ok(Some(_)) => Err(SpawnError::Sys {
+                slot,
+                op: "fork from the zygote",
+                source: std::io::Error::other("the zygote is not ready yet (importing the app)"),
+            }),
+            Err(e) => Err(spawn_error(slot, "wait for the zygote", e)),
+        }
     }
 }
 
@@ -207,6 +255,26 @@ impl Launcher for Zygotes {
         self.inner.signal(pid, sig)
     }
 
+    /// While the zygote imports the app (at start, after a HUP or a restart), no worker
+    /// can be forked: say so instead of waiting, so the pool keeps answering signals,
+    /// `status` and readiness meanwhile.
+    fn not_before(&mut self) -> Option<Duration> {
+        match self.poll() {
+            Ok(wait) => wait,
+            Err(e) => {
+                let retry = self
+                    .next_start
+                    .map_or(ZYGOTE_BACKOFF_MIN, |t| t - Instant::now().min(t));
+                warn!(
+                    error = %e,
+                    retry_in_ms = retry.as_millis() as u64,
+                    "zygote failed before it was ready; starting another later"
+                );
+                Some(retry)
+            }
+        }
+    }
+
     /// Forked workers are trimrun's children, so what they leave behind is re-parented to
     /// trimrun as with fork+exec; the zygotes (current and retired) are its children too,
     /// and are not orphans.
@@ -234,7 +302,15 @@ impl Launcher for Zygotes {
             if let Some((zpid, was_ready)) = current
                 && zpid == *pid
             {
-                warn!(pid, exit = %exit, "zygote exited; the workers keep serving");
+                if was_ready {
+                    warn!(pid, exit = %exit, "zygote exited; the workers keep serving");
+                } else {
+                    warn!(
+                        pid,
+                        exit = %exit,
+                        "zygote exited before it was ready (its output says why: usually the app failed to import); another starts after a backoff"
+                    );
+                }
                 zygote_died = Some(was_ready);
                 return false;
             }
@@ -242,28 +318,19 @@ impl Launcher for Zygotes {
         });
         if let Some(was_ready) = zygote_died {
             self.current = None;
-            if was_ready && let Err(e) = self.start() {
+            if !was_ready {
+                self.failed();
+            } else if let Err(e) = self.start() {
                 warn!(error = %e, "cannot restart the zygote; the next launch tries again");
+                self.failed();
             }
         }
         // Called after every event of the pool: notice a restarted zygote's `ready` even
         // while no worker is launched.
-        if let Some(z) = self.current.as_mut()
-            && !z.is_ready()
+        if self.current.as_ref().is_some_and(|z| !z.is_ready())
+            && let Err(e) = self.poll()
         {
-            match z.wait_ready(Duration::ZERO) {
-                Ok(true) => info!(
-                    pid = z.pid,
-                    generation = z.generation,
-                    ready_ms = z.started.elapsed().as_millis() as u64,
-                    "zygote ready"
-                ),
-                Ok(false) => {}
-                Err(e) => {
-                    warn!(error = %e, "zygote failed before it was ready");
-                    self.discard();
-                }
-            }
+            warn!(error = %e, "zygote failed before it was ready");
         }
         out
     }

@@ -113,6 +113,13 @@ impl Supervisor {
         }
         // Respawns after backoff, and slots added by scaling up: at most START_BATCH per
         // pass (each start is a fork that waits for the exec), the rest on the next pass.
+        // A launcher that would have to wait (the zygote importing the app) starts
+        // nothing and no recycle is decided until it can: the pool keeps answering.
+        let wait = if self.phase.stopping() {
+            None
+        } else {
+            self.launcher.not_before()
+        };
         let mut started = 0;
         for slot in 0..self.slots.len().min(self.target) {
             if started >= START_BATCH {
@@ -122,6 +129,10 @@ impl Supervisor {
                 && now >= t
                 && !self.phase.stopping()
             {
+                if let Some(d) = wait {
+                    self.slots[slot].respawn_at = Some(now + d);
+                    continue;
+                }
                 self.slots[slot].respawn_at = None;
                 // After a hang the new worker replaces the hung one: a timeout recycle.
                 let replaces = self.slots[slot].hung.take().map(|pid| Replacing {
@@ -149,7 +160,7 @@ impl Supervisor {
             self.kill_all();
             self.phase = Phase::Killing;
         }
-        if !self.phase.stopping() {
+        if !self.phase.stopping() && wait.is_none() {
             self.run_recycles();
         }
     }
