@@ -468,7 +468,9 @@ impl PoolPolicy {
             }
             // The pool's own deadline, carried by the largest serving worker.
             let rate = pool_rate;
-            let pool_deadline = if pool_usage >= budget {
+            // A pool whose headroom no longer holds the largest transient any worker
+            // showed is due now, as a worker is (see `WorkerPolicy::deadline`).
+            let pool_deadline = if pool_usage.saturating_add(transient) >= budget {
                 Some(Duration::ZERO)
             } else if rate > 0.0 {
                 Some(
@@ -605,7 +607,7 @@ impl PoolPolicy {
                 waited: now.saturating_sub(since),
                 ahead: None,
                 for_budget: false,
-                mode: self.mode(pool_usage, pool_rate, recycle_time),
+                mode: self.mode(pool_usage, pool_rate, recycle_time, transient),
             });
         }
 
@@ -635,7 +637,7 @@ impl PoolPolicy {
                     waited: now.saturating_sub(c.waiting_since),
                     ahead: ahead.filter(|a| a.0 == i).map(|a| a.1),
                     for_budget: for_budget == Some(i) || pool_carrier == Some(i),
-                    mode: self.mode(pool_usage, pool_rate, recycle_time),
+                    mode: self.mode(pool_usage, pool_rate, recycle_time, transient),
                 });
             }
             // Those still waiting: slow them down (v2) rather than let them be killed.
@@ -686,7 +688,18 @@ impl PoolPolicy {
     /// which end in a fraction of a second, its average is far shorter than a ready
     /// time, and a replacement admitted on it was seen to push the pool into the OOM
     /// killer on a loaded machine.)
-    fn mode(&self, pool_usage: u64, pool_rate: f64, recycle_time: Duration) -> StartMode {
+    ///
+    /// And room for `transient`, the largest transient peak any worker showed (a request that
+    /// allocates and frees tens of MiB may land on any worker while both run: on the
+    /// real kernel, a 40 MiB report during a replacement's start-up pushed a pool that
+    /// left room for the start-up alone into the OOM killer).
+    fn mode(
+        &self,
+        pool_usage: u64,
+        pool_rate: f64,
+        recycle_time: Duration,
+        transient: u64,
+    ) -> StartMode {
         let Some(budget) = self.budget else {
             return StartMode::ReplacementFirst;
         };
@@ -694,7 +707,8 @@ impl PoolPolicy {
         let growth = (pool_rate.max(0.0) * both_run.as_secs_f64()) as u64;
         let need = pool_usage
             .saturating_add(self.start_cost())
-            .saturating_add(growth);
+            .saturating_add(growth)
+            .saturating_add(transient);
         if need <= pool_memory_high(budget) {
             StartMode::ReplacementFirst
         } else {
@@ -813,11 +827,59 @@ mod tests {
         let mut roomy = PoolPolicy::new(&st, Some(2 * budget));
         roomy.started(70 * MIB, s(1));
         assert_eq!(
-            roomy.mode(380 * MIB, 0.0, s(3)),
+            roomy.mode(380 * MIB, 0.0, s(3), 0),
             StartMode::ReplacementFirst
         );
-        assert_eq!(pool.mode(300 * MIB, 0.0, s(3)), StartMode::ReplacementFirst);
-        assert_eq!(pool.mode(320 * MIB, 0.0, s(3)), StartMode::StopFirst);
+        assert_eq!(
+            pool.mode(300 * MIB, 0.0, s(3), 0),
+            StartMode::ReplacementFirst
+        );
+        assert_eq!(pool.mode(320 * MIB, 0.0, s(3), 0), StartMode::StopFirst);
+    }
+
+    #[test]
+    fn a_replacement_leaves_room_for_the_largest_transient_or_the_recycle_is_stop_first() {
+        // The rare-large benchmark: 4 workers under a 384 MiB budget at ~310 MiB, 25 MiB
+        // start-ups, and 40 MiB reports. A replacement beside them fits under the brake
+        // (372 MiB); a report landing on any worker during its start-up does not.
+        let budget = 384 * MIB;
+        let mut pool = PoolPolicy::new(&settings(), Some(budget));
+        pool.started(25 * MIB, s(1));
+        let usage = 310 * MIB;
+        assert_eq!(pool.mode(usage, 0.0, s(2), 0), StartMode::ReplacementFirst);
+        assert_eq!(pool.mode(usage, 0.0, s(2), 40 * MIB), StartMode::StopFirst);
+        // The pool whose headroom no longer holds that transient is due now: its
+        // largest worker is recycled.
+        let ws = workers(4, default_ceiling(budget, 4), 60, |slot, t| {
+            let base = [82, 86, 84, 95][slot];
+            // Worker 0 once held a 40 MiB report for a second.
+            (base + if slot == 0 && t == 30 { 40 } else { 0 }) * MIB
+        });
+        let v = views(&ws);
+        let d = pool.decide(&PoolView {
+            now: s(60),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        });
+        assert_eq!(d.recycles.len(), 1, "{d:?}");
+        assert_eq!(d.recycles[0].worker, 3, "the largest");
+        assert_eq!(d.recycles[0].mode, StartMode::StopFirst);
+        // With a 20 MiB transient it has room: nothing yet.
+        let ws = workers(4, default_ceiling(budget, 4), 60, |slot, t| {
+            let base = [82, 86, 84, 95][slot];
+            (base + if slot == 0 && t == 30 { 20 } else { 0 }) * MIB
+        });
+        let v = views(&ws);
+        let mut pool = PoolPolicy::new(&settings(), Some(budget));
+        pool.started(25 * MIB, s(1));
+        let d = pool.decide(&PoolView {
+            now: s(60),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: None,
+        });
+        assert!(d.recycles.is_empty(), "{d:?}");
     }
 
     #[test]
@@ -834,12 +896,12 @@ mod tests {
         let usage = room - (rate * 0.5) as u64;
         assert!(pool.ready_time() >= s(1));
         assert_eq!(
-            pool.mode(usage, rate, Duration::from_millis(100)),
+            pool.mode(usage, rate, Duration::from_millis(100), 0),
             StartMode::StopFirst
         );
         // Without growth, it fits.
         assert_eq!(
-            pool.mode(usage, 0.0, Duration::from_millis(100)),
+            pool.mode(usage, 0.0, Duration::from_millis(100), 0),
             StartMode::ReplacementFirst
         );
     }
