@@ -23,6 +23,9 @@ impl Supervisor {
             match w.group.usage(w.pid) {
                 Ok(u) => {
                     w.policy.observe(now_d, u.working_set);
+                    if let Some(peak) = u.peak {
+                        w.policy.observe_peak(now_d, u.current, peak);
+                    }
                     if let Some(limit) = enforce
                         && u.working_set > limit
                         && !matches!(w.state, State::Killed { .. })

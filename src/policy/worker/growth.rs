@@ -81,6 +81,10 @@ pub(super) struct Growth {
     /// The plain readings of the last `hold` since the latest trim (a trim's drop is no
     /// transient).
     readings: VecDeque<(Duration, u64)>,
+    /// The group's high-water mark at the previous reading (see `observe_peak`), and
+    /// whether a trim ran since.
+    last_peak: Option<u64>,
+    trimmed_since_peak: bool,
 }
 
 impl Growth {
@@ -94,6 +98,8 @@ impl Growth {
             warm_from,
             spikes: VecDeque::new(),
             readings: VecDeque::new(),
+            last_peak: None,
+            trimmed_since_peak: false,
         }
     }
 
@@ -101,6 +107,36 @@ impl Growth {
     pub(super) fn trimmed(&mut self, now: Duration, released: u64) {
         self.pending_drops.push_back((now, released));
         self.readings.clear();
+        self.trimmed_since_peak = true;
+    }
+
+    /// The group's high-water mark (`peak`: v1 `memory.max_usage_in_bytes`, v2
+    /// `memory.peak`) beside its current usage (the same counter) at `now`. A request that
+    /// allocates tens of MiB and frees them within a second falls between two readings;
+    /// the high-water mark keeps it. When the mark rose since the previous reading and the
+    /// usage is back below it, that much came and went: a transient peak, remembered as
+    /// one seen by the readings is. Not across a trim (its release is no transient), and
+    /// only the rises of an all-time mark: a transient below the worker's old top is not
+    /// seen this way (the largest one seen is what counts, and it is kept an hour).
+    pub(super) fn observe_peak(&mut self, now: Duration, current: u64, peak: u64) {
+        let rose = self.last_peak.is_some_and(|p| peak > p);
+        let trimmed = std::mem::replace(&mut self.trimmed_since_peak, false);
+        self.last_peak = Some(peak);
+        if !rose || trimmed || now < self.warm_from {
+            return;
+        }
+        let height = peak.saturating_sub(current);
+        if height > 0 {
+            self.push_spike(now, height);
+        }
+    }
+
+    fn push_spike(&mut self, now: Duration, height: u64) {
+        // Keep only peaks that a later, higher one does not dominate.
+        while self.spikes.back().is_some_and(|s| s.1 <= height) {
+            self.spikes.pop_back();
+        }
+        self.spikes.push_back((now, height));
     }
 
     /// A plain reading of `ws` bytes at `now`.
@@ -157,11 +193,7 @@ impl Growth {
         self.readings.push_back((now, ws));
         let height = top.saturating_sub(ws);
         if height > 0 {
-            // Keep only peaks that a later, higher one does not dominate.
-            while self.spikes.back().is_some_and(|s| s.1 <= height) {
-                self.spikes.pop_back();
-            }
-            self.spikes.push_back((now, height));
+            self.push_spike(now, height);
         }
     }
 

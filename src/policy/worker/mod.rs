@@ -208,6 +208,13 @@ impl WorkerPolicy {
         self.trim.observe(working_set);
     }
 
+    /// Its group's high-water mark `peak` beside its usage `current` (the same counter,
+    /// page cache included), read with the reading at `now`: a transient that came and went
+    /// between two readings shows as a rise of the mark (see `worker/growth.rs`).
+    pub fn observe_peak(&mut self, now: Duration, current: u64, peak: u64) {
+        self.growth.observe_peak(now, current, peak);
+    }
+
     /// Whether to trim it now.
     pub fn should_trim(&self, settings: &Settings, now: Duration) -> bool {
         // Over the recycle threshold with no trim since crossing it: only a fresh trim can

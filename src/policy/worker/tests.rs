@@ -539,3 +539,32 @@ fn a_worker_back_over_its_threshold_within_a_trim_interval_recycles() {
     w.observe(s(125), threshold + MIB);
     assert_eq!(w.recycle_reason(&settings, s(125)), None);
 }
+
+#[test]
+fn a_transient_between_two_readings_is_learned_from_the_groups_high_water_mark() {
+    let settings = no_jitter();
+    let mut w = worker(&settings);
+    // A steady 1 MiB/s leak: the mark rises with the readings, nothing came and went.
+    for t in 0..30u64 {
+        let ws = (200 + t) * MIB;
+        w.observe(s(t), ws);
+        w.observe_peak(s(t), ws, ws);
+    }
+    assert_eq!(w.transient(s(30)), 0);
+    // A 40 MiB report between the readings at 30 s and 31 s: no reading saw it, the
+    // mark did.
+    w.observe(s(31), 231 * MIB);
+    w.observe_peak(s(31), 231 * MIB, 270 * MIB);
+    assert_eq!(w.transient(s(31)), 39 * MIB);
+    // A trim's release is no transient, even when the mark rose before it.
+    let mut t = worker(&settings);
+    for i in 0..30u64 {
+        let ws = (200 + i) * MIB;
+        t.observe(s(i), ws);
+        t.observe_peak(s(i), ws, ws);
+    }
+    t.trimmed(s(30), 180 * MIB);
+    t.observe(s(31), 181 * MIB);
+    t.observe_peak(s(31), 181 * MIB, 232 * MIB);
+    assert_eq!(t.transient(s(31)), 0);
+}
