@@ -653,7 +653,7 @@ fn process_reading_a_named_fifo_is_trimmed() {
 
 #[test]
 fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     if unsupported() {
         return;
     }
@@ -672,12 +672,21 @@ fn cli_interrupted_during_a_call_releases_the_thread_before_it_exits() {
     let mut outcome = None;
     for _ in 0..20 {
         let spawned = Instant::now();
-        let mut t = Command::new(env!("CARGO_BIN_EXE_trimrun"))
-            .args(["trim", "--timeout", "6s", &pid.to_string()])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trimrun"));
+        cmd.args(["trim", "--timeout", "6s", &pid.to_string()])
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        // Ctrl-C as a terminal delivers it: a suite started in the background of a
+        // non-interactive shell (`cmd &`) inherits SIGINT ignored, and an ignored signal is
+        // rightly left ignored by the CLI.
+        // SAFETY: signal() is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
+                Ok(())
+            });
+        }
+        let mut t = cmd.spawn().unwrap();
         let attached = wait_for(Duration::from_secs(10), || {
             if traced_by(pid, t.id()) {
                 return Some(true);
