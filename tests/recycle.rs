@@ -408,14 +408,15 @@ fn pool_group(pid: i32) -> Option<std::path::PathBuf> {
     dir.exists().then_some(dir)
 }
 
-/// A pool of leaking workers with the default settings, under load; returns (requests,
-/// failures, log, status).
+/// A pool of leaking workers with the default settings, under load for `run_for` or
+/// until `done` says so; returns (requests, failures, log, status).
 fn leaking_pool(
     extra: &[&str],
     leak_kb: &str,
     clients: usize,
     pause: Duration,
     run_for: Duration,
+    done: impl Fn(&Pool) -> bool,
 ) -> Option<(usize, Vec<String>, String, serde_json::Value)> {
     let app = example("app.py");
     let mut pool = Pool::start_env(
@@ -429,7 +430,10 @@ fn leaking_pool(
         return None;
     }
     let load = Load::start(pool.port, clients, pause);
-    std::thread::sleep(run_for);
+    let t0 = Instant::now();
+    while t0.elapsed() < run_for && !done(&pool) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (ok, failures) = load.finish();
     let status = pool.status();
     pool.signal(libc::SIGTERM);
@@ -494,6 +498,7 @@ fn a_worker_growing_5_mib_s_under_160m_with_defaults_is_recycled_never_oom_kille
         4,
         Duration::from_millis(100),
         Duration::from_secs(30),
+        |_| false,
     ) else {
         return;
     };
@@ -518,6 +523,7 @@ fn four_workers_at_10_mib_s_under_96m_with_defaults_have_no_oom_kill_and_no_fail
         4,
         Duration::from_millis(100),
         Duration::from_secs(25),
+        |_| false,
     ) else {
         return;
     };
@@ -649,13 +655,15 @@ fn a_replacement_that_does_not_fit_beside_its_worker_is_started_after_it_stops()
     // a replacement (~20 MiB at its start) never fits beside both under the pool's reclaim
     // line, however early the policy recycles, so every recycle is stop-first (the other
     // worker serves meanwhile). (At 96 MiB whether it fitted depended on how early the
-    // policy acted, which a quiet machine and a busy one answer differently.)
+    // policy acted, which a quiet machine and a busy one answer differently.) Until two
+    // stop-first recycles have completed (~6 s each), at most 60 s.
     let Some(r) = leaking_pool(
         &["-n", "2", "--pool-limit", "64M"],
         "128",
         2,
         Duration::from_millis(60),
-        Duration::from_secs(45),
+        Duration::from_secs(60),
+        |pool| pool.count_log("stop-first recycle: the old worker is gone") >= 2,
     ) else {
         return;
     };
