@@ -547,6 +547,8 @@ async fn a_worker_reaching_its_limit_before_its_replacement_is_ready_is_stopped_
     .await;
     p.groups.set(0, 0, |g| g.working_set = 20 * MIB);
     p.groups.set(1, 0, |g| g.working_set = 20 * MIB);
+    // Starts take 1.5 s (the pool plans with the measured ready time under notify).
+    sleep(Duration::from_millis(1500)).await;
     notify(&p, 0, 0, b"READY=1");
     notify(&p, 1, 0, b"READY=1");
     p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
