@@ -27,6 +27,7 @@ pub fn policy_settings(cfg: &Config) -> policy::Settings {
             Ready::Delay(d) => d,
             Ready::Notify => Duration::from_secs(2),
         },
+        ready_measured: matches!(cfg.ready, Ready::Notify),
         ..policy::Settings::default()
     }
 }

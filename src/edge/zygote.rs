@@ -73,6 +73,13 @@ impl Zygotes {
         }
     }
 
+    /// How long until the next zygote may start (after a failure).
+    fn retry_in(&self) -> Duration {
+        self.next_start.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        })
+    }
+
     /// A zygote failed before it was ready: the next one waits.
     fn failed(&mut self) {
         self.next_start = Some(Instant::now() + self.backoff);
@@ -167,7 +174,14 @@ impl Zygotes {
             Ok(Some(_)) => Err(SpawnError::Sys {
                 slot,
                 op: "fork from the zygote",
-                source: std::io::Error::other("the zygote is not ready yet (importing the app)"),
+                source: std::io::Error::other(if self.current.is_some() {
+                    "the zygote is not ready yet (importing the app)".to_string()
+                } else {
+                    format!(
+                        "the last zygote failed before it was ready (its output says why); the next starts in {} ms",
+                        self.retry_in().as_millis()
+                    )
+                }),
             }),
             Err(e) => Err(spawn_error(slot, "wait for the zygote", e)),
         }
@@ -257,20 +271,20 @@ impl Launcher for Zygotes {
 
     /// While the zygote imports the app (at start, after a HUP or a restart), no worker
     /// can be forked: say so instead of waiting, so the pool keeps answering signals,
-    /// `status` and readiness meanwhile.
+    /// `status` and readiness meanwhile. Not while the next zygote backs off after one
+    /// failed (an app that does not import): then launches fail as they did, and the
+    /// serving workers' trims and recycles go on.
     fn not_before(&mut self) -> Option<Duration> {
         match self.poll() {
-            Ok(wait) => wait,
+            Ok(Some(wait)) if self.current.is_some() => Some(wait),
+            Ok(_) => None,
             Err(e) => {
-                let retry = self
-                    .next_start
-                    .map_or(ZYGOTE_BACKOFF_MIN, |t| t - Instant::now().min(t));
                 warn!(
                     error = %e,
-                    retry_in_ms = retry.as_millis() as u64,
+                    retry_in_ms = self.retry_in().as_millis() as u64,
                     "zygote failed before it was ready; starting another later"
                 );
-                Some(retry)
+                None
             }
         }
     }

@@ -183,8 +183,10 @@ pub struct PoolPolicy {
     recycle_time_seen: bool,
     /// When the recycles in progress were admitted, oldest first.
     in_flight: std::collections::VecDeque<Duration>,
-    /// How long a start takes until ready (learned, EWMA; at least the configured one).
+    /// How long a start takes until ready (learned, EWMA; see [`Self::ready_time`]).
     ready_time: Duration,
+    /// Whether `ready_time` was measured at least once.
+    ready_time_seen: bool,
     /// Start recycles ahead of thresholds when the queue is behind (off only for
     /// comparisons in simulations).
     lookahead: bool,
@@ -212,6 +214,7 @@ impl PoolPolicy {
             recycle_time_seen: false,
             in_flight: std::collections::VecDeque::new(),
             ready_time: settings.ready_time,
+            ready_time_seen: false,
             lookahead: true,
             eager: false,
             emergencies: true,
@@ -277,7 +280,12 @@ impl PoolPolicy {
     pub fn started(&mut self, peak: u64, took: Duration) {
         let p = peak as f64;
         self.start_cost = Some(self.start_cost.map_or(p, |c| 0.7 * c + 0.3 * p));
-        self.ready_time = self.ready_time.mul_f64(0.7) + took.mul_f64(0.3);
+        self.ready_time = if self.ready_time_seen || !self.settings.ready_measured {
+            self.ready_time.mul_f64(0.7) + took.mul_f64(0.3)
+        } else {
+            took
+        };
+        self.ready_time_seen = true;
     }
 
     /// Whether an OOM kill of a worker that had served for `served` was beyond any
@@ -288,7 +296,10 @@ impl PoolPolicy {
     }
 
     /// How long a start takes until ready: the configured ready time or, if starts were
-    /// seen to take longer, what they took (EWMA).
+    /// seen to take longer, what they took (EWMA). With `--ready notify` the supervisor
+    /// keeps the configured one at the slowest recent start-up, and the EWMA starts from
+    /// the first one measured (not from the 2 s guess, which kept it above fast start-ups
+    /// for several starts).
     pub fn ready_time(&self) -> Duration {
         self.ready_time.max(self.settings.ready_time)
     }
@@ -880,6 +891,42 @@ mod tests {
             pool_usage: None,
         });
         assert!(d.recycles.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn with_ready_notify_the_measured_ready_time_replaces_the_guess_faster_or_slower() {
+        // As the supervisor does under notify: the configured time follows the slowest
+        // recent start-up (`update`), and the policy's EWMA starts from the first one.
+        let guess = Settings {
+            ready_time: s(2),
+            ready_measured: true,
+            ..settings()
+        };
+        let mut pool = PoolPolicy::new(&guess, None);
+        assert_eq!(pool.ready_time(), s(2), "the guess until a start is seen");
+        let fast = Duration::from_millis(300);
+        pool.started(10 * MIB, fast);
+        pool.update(&Settings {
+            ready_time: fast,
+            ..guess.clone()
+        });
+        assert_eq!(pool.ready_time(), fast);
+        pool.started(10 * MIB, s(1));
+        pool.update(&Settings {
+            ready_time: s(1),
+            ..guess.clone()
+        });
+        assert_eq!(pool.ready_time(), s(1));
+        // A delay is a floor: no start is ready before it.
+        let delay = Settings {
+            ready_time: s(1),
+            ..settings()
+        };
+        let mut pool = PoolPolicy::new(&delay, None);
+        pool.started(10 * MIB, fast);
+        assert_eq!(pool.ready_time(), s(1));
+        pool.started(10 * MIB, s(4));
+        assert!(pool.ready_time() > s(1));
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct Settings {
     /// How long a new worker takes to become ready (configured, or observed by the
     /// supervisor: it may update this from measured `READY=1` times).
     pub ready_time: Duration,
+    /// `--ready notify`: `ready_time` is only a first guess; the first measured start
+    /// replaces it and measured starts decide from then on, faster or slower. Otherwise
+    /// (`--ready delay:D`) no start can be ready sooner than the delay, which is a floor.
+    pub ready_measured: bool,
 }
 
 impl Default for Settings {
@@ -67,6 +71,7 @@ impl Default for Settings {
             max_recycling: 1,
             recycle_spacing: None,
             ready_time: Duration::from_secs(5),
+            ready_measured: false,
         }
     }
 }

@@ -367,7 +367,18 @@ impl Supervisor {
             info!(slot, pid, reason = %reason, "stop-first recycle: the old worker is gone; starting its replacement");
             self.start_worker(slot, Some(Replacing { pid, reason }));
         }
-        if let Some(reason) = recycling {
+        if let Some(reason) = recycling
+            && !expected
+        {
+            // The old worker died on its own (an OOM kill, a crash) before its replacement
+            // took over: that is a restart (counted below), not a completed recycle, and
+            // its short duration says nothing about how long recycles take.
+            if self.slots[slot].recycle_started.take().is_some() {
+                self.pool.recycle_abandoned();
+            }
+            warn!(slot, pid, reason = %reason, "recycle cut short: the old worker ended before its replacement was ready");
+            self.after_recycle_progress();
+        } else if let Some(reason) = recycling {
             // The old half of a recycle is gone: the recycle is complete.
             if let Some(t) = self.slots[slot].recycle_started.take() {
                 self.pool.recycle_finished(t.elapsed());

@@ -370,6 +370,36 @@ async fn an_oom_kill_is_counted_and_restarted_after_a_jittered_delay() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_worker_oom_killed_while_its_replacement_starts_is_a_restart_not_a_recycle() {
+    let p = pool(
+        &["-n", "2", "--ready", "delay:1s", "--graceful-timeout", "5s"],
+        Some(256 * MIB),
+    );
+    p.until(Duration::from_secs(3), "ready", all_ready(2)).await;
+    let old = p.launched(0)[0].pid;
+    p.ask(Request::Recycle { slot: 0 }).await.unwrap();
+    when(Duration::from_secs(1), "replacement started", || {
+        p.launched(0).len() == 2
+    })
+    .await;
+    p.groups.set(0, 0, |g| g.oom_kills = 1);
+    p.launcher.exit(old, Exit::Signal(Signal::SIGKILL));
+    let new = p.launched(0)[1].pid;
+    let s = p
+        .until(Duration::from_secs(3), "the replacement serves", |s| {
+            s.oom_kills == 1
+                && s.workers.len() == 2
+                && s.workers.iter().any(|w| w.pid == new && w.state == "ready")
+        })
+        .await;
+    assert_eq!((s.oom_kills, s.restarts, s.recycles), (1, 1, 0));
+    assert_eq!(s.recycles_in_progress, 0);
+    // The replacement took the slot: nothing else was started for it.
+    assert_eq!(p.launched(0).len(), 2);
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_failed_group_creation_is_retried_with_backoff() {
     let p = pool(&["-n", "1", "--ready", "delay:100ms"], None);
     p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
@@ -547,6 +577,8 @@ async fn a_worker_reaching_its_limit_before_its_replacement_is_ready_is_stopped_
     .await;
     p.groups.set(0, 0, |g| g.working_set = 20 * MIB);
     p.groups.set(1, 0, |g| g.working_set = 20 * MIB);
+    // Starts take 1.5 s (the pool plans with the measured ready time under notify).
+    sleep(Duration::from_millis(1500)).await;
     notify(&p, 0, 0, b"READY=1");
     notify(&p, 1, 0, b"READY=1");
     p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
