@@ -566,18 +566,25 @@ fn without_a_cgroup_a_worker_over_its_limit_is_killed_and_replaced() {
     );
     let before = pool.workers();
     // One worker grows past 48 MiB; with --cgroup none only trimrun can stop it.
-    let body = get(pool.port, "/alloc?mb=60").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let victim = v["pid"].as_i64().unwrap() as i32;
+    // The answer names the worker; on a loaded machine trimrun may kill it (it is over
+    // its limit) before it wrote the answer: then the victim is the worker that went.
+    let answered = get(pool.port, "/alloc?mb=60")
+        .ok()
+        .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["pid"].as_i64())
+        .map(|p| p as i32);
     pool.wait_log("no cgroup enforces it", Duration::from_secs(20));
     let now = wait_for(Duration::from_secs(10), || {
         let w = pool.workers();
-        (w.len() == 2 && !w.contains(&victim)).then_some(w)
+        let gone = before.iter().filter(|p| !w.contains(p)).count();
+        (w.len() == 2 && gone == 1).then_some(w)
     })
-    .unwrap_or_else(|| panic!("not replaced:\n{}", pool.log()));
-    let untouched: Vec<_> = before.iter().filter(|p| **p != victim).collect();
-    assert!(
-        untouched.iter().all(|p| now.contains(p)),
-        "the neighbour is untouched"
-    );
+    .unwrap_or_else(|| panic!("not replaced, or not only the victim:\n{}", pool.log()));
+    let victim = *before.iter().find(|p| !now.contains(p)).unwrap();
+    if let Some(pid) = answered {
+        assert_eq!(
+            pid, victim,
+            "a worker other than the one over its limit went"
+        );
+    }
 }
