@@ -544,7 +544,9 @@ fn four_workers_at_10_mib_s_under_96m_with_defaults_have_no_oom_kill_and_no_fail
         2,
     );
     assert!(ooms.is_empty(), "{}", ooms.join("\n"));
-    assert!(log.matches("recycle complete").count() >= 6, "{log}");
+    // Each worker lives ~85 requests: ~12 recycles on a quiet machine, 7 seen with both
+    // cores busy (fewer requests got through); at least the first generation's four.
+    assert!(log.matches("recycle complete").count() >= 4, "{log}");
 }
 
 #[test]
