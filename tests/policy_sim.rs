@@ -10,7 +10,8 @@
 //!   differ from what the policy assumes) and then serves and grows in turn;
 //! - replacement first: the old worker serves until its replacement is ready, then drains
 //!   for `drain` (no new requests: no growth) and exits; stop-first: the old worker drains
-//!   and exits, then the replacement starts;
+//!   and exits, then the replacement starts; an emergency stop drains the worker at once
+//!   (its replacement starting now if none is);
 //! - transient requests (optional): a request that allocates tens of MiB and frees them
 //!   a second or two later, on top of the working set;
 //! - 40% of steady growth (by default) is reclaimable garbage; a trim releases 50–100% of the garbage

@@ -19,8 +19,11 @@
 //!    whom to recycle and how (the [`RecycleGate`] admits [`Candidate`]s earliest deadline
 //!    first, at most `max_recycling` in progress, starts [`Settings::spacing`] apart;
 //!    replacement first, or stop-first when the replacement would not fit under the
-//!    budget), whom to slow with `memory.high` ([`memory_high_for`], cgroup v2), and when
-//!    to read memory again. `tests/policy_sim.rs` calls the same function.
+//!    budget), whom to slow with `memory.high` ([`memory_high_for`], cgroup v2), which
+//!    workers will reach their ceilings before the gate could replace them
+//!    ([`Emergency`]: their replacement starts past the gate, or they are stopped
+//!    gracefully within [`STOP_MARGIN`] of the ceiling instead of being OOM-killed), and
+//!    when to read memory again. `tests/policy_sim.rs` calls the same function.
 //! 5. A worker that died is restarted after [`Backoff::failure`] (crash) or
 //!    [`oom_restart_delay`] (OOM kill).
 //! 6. With `--timeout`, a ready worker is hung once [`is_overdue`] (no `WATCHDOG=1` for a
