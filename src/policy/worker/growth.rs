@@ -50,7 +50,7 @@ pub const PROJECTION_MIN_SPAN: Duration = Duration::from_secs(10);
 /// spanning only this long: a worker leaking 10 MiB/s under a 96 MiB limit lives about 8 s,
 /// and waiting for [`PROJECTION_MIN_SPAN`] of readings would leave it to the OOM killer.
 pub const NEAR_MIN_SPAN: Duration = Duration::from_secs(2);
-/// The imminent projection ([`Growth::imminent_time_to_limit`]) fits the readings of the
+/// The imminent projection (`WorkerPolicy::imminent_time_to_limit`) fits the readings of the
 /// last this long: what the worker does now, not what it did over minutes.
 pub const IMMINENT_WINDOW: Duration = Duration::from_secs(4);
 /// ... once they span at least this long, however young the worker.
