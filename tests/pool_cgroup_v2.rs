@@ -16,6 +16,10 @@ mod common;
 #[path = "pool_cgroup/harness.rs"]
 mod harness;
 
+use std::time::{Duration, Instant};
+
+use common::load::{Client, Load};
+use common::{example, wait_for};
 use harness::*;
 
 const INNER: &[&str] = &[
@@ -25,6 +29,8 @@ const INNER: &[&str] = &[
     "inner_v2_stale_group_of_a_sigkilled_run_is_removed_at_next_start",
     "inner_v2_limit_auto_splits_the_limit_of_the_enclosing_group",
     "inner_v2_limit_too_small_to_start_a_worker_exits_2_and_rolls_back",
+    "inner_v2_pool_whose_ceilings_exceed_its_budget_stays_under_it",
+    "inner_v2_one_workers_burst_uses_room_the_others_leave_under_a_budget",
 ];
 
 #[test]
@@ -152,4 +158,179 @@ fn inner_v2_limit_too_small_to_start_a_worker_exits_2_and_rolls_back() {
     }
     limit_too_small_exits_2_with_the_minimum(Some(&Place::own(Hier::V2)));
     println!("v2 tiny ok");
+}
+
+/// A number from a cgroup file (`memory.max`, `memory.peak`, ...).
+fn read_u64(path: impl AsRef<std::path::Path>) -> u64 {
+    let p = path.as_ref();
+    read(p)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// `oom_kill` of a group's `memory.events` (hierarchical: a kill anywhere below counts).
+fn oom_kills(dir: &std::path::Path) -> u64 {
+    read(dir.join("memory.events"))
+        .lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no oom_kill in {}/memory.events", dir.display()))
+}
+
+/// The `worker-*` groups of the pool's tree.
+fn worker_groups(base: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(base)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("worker-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// `trimrun --pool-limit BUDGET` with 3 workers that say READY=1 (so the policy's ready
+/// time is the workers' real start-up under TCG), extra env for the app; ready.
+fn budget_pool(budget_mib: u64, env: &[&str]) -> Pool {
+    let app = example("app.py");
+    let mut cmd = vec!["env"];
+    cmd.extend_from_slice(env);
+    cmd.extend_from_slice(&["python3", &app]);
+    let budget = format!("{budget_mib}M");
+    let pool = Pool::start_cmd(
+        &[
+            "-n",
+            "3",
+            "--pool-limit",
+            &budget,
+            "--cgroup",
+            "v2",
+            "--ready",
+            "notify",
+            "--graceful-timeout",
+            "10s",
+        ],
+        &cmd,
+        None,
+    );
+    pool.wait_log("all workers ready", secs(20));
+    pool
+}
+
+/// The v2 side of `tests/recycle.rs`'s 240M budget test: 3 workers under a 120 MiB budget,
+/// each with a 80 MiB ceiling (twice its fair share: 240 MiB in all). The pool's group
+/// `trimrun-<pid>` has `memory.max` = the budget and `memory.high` = the policy's brake
+/// below it, each worker group `memory.max` = the ceiling. The workers leak under load
+/// (64 KiB a request) until the policy has recycled for the budget: the pool group's
+/// `memory.peak` stays within the budget, no OOM kill (trimrun's count, and the pool
+/// group's hierarchical `memory.events`), no failed request.
+#[test]
+#[ignore = "inner test: v2_pool_in_a_vm runs it in the v2 VM"]
+fn inner_v2_pool_whose_ceilings_exceed_its_budget_stays_under_it() {
+    if common::not_inside(in_vm(), "v2_pool_in_a_vm runs it in the v2 VM") {
+        return;
+    }
+    let t0 = Instant::now();
+    let budget = 120 * MIB;
+    // Written out (twice budget / workers), so a change of the default shows.
+    let ceiling = 80 * MIB;
+    let pool = budget_pool(120, &["APP_LEAK_KB=64"]);
+    let base = Hier::V2.own_dir().join(format!("trimrun-{}", pool.pid()));
+    assert_eq!(
+        read_u64(base.join("memory.max")),
+        budget,
+        "the pool's hard cap"
+    );
+    let high = read_u64(base.join("memory.high"));
+    assert_eq!(high, trimrun::policy::pool_memory_high(budget), "the brake");
+    assert!(high < budget, "the brake is below the cap: {high}");
+    // One group per slot, and a replacement's if a recycle began already (the policy may
+    // start one as soon as the workers are ready).
+    let groups = worker_groups(&base);
+    assert!(groups.len() >= 3, "{groups:?}");
+    for g in &groups {
+        assert_eq!(read_u64(g.join("memory.max")), ceiling, "{}", g.display());
+    }
+    assert!(ceiling * 3 > budget);
+    let load = Load::start(pool.port, &[Client::OneShot, Client::OneShot]);
+    let recycled = wait_for(Duration::from_secs(600), || {
+        let log = pool.log();
+        let bad = log.contains("OOM-killed") || !alive(pool.pid());
+        (bad || (log.contains("for_budget=true") && log.contains("recycle complete"))).then_some(())
+    });
+    let (ok, _, failures, _) = load.finish();
+    let peak = read_u64(base.join("memory.peak"));
+    let pool_kills = oom_kills(&base);
+    let st = pool.status();
+    // The replacements got the ceiling too.
+    for g in worker_groups(&base) {
+        assert_eq!(read_u64(g.join("memory.max")), ceiling, "{}", g.display());
+    }
+    let log = pool.log();
+    println!(
+        "v2 budget: {ok} requests, {} failed, {} recycles, pool peak {} MiB of {}, {:.0} s",
+        failures.len(),
+        log.matches("recycle complete").count(),
+        peak >> 20,
+        budget >> 20,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(recycled.is_some(), "no recycle for the budget:\n{log}");
+    assert!(
+        failures.is_empty(),
+        "{:?}\n{log}",
+        &failures[..failures.len().min(5)]
+    );
+    assert!(!log.contains("OOM-killed"), "an OOM kill happened:\n{log}");
+    assert_eq!(st["oom_kills"].as_u64(), Some(0), "{st}");
+    assert_eq!(pool_kills, 0, "the pool group's memory.events");
+    assert!(
+        log.contains("for_budget=true"),
+        "no recycle for the budget:\n{log}"
+    );
+    assert!(peak <= budget, "pool peak {peak} above the budget {budget}");
+    // The workers did grow into the budget (3 fresh workers hold ~40 MiB).
+    assert!(
+        peak > budget / 2,
+        "pool peak {peak}: the budget was never near"
+    );
+}
+
+/// The v2 side of `tests/recycle.rs`'s 320M burst test: 3 workers, 192 MiB budget (fair
+/// share 64 MiB, ceilings 128 MiB). One request holds 80 MiB for a second: the worker's
+/// group goes past its fair share (what a hard split would have OOM-killed) and the
+/// request is served, no OOM kill, the pool within its budget.
+#[test]
+#[ignore = "inner test: v2_pool_in_a_vm runs it in the v2 VM"]
+fn inner_v2_one_workers_burst_uses_room_the_others_leave_under_a_budget() {
+    if common::not_inside(in_vm(), "v2_pool_in_a_vm runs it in the v2 VM") {
+        return;
+    }
+    let t0 = Instant::now();
+    let (budget, fair) = (192 * MIB, 64 * MIB);
+    let pool = budget_pool(192, &[]);
+    let base = Hier::V2.own_dir().join(format!("trimrun-{}", pool.pid()));
+    assert_eq!(read_u64(base.join("memory.max")), budget);
+    let r = get_json(pool.port, "/burst?mb=80&s=1");
+    let st = pool.status();
+    let log = pool.log();
+    let v = r.unwrap_or_else(|e| panic!("the burst failed: {e}\n{log}"));
+    assert_eq!(v["held_mb"].as_u64(), Some(80), "{v}");
+    let pid = v["pid"].as_i64().unwrap() as i32;
+    let dir = Hier::V2
+        .dir_of(pid)
+        .expect("the worker that served the burst is alive");
+    let worker_peak = read_u64(dir.join("memory.peak"));
+    let pool_peak = read_u64(base.join("memory.peak"));
+    println!(
+        "v2 burst: worker peak {} MiB (fair share {}), pool peak {} MiB of {}, {:.0} s",
+        worker_peak >> 20,
+        fair >> 20,
+        pool_peak >> 20,
+        budget >> 20,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(worker_peak > fair, "the burst stayed within a fair share");
+    assert!(pool_peak <= budget);
+    assert!(!log.contains("OOM-killed"), "{log}");
+    assert_eq!(st["oom_kills"].as_u64(), Some(0), "{st}");
+    assert_eq!(oom_kills(&base), 0);
 }
