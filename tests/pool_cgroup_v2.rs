@@ -5,10 +5,12 @@
 //! anywhere else). trimrun, python3 and `examples/app.py` come from the host's root, which
 //! the guest sees read-only. The scenarios are the v1 ones (`tests/pool_cgroup/harness.rs`)
 //! plus what only v2 has: trimrun in the leaf `trimrun-<pid>/supervisor`,
-//! `memory.oom.group=1` and `memory.swap.max=0` on every worker group. Under TCG the guest
+//! `memory.oom.group=1` and `memory.swap.max=0` on every worker group; and the pool budget
+//! (`--pool-limit`: the pool group's `memory.max` and `memory.high` brake, ceilings above
+//! the fair share, a burst past it). Under TCG the guest
 //! is 10-40x slower: waits are stretched 20x (`harness::secs`), limits small, 2 workers.
 //!
-//!     cargo test --test pool_cgroup_v2 -- --nocapture    # one VM boot, ~30 s here
+//!     cargo test --test pool_cgroup_v2 -- --nocapture    # one VM boot, 40-80 s here
 //!
 //! Skips without root, the VM script, qemu or a kernel image; fails under CI=true.
 
