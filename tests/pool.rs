@@ -565,10 +565,11 @@ fn without_a_cgroup_a_worker_over_its_limit_is_killed_and_replaced() {
         &["--limit", "48M", "--trim", "off", "--ready", "delay:300ms"],
     );
     let before = pool.workers();
-    // One worker grows past 48 MiB; with --cgroup none only trimrun can stop it.
-    // The answer names the worker; on a loaded machine trimrun may kill it (it is over
-    // its limit) before it wrote the answer: then the victim is the worker that went.
-    let answered = get(pool.port, "/alloc?mb=60")
+    // One worker grows past 48 MiB and stays there (held for 30 s, also through a
+    // recycle the policy may start while it grows: a draining worker over its limit is
+    // killed too); with --cgroup none only trimrun can stop it. An answer, if any, names
+    // the worker; else the victim is the worker that went.
+    let answered = get(pool.port, "/burst?mb=60&s=30")
         .ok()
         .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
         .and_then(|v| v["pid"].as_i64())
