@@ -276,12 +276,19 @@ fn trim_impl(pid: i32, only: Option<i32>, opts: &TrimOptions) -> Result<TrimRepo
     match trim_once(pid, only, opts) {
         // Something we read vanished, yet the process lives: a thread exited or the
         // process executed a new program while we looked. Say so; it is worth retrying.
-        Err(TrimError::Gone { .. }) if pid > 0 && lives_on(pid) => Err(changed()),
-        // root is refused only by an exec in progress (or an LSM, which refuses for good).
-        Err(TrimError::NotTraceable { .. })
-            if is_root() && !yama_forbids_all() && lives_on(pid) =>
-        {
+        // (The main thread "exits" too when another thread executes a new program: the
+        // exec'ing thread takes its pid.)
+        Err(TrimError::Gone { .. } | TrimError::Exited { .. }) if pid > 0 && lives_on(pid) => {
             Err(changed())
+        }
+        // root is refused only by an exec in progress, an exit in progress (a zombie
+        // cannot be traced) or an LSM, which refuses for good.
+        Err(TrimError::NotTraceable { .. }) if pid > 0 && is_root() && !yama_forbids_all() => {
+            if lives_on(pid) {
+                Err(changed())
+            } else {
+                Err(TrimError::Gone { pid })
+            }
         }
         other => other,
     }

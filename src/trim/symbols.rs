@@ -118,12 +118,39 @@ pub fn find_libc(maps: &[MapEntry]) -> Option<&MapEntry> {
     })
 }
 
+/// No libc mapped yet in an image still being built: the moments after an execve, while
+/// the kernel maps the program (the vDSO, which every x86-64 process gets, comes last) or
+/// ld.so maps its libraries. A static program maps neither a loader nor libc, but has
+/// its vDSO.
+pub fn starting_up(maps: &[MapEntry]) -> bool {
+    let named = |f: &dyn Fn(&str) -> bool| {
+        maps.iter()
+            .any(|m| m.path.as_deref().is_some_and(|p| f(file_name(p))))
+    };
+    find_libc(maps).is_none()
+        && (named(&|n| n.starts_with("ld-linux") || is_old_ld(n)) || !named(&|n| n == "[vdso]"))
+}
+
+/// glibc's loader before 2.34 was also installed as `ld-2.NN.so`.
+fn is_old_ld(name: &str) -> bool {
+    name.strip_prefix("ld-2.")
+        .is_some_and(|v| v.ends_with(".so"))
+}
+
 /// Resolve libc and `malloc_trim` in process `pid` with mappings `maps`.
 pub fn resolve(pid: i32, view: i32, maps: &[MapEntry]) -> Result<Libc, TrimError> {
     if let Some(reason) = allocator_problem(maps) {
         return Err(TrimError::Unavailable { pid, reason });
     }
     let Some(m) = find_libc(maps) else {
+        if starting_up(maps) {
+            return Err(TrimError::Deferred {
+                pid,
+                reason: "the program is starting: its dynamic loader has not mapped libc \
+                         yet (it just executed a new program)"
+                    .into(),
+            });
+        }
         return Err(TrimError::Unavailable {
             pid,
             reason: "no glibc libc.so is mapped (statically linked or not glibc), so there is \
@@ -371,6 +398,41 @@ mod tests {
         assert!(find_libc(&old).is_some());
         let none = parse_maps("7f00-8f00 r--p 00000000 fe:01 6 /lib/libcrypt.so.1\n");
         assert!(find_libc(&none).is_none());
+    }
+
+    #[test]
+    fn a_program_whose_loader_has_not_mapped_libc_yet_is_starting_up() {
+        let early = parse_maps(
+            "5600-5700 r--p 00000000 fe:01 9 /usr/bin/execer\n\
+             7f00-8f00 r--p 00000000 fe:01 7 /usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2\n",
+        );
+        assert!(starting_up(&early));
+        let old = parse_maps("7f00-8f00 r--p 00000000 fe:01 7 /lib/ld-2.31.so\n");
+        assert!(starting_up(&old));
+        let r = resolve(1, 1, &early);
+        assert!(matches!(r, Err(TrimError::Deferred { .. })), "{r:?}");
+        // The kernel still mapping the program: no vDSO yet.
+        let building = parse_maps(
+            "5600-5700 r--p 00000000 fe:01 9 /usr/bin/execer\n\
+             7ffc0000-7ffd0000 rw-p 00000000 00:00 0 [stack]\n",
+        );
+        assert!(starting_up(&building));
+        // Static: no loader, no libc, its vDSO.
+        let stat = parse_maps(
+            "5600-5700 r--p 00000000 fe:01 9 /usr/bin/busybox\n\
+             7ffd0000-7ffd2000 r-xp 00000000 00:00 0 [vdso]\n",
+        );
+        assert!(!starting_up(&stat));
+        assert!(matches!(
+            resolve(1, 1, &stat),
+            Err(TrimError::Unavailable { .. })
+        ));
+        // Loaded: libc is there.
+        let late = parse_maps(
+            "7f00-8f00 r--p 00000000 fe:01 7 /lib64/ld-linux-x86-64.so.2\n\
+             7e00-7f00 r--p 00000000 fe:01 5 /lib/x86_64-linux-gnu/libc.so.6\n",
+        );
+        assert!(!starting_up(&late));
     }
 
     #[test]
