@@ -8,7 +8,7 @@
 //! `memory.oom.group=1` and `memory.swap.max=0` on every worker group; and the pool budget
 //! (`--pool-limit`: the pool group's `memory.max` and `memory.high` brake, ceilings above
 //! the fair share, a burst past it). Under TCG the guest
-//! is 10-40x slower: waits are stretched 20x (`harness::secs`), limits small, 2 workers.
+//! is 10-40x slower: waits are stretched 20x (`harness::secs`), limits small, 2-3 workers.
 //!
 //!     cargo test --test pool_cgroup_v2 -- --nocapture    # one VM boot, 40-80 s here
 //!
