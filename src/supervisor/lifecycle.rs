@@ -376,6 +376,14 @@ impl Supervisor {
             if self.slots[slot].recycle_started.take().is_some() {
                 self.pool.recycle_abandoned();
             }
+            // Its replacement counted the recycle at its start: it did not happen.
+            if let Some(r) = self
+                .workers
+                .iter_mut()
+                .find(|o| o.state.replaces().is_some_and(|r| r.pid == pid))
+            {
+                r.stats.recycles = r.stats.recycles.saturating_sub(1);
+            }
             warn!(slot, pid, reason = %reason, "recycle cut short: the old worker ended before its replacement was ready");
             self.after_recycle_progress();
         } else if let Some(reason) = recycling {

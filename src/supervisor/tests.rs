@@ -394,6 +394,8 @@ async fn a_worker_oom_killed_while_its_replacement_starts_is_a_restart_not_a_rec
         .await;
     assert_eq!((s.oom_kills, s.restarts, s.recycles), (1, 1, 0));
     assert_eq!(s.recycles_in_progress, 0);
+    let w = s.workers.iter().find(|w| w.pid == new).unwrap();
+    assert_eq!(w.recycles, 0, "the slot's count agrees with the pool's");
     // The replacement took the slot: nothing else was started for it.
     assert_eq!(p.launched(0).len(), 2);
     p.stop().await;
