@@ -594,24 +594,11 @@ fn start_ticks(pid: i32) -> Option<u64> {
 /// one's when trimrun stops, as with fork+exec workers; the zygote is no orphan.
 #[test]
 fn a_preloaded_workers_daemonized_child_dies_with_it_without_a_cgroup() {
-    use common::python::{apps_dir, have_python_deps, python_dir};
+    use common::python::{have_python_deps, preload_pool};
     if !have_python_deps("waitress, trimrun_worker") {
         return;
     }
-    let (apps, py) = (apps_dir(), python_dir());
-    let mut pool = Pool::start_env(
-        &["-n", "1", "--ready", "notify", "--preload"],
-        &[
-            "python3",
-            "-m",
-            "trimrun_worker",
-            "--app-dir",
-            &apps,
-            "daemon_app:app",
-        ],
-        &[("PYTHONPATH", &py)],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(60));
+    let mut pool = preload_pool(1, "daemon_app:app", &[], &[]);
     // (pid, start time) of a new daemon of the pool's worker.
     let daemon = |pool: &Pool| -> (i32, u64) {
         let pid: i32 = get(pool.port, "/daemon?1000")
@@ -962,7 +949,7 @@ fn ids_of(pid: i32) -> (Vec<String>, Vec<String>, Vec<String>) {
 /// and recycles it (the replacement too runs as that user).
 #[test]
 fn preloaded_workers_run_as_the_user_and_are_still_trimmed_and_recycled() {
-    use common::python::{apps_dir, have_python_deps, python_dir};
+    use common::python::{have_python_deps, preload_pool};
     if !common::is_root() {
         common::cannot_run("root (to drop a worker's privileges)");
         return;
@@ -970,33 +957,14 @@ fn preloaded_workers_run_as_the_user_and_are_still_trimmed_and_recycled() {
     if !have_python_deps("waitress, trimrun_worker") {
         return;
     }
-    let (apps, py) = (apps_dir(), python_dir());
-    let mut pool = Pool::start_env(
+    let mut pool = preload_pool(
+        1,
+        "daemon_app:app",
         &[
-            "-v",
-            "-n",
-            "1",
-            "--ready",
-            "notify",
-            "--preload",
-            "--cgroup",
-            "auto",
-            "--user",
-            "nobody",
-            "--group",
-            "65534",
+            "-v", "--cgroup", "auto", "--user", "nobody", "--group", "65534",
         ],
-        &[
-            "python3",
-            "-m",
-            "trimrun_worker",
-            "--app-dir",
-            &apps,
-            "daemon_app:app",
-        ],
-        &[("PYTHONPATH", &py)],
+        &[],
     );
-    pool.wait_log("all workers ready", Duration::from_secs(60));
     let nobody = vec!["65534".to_string(); 4];
     let worker: i32 = get(pool.port, "/").unwrap().trim().parse().unwrap();
     let (uids, gids, groups) = ids_of(worker);

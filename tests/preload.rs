@@ -12,23 +12,6 @@ use common::pool::*;
 use common::python::*;
 use common::wait_for;
 
-fn preload_pool(n: usize, app: &str, extra: &[&str], env: &[(&str, &str)]) -> Pool {
-    let n = n.to_string();
-    let mut args = vec!["-n", &n, "--ready", "notify", "--preload"];
-    args.extend_from_slice(extra);
-    let apps = apps_dir();
-    let py = python_dir();
-    let mut env = env.to_vec();
-    env.push(("PYTHONPATH", &py));
-    let pool = Pool::start_env(
-        &args,
-        &["python3", "-m", "trimrun_worker", "--app-dir", &apps, app],
-        &env,
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(60));
-    pool
-}
-
 fn stat_field(pid: i32, n: usize) -> i32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after "(comm)": state is field 3, ppid 4, pgrp 5.

@@ -27,3 +27,27 @@ pub fn have_python_deps(modules: &str) -> bool {
     }
     ok
 }
+
+/// A `--ready notify --preload` pool of `n` `trimrun_worker`s serving `app` (module:attr
+/// in tests/apps), plus `extra` flags and `env`; returned once all workers are ready.
+pub fn preload_pool(
+    n: usize,
+    app: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> super::pool::Pool {
+    let n = n.to_string();
+    let mut args = vec!["-n", &n, "--ready", "notify", "--preload"];
+    args.extend_from_slice(extra);
+    let apps = apps_dir();
+    let py = python_dir();
+    let mut env = env.to_vec();
+    env.push(("PYTHONPATH", &py));
+    let pool = super::pool::Pool::start_env(
+        &args,
+        &["python3", "-m", "trimrun_worker", "--app-dir", &apps, app],
+        &env,
+    );
+    pool.wait_log("all workers ready", std::time::Duration::from_secs(60));
+    pool
+}
