@@ -50,7 +50,7 @@ PY = os.path.join(VENV_BIN, "python")
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 ALL = ["gunicorn", "uwsgi", "granian", "trimrun", "trimrun-notrim", "gunicorn-jemalloc",
-       "gunicorn-trim", "trimrun-budget"]
+       "gunicorn-trim", "trimrun-budget", "gunicorn-preload", "trimrun-budget-preload"]
 JEMALLOC_CANDIDATES = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2"]
 
 # Log lines that tell why a worker was restarted, per contender.
@@ -65,7 +65,9 @@ CAUSES = {
 }
 CAUSES["gunicorn-jemalloc"] = CAUSES["gunicorn"]
 CAUSES["gunicorn-trim"] = CAUSES["gunicorn"]
-CAUSES["trimrun-notrim"] = CAUSES["trimrun"]
+CAUSES["gunicorn-preload"] = CAUSES["gunicorn"]
+for _k in ("trimrun-notrim", "trimrun-budget", "trimrun-budget-preload"):
+    CAUSES[_k] = CAUSES["trimrun"]
 
 
 def log(msg):
@@ -105,7 +107,7 @@ def command(name, cfg, port, n, limit, control):
     """argv and extra env for one contender, `n` workers, `limit` bytes per worker."""
     limit_mb = limit // MiB
     env = {}
-    if name in ("gunicorn", "gunicorn-jemalloc", "gunicorn-trim"):
+    if name in ("gunicorn", "gunicorn-jemalloc", "gunicorn-trim", "gunicorn-preload"):
         argv = [os.path.join(VENV_BIN, "gunicorn"), "--chdir", BENCH, "-w", str(n),
                 "-b", f"127.0.0.1:{port}", "--backlog", "2048",
                 "--max-requests", str(cfg.gunicorn_max_requests),
@@ -118,6 +120,8 @@ def command(name, cfg, port, n, limit, control):
             # malloc_trim(0) every 30-60 s (jittered) once RSS passes 75% of the allowance.
             argv += ["-c", os.path.join(BENCH, "gunicorn_trim.py")]
             env["BENCH_TRIM_RSS"] = str(int(limit * 0.75))
+        if name == "gunicorn-preload":
+            argv += ["--preload"]   # the app imported once in the master, workers forked
         argv += ["app:app"]
     elif name == "uwsgi":
         argv = [os.path.join(VENV_BIN, "uwsgi"), "--master", "--processes", str(n),
@@ -132,11 +136,14 @@ def command(name, cfg, port, n, limit, control):
                 "--backlog", "1024", "--workers-max-rss", str(limit_mb),
                 "--rss-sample-interval", str(cfg.granian_rss_interval),
                 "--respawn-failed-workers", "--working-dir", BENCH, "app:app"]
-    elif name in ("trimrun", "trimrun-notrim", "trimrun-budget"):
+    elif name in ("trimrun", "trimrun-notrim", "trimrun-budget", "trimrun-budget-preload"):
         # trimrun-budget: the same allowance as one pool budget (--pool-limit n x limit), each
-        # worker's ceiling twice its share, instead of n hard per-worker limits.
-        memory = (["--pool-limit", f"{limit_mb * n}M"] if name == "trimrun-budget"
+        # worker's ceiling twice its share, instead of n hard per-worker limits;
+        # trimrun-budget-preload: the same, workers forked from a zygote (--preload).
+        memory = (["--pool-limit", f"{limit_mb * n}M"] if name.startswith("trimrun-budget")
                   else ["--limit", f"{limit_mb}M"])
+        if name == "trimrun-budget-preload":
+            memory += ["--preload"]
         argv = [cfg.trimrun, "-n", str(n), *memory, "--bind", f"127.0.0.1:{port}",
                 "--control", control]
         if name == "trimrun-notrim":
@@ -562,10 +569,11 @@ def phase_contenders(cfg, outdir):
 
 def phase_density(cfg, outdir):
     out = {}
-    for name, ladder in (("gunicorn", cfg.density_gunicorn), ("trimrun", cfg.density_trimrun)):
-        if name not in cfg.density_contenders:
-            continue
-        if name == "trimrun" and not cfg.trimrun:
+    # Any contender can climb a ladder: gunicorn* ones climb --density-gunicorn, trimrun* ones
+    # --density-trimrun (each trimrun rung gets the share (budget - reserve) / n).
+    for name in cfg.density_contenders:
+        ladder = cfg.density_trimrun if name.startswith("trimrun") else cfg.density_gunicorn
+        if name.startswith("trimrun") and not cfg.trimrun:
             out[name] = {"not_run": cfg.trimrun_missing}
             continue
         trials, best = [], None
@@ -944,14 +952,15 @@ def markdown(report):
     d = report.get("density")
     if d:
         lines.append(f"\n### Density: 1 GiB v1 memory cgroup around the whole tree\n")
-        lines.append("| contender | largest passing worker count | trials (workers: pass/fail, OOM kills, failed requests, peak usage MiB) |")
+        lines.append("| contender | largest passing worker count | trials (workers: pass/fail, OOM kills, failed requests, peak usage MiB, restarts, p99 ms) |")
         lines.append("|---|---|---|")
         for n, v in d.items():
             if "not_run" in v:
                 lines.append(f"| {n} | not run ({v['not_run']}) | |")
                 continue
             tr = "; ".join(f"{t['workers']}: {'pass' if t['ok'] else 'FAIL'}, oom {t.get('oom_kills')}, "
-                           f"failed {t.get('failed')}, peak {fmt(t.get('cgroup_usage_peak_mb'), 0)}"
+                           f"failed {t.get('failed')}, peak {fmt(t.get('cgroup_usage_peak_mb'), 0)}, "
+                           f"restarts {t.get('restarts')}, p99 {fmt(t.get('p99_ms'), 0)}"
                            + (f", --limit {t['limit_mb']}M" if n.startswith('trimrun') and 'limit_mb' in t else "")
                            for t in v["trials"])
             best = v["best"]
