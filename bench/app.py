@@ -41,9 +41,16 @@ APP_THREADS = int(os.environ.get("BENCH_APP_THREADS", "16"))
 MAX_SIZE = 4 * 1024 * 1024
 
 # The harness learns when each worker process has loaded the app (≈ ready to serve).
-if os.environ.get("BENCH_EVENTS"):
-    with open(os.environ["BENCH_EVENTS"], "a") as _f:
-        _f.write("%d %.4f loaded\n" % (os.getpid(), time.time()))
+def _loaded():
+    if os.environ.get("BENCH_EVENTS"):
+        with open(os.environ["BENCH_EVENTS"], "a") as f:
+            f.write("%d %.4f loaded\n" % (os.getpid(), time.time()))
+
+
+_loaded()
+# Preloaded (gunicorn --preload, trimrun --preload): the app was imported once, in the
+# master or zygote, and each worker forked from it has it loaded from its first instant.
+os.register_at_fork(after_in_child=_loaded)
 
 _cache = {}
 _cache_keys = []
