@@ -1245,7 +1245,10 @@ fn thread_sleeping_in_a_signal_handler_is_never_used() {
             }
             (in_handler >= 5).then_some(())
         });
-        assert!(got.is_some(), "{mode}: only {in_handler} of 5 deferrals saw the handler");
+        assert!(
+            got.is_some(),
+            "{mode}: only {in_handler} of 5 deferrals saw the handler"
+        );
         p.send("stop");
         assert!(p.child.wait().unwrap().success());
     }

@@ -136,13 +136,14 @@ impl Supervisor {
         );
         // The slot's recycle count and the reason its predecessor went carry over; trims
         // and bytes released are this worker's own (the pool's totals keep every trim).
+        // The count lives in the slot: a stop-first replacement starts after its predecessor
+        // is gone, and a crash's restart keeps the slot's count too.
         let mut inherited = Stats::default();
-        if let Some(r) = replaces
-            && let Some(w) = self.worker_mut(r.pid)
-        {
-            inherited.recycles = w.stats.recycles + 1;
+        if let Some(r) = replaces {
+            self.slots[slot].recycles += 1;
             inherited.last_reason = Some(r.reason.to_string());
         }
+        inherited.recycles = self.slots[slot].recycles;
         self.workers.push(Worker {
             slot,
             generation,
@@ -383,6 +384,7 @@ impl Supervisor {
                 .find(|o| o.state.replaces().is_some_and(|r| r.pid == pid))
             {
                 r.stats.recycles = r.stats.recycles.saturating_sub(1);
+                self.slots[slot].recycles = r.stats.recycles;
             }
             warn!(slot, pid, reason = %reason, "recycle cut short: the old worker ended before its replacement was ready");
             self.after_recycle_progress();

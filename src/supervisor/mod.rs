@@ -146,6 +146,8 @@ struct Slot {
     recycle_started: Option<Instant>,
     /// Stop-first recycle: the worker stopping now, whose exit starts the replacement.
     stop_first: Option<(i32, RecycleReason)>,
+    /// Recycles of this slot so far (shown per worker, as its `recycles`).
+    recycles: u64,
 }
 
 impl Slot {
@@ -162,6 +164,7 @@ impl Slot {
             timeouts: 0,
             recycle_started: None,
             stop_first: None,
+            recycles: 0,
         }
     }
 }

@@ -41,6 +41,11 @@ fn config(args: &[&str]) -> Config {
 
 /// A pool started with these flags (after `--workers` etc.), limit `limit`.
 fn pool(args: &[&str], limit: Option<u64>) -> Pool {
+    pool_with_budget(args, limit, None)
+}
+
+/// The same under a pool budget (`limit` is then each worker's ceiling).
+fn pool_with_budget(args: &[&str], limit: Option<u64>, budget: Option<u64>) -> Pool {
     let cfg = config(args);
     let dir = tempfile::tempdir().unwrap();
     let launcher = FakeLauncher::new(cfg.stop_signal);
@@ -52,7 +57,7 @@ fn pool(args: &[&str], limit: Option<u64>) -> Pool {
         settings: policy_settings(&cfg),
         config: cfg,
         limit,
-        budget: None,
+        budget,
         groups: Box::new(groups.clone()),
         launcher: Box::new(launcher.clone()),
         injector: Arc::new(injector.clone()),
@@ -550,6 +555,46 @@ async fn a_worker_past_its_recycle_threshold_is_replaced_first() {
         "{w:?}"
     );
     assert_eq!((s.restarts, s.oom_kills), (0, 0));
+    p.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_first_recycle_under_a_budget_keeps_the_slots_recycle_count() {
+    // 120 MiB for the pool, ceilings of 100 MiB: a worker at 99 MiB beside one at 20 MiB
+    // leaves no room for its replacement, so each recycle of slot 0 is stop-first, and the
+    // replacement starts after its predecessor is gone.
+    let p = pool_with_budget(
+        &["-n", "2", "--ready", "delay:100ms", "--trim", "off"],
+        Some(100 * MIB),
+        Some(120 * MIB),
+    );
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    p.groups.set(1, 0, |g| g.working_set = 20 * MIB);
+    for generation in 0..2u64 {
+        let old = p.launched(0)[generation as usize].pid;
+        p.groups.set(0, generation, |g| g.working_set = 99 * MIB);
+        let t0 = Instant::now();
+        while p.launched(0).len() < generation as usize + 2 {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no recycle");
+            sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            p.signals_to(old),
+            vec![Signal::SIGTERM],
+            "stop-first: the old worker is stopped before its replacement starts"
+        );
+        let s = p
+            .until(Duration::from_secs(120), "recycled stop-first", |s| {
+                s.recycles == generation + 1
+                    && s.workers.iter().any(|w| w.state == "ready" && w.slot == 0)
+            })
+            .await;
+        assert_eq!(p.signals_to(old), vec![Signal::SIGTERM]);
+        let w = s.workers.iter().find(|w| w.slot == 0).unwrap();
+        assert_eq!(w.recycles, generation + 1, "{w:?}");
+        assert!(w.last_reason.is_some(), "{w:?}");
+        assert_eq!((s.restarts, s.oom_kills), (0, 0));
+    }
     p.stop().await;
 }
 
