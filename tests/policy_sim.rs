@@ -93,6 +93,9 @@ struct Scenario {
     base: f64,
     /// How long a start really takes (the policy assumes `settings.ready_time`).
     actual_ready: Duration,
+    /// Starts after the first generation take a time drawn uniformly from this range
+    /// instead (a loaded machine, an emulated VM).
+    later_ready: Option<(Duration, Duration)>,
     drain: Duration,
     leak: Leak,
     /// Fraction of steady growth that is garbage a trim can release (default 0.4).
@@ -184,6 +187,8 @@ struct Report {
     urgent_starts: usize,
     /// Workers stopped before their ceilings (`EmergencyAction::Stop`).
     emergency_stops: usize,
+    /// Workers stopped before the pool reached its budget (`EmergencyAction::StopFirst`).
+    pool_emergency_stops: usize,
     /// Most recycles in progress at once, emergencies included.
     max_in_progress_all: usize,
 }
@@ -213,7 +218,11 @@ fn spawn(sc: &Scenario, slot: usize, now: Duration, rng: &mut StdRng) -> Proc {
         rate: draw_rate(sc.leak, rng),
         transients: Vec::new(),
         born: now,
-        ready_at: now + sc.actual_ready,
+        ready_at: now
+            + match sc.later_ready {
+                Some((lo, hi)) if !now.is_zero() => rng.random_range(lo..=hi),
+                _ => sc.actual_ready,
+            },
         drain_until: None,
         then_start: false,
         memory_high: None,
@@ -327,8 +336,9 @@ fn run(sc: &Scenario) -> Report {
             p.transients.retain(|t| t.0 > now);
             match p.role {
                 Role::Starting => {
-                    let f = ((now - p.born).as_secs_f64() / sc.actual_ready.as_secs_f64().max(dt))
-                        .min(1.0);
+                    let f = ((now - p.born).as_secs_f64()
+                        / (p.ready_at - p.born).as_secs_f64().max(dt))
+                    .min(1.0);
                     p.ws = sc.base * f;
                     continue;
                 }
@@ -549,15 +559,21 @@ fn run(sc: &Scenario) -> Report {
             let starting = procs
                 .iter()
                 .any(|o| o.slot == slot && o.role == Role::Starting);
+            let stop_first = e.action == EmergencyAction::StopFirst;
             if role == Role::Serving && slots[slot].recycle.is_none() && !starting {
-                // A recycle begins: its replacement starts now.
+                // A recycle begins: its replacement starts now (or, for the pool's
+                // emergency, once the old worker is gone).
                 in_progress += 1;
                 slots[slot].recycle = Some(Rec {
                     started: now,
                     new_ready: false,
                     old_gone: false,
                 });
-                procs.push(spawn(sc, slot, now, &mut rng));
+                if stop_first {
+                    procs[i].then_start = true;
+                } else {
+                    procs.push(spawn(sc, slot, now, &mut rng));
+                }
             }
             let p = &mut procs[i];
             p.memory_high = None;
@@ -569,6 +585,11 @@ fn run(sc: &Scenario) -> Report {
                 }
                 EmergencyAction::Stop => {
                     rep.emergency_stops += 1;
+                    p.role = Role::Draining;
+                    p.drain_until = Some(now + sc.drain);
+                }
+                EmergencyAction::StopFirst => {
+                    rep.pool_emergency_stops += 1;
                     p.role = Role::Draining;
                     p.drain_until = Some(now + sc.drain);
                 }
@@ -831,6 +852,7 @@ fn scenario(name: &'static str, leak: Leak, seed: u64) -> Scenario {
         budget: None,
         base: 250.0 * MIB,
         actual_ready: Settings::default().ready_time,
+        later_ready: None,
         transients: None,
         reclaimable: 0.4,
         drain: Duration::from_secs(10),
@@ -1422,6 +1444,40 @@ fn a_replacement_that_does_not_fit_beside_its_worker_stops_it_first() {
     print_report(&sc, &rep);
     assert_invariants_with(&sc, &rep, false);
     assert!(rep.stop_first > 0, "no stop-first recycle");
+    assert_eq!(rep.ooms, 0);
+    assert!(rep.peak_pool_fraction < 1.0, "{}", rep.peak_pool_fraction);
+}
+
+#[test]
+#[cfg_attr(
+    debug_assertions,
+    ignore = "simulated hours take minutes unoptimized: cargo test --release --test policy_sim"
+)]
+fn replacements_slower_than_learned_never_push_the_pool_over_its_budget() {
+    // The v2 VM's case: 3 workers under a 120 MiB budget (80 MiB ceilings), leaking
+    // together about 1.5 MiB/s, whose replacements take 3-13 s to get ready where the
+    // first start-ups took 1 s. A replacement admitted replacement-first on the learned
+    // ready time outlives its estimate while the pool grows; the pool's own emergency
+    // stops a worker before the pool's cap OOM-kills one.
+    let budget: u64 = 120 << 20;
+    let mut sc = scenario(
+        "(o) 3 workers, 120 MiB budget, replacements 3-13 s to ready",
+        Leak::Random(0.3, 0.7),
+        61,
+    );
+    sc.workers = 3;
+    sc.budget = Some(budget);
+    sc.limit = trimrun::policy::default_ceiling(budget, 3);
+    sc.base = 25.0 * MIB;
+    sc.throttle = false;
+    sc.settings.ready_time = Duration::from_secs(1);
+    sc.actual_ready = Duration::from_secs(1);
+    sc.later_ready = Some((Duration::from_secs(3), Duration::from_secs(13)));
+    sc.drain = Duration::from_millis(500);
+    sc.duration = Duration::from_secs(3 * 3600);
+    let rep = run(&sc);
+    print_report(&sc, &rep);
+    println!("pool emergency stops: {}", rep.pool_emergency_stops);
     assert_eq!(rep.ooms, 0);
     assert!(rep.peak_pool_fraction < 1.0, "{}", rep.peak_pool_fraction);
 }

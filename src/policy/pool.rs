@@ -42,6 +42,11 @@ pub const STOP_MARGIN: Duration = Duration::from_millis(600);
 /// `recycle_at` of it (the workers' own fractions applied to the budget).
 const POOL_OVER_GRACE_TICKS: u32 = 3;
 
+/// A pool this close to its budget (a 64th of it) is in an emergency whatever its growth
+/// ([`EmergencyAction::StopFirst`]): on cgroup v2 the pool's `memory.high` brake sits at a
+/// 32nd below the budget, so usage past this means the brake is not holding it.
+pub const POOL_CAP_MARGIN: u64 = 64;
+
 /// What the supervisor knows about a worker that the policy does not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -134,6 +139,14 @@ pub enum EmergencyAction {
     /// serves nothing until the replacement is ready (a brief dip in capacity), which
     /// beats the OOM killer taking it with its requests in flight.
     Stop,
+    /// The pool's own emergency, under a budget: the pool reaches its cap within
+    /// [`STOP_MARGIN`] at its growth (or sits within [`POOL_CAP_MARGIN`] of it: the
+    /// `memory.high` brake did not hold it). Stop this worker now, gracefully, and start
+    /// its replacement only once it is gone (there is no room for both); a worker whose
+    /// replacement is already starting is simply stopped. The pool's OOM killer would
+    /// otherwise take a worker with its requests in flight, or trimrun itself, which
+    /// lives in the pool's group on cgroup v2.
+    StopFirst,
 }
 
 /// A worker that will reach its ceiling before the gate could replace it.
@@ -382,6 +395,54 @@ impl PoolPolicy {
             });
         }
 
+        // The pool's emergency: under a budget, the pool reaches its cap within STOP_MARGIN
+        // at its growth, or sits within POOL_CAP_MARGIN of it. One worker is stopped at a
+        // time (none while one is already stopping: its exit frees its memory): one whose
+        // replacement is already starting if there is one (stopping it costs no extra
+        // start), else the largest that may be recycled, stop-first.
+        let pool_rate: f64 = view
+            .workers
+            .iter()
+            .filter(|w| w.role != Role::Draining)
+            .filter_map(|w| w.policy.growth_rate(now))
+            .sum();
+        if let Some(budget) = self.budget.filter(|_| self.emergencies) {
+            let room = budget.saturating_sub(pool_usage);
+            let ttl = if room <= budget / POOL_CAP_MARGIN {
+                Some(Duration::ZERO)
+            } else if pool_rate > 0.0 {
+                Some(Duration::try_from_secs_f64(room as f64 / pool_rate).unwrap_or(Duration::MAX))
+            } else {
+                None
+            };
+            let stopping = view.workers.iter().any(|w| w.role == Role::Draining)
+                || out
+                    .emergencies
+                    .iter()
+                    .any(|e| e.action == EmergencyAction::Stop);
+            if let Some(ttl) = ttl {
+                out.next_tick = out.next_tick.min((ttl / 4).clamp(FAST_TICK, SLOW_TICK));
+            }
+            if let Some(ttl) = ttl.filter(|t| *t < STOP_MARGIN && !stopping) {
+                let pick = view
+                    .workers
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !out.emergencies.iter().any(|e| e.worker == *i))
+                    .filter(|(_, w)| {
+                        w.role == Role::Replaced || (w.role == Role::Serving && w.may_recycle)
+                    })
+                    .max_by_key(|(_, w)| (w.role == Role::Replaced, ws(w)));
+                if let Some((i, _)) = pick {
+                    out.emergencies.push(Emergency {
+                        worker: i,
+                        time_to_limit: ttl,
+                        action: EmergencyAction::StopFirst,
+                    });
+                }
+            }
+        }
+
         // Deadlines of the workers that may still need a recycle. Workers of one pool run
         // one app: the largest transient any of them showed may come to each.
         let transient = view
@@ -428,12 +489,6 @@ impl PoolPolicy {
         let mut pool_candidate = None;
         // The worker whose deadline is the pool's (the budget's, not its own).
         let mut pool_carrier = None;
-        let pool_rate: f64 = view
-            .workers
-            .iter()
-            .filter(|w| w.role != Role::Draining)
-            .filter_map(|w| w.policy.growth_rate(now))
-            .sum();
         if let Some(budget) = self.budget {
             let trim_from = (budget as f64 * s.trim_at) as u64;
             let recycle_from = (budget as f64 * s.recycle_at) as u64;
@@ -798,6 +853,60 @@ mod tests {
                 p
             })
             .collect()
+    }
+
+    #[test]
+    fn a_pool_about_to_reach_its_budget_stops_one_worker_first() {
+        // 3 workers under a 120 MiB budget, growing 2 MiB/s together, the pool at 119 MiB: it
+        // reaches its cap within STOP_MARGIN. One worker is stopped, stop-first: the one
+        // whose replacement is already starting if any, else the largest; none while one
+        // is already stopping; none far from the cap.
+        let budget = 120 * MIB;
+        let ws = workers(3, default_ceiling(budget, 3), 30, |slot, t| {
+            (10 + slot as u64) * MIB + 2 * MIB * t / 3 + slot as u64 * MIB
+        });
+        let usage: Vec<u64> = ws.iter().map(|p| p.working_set().unwrap()).collect();
+        let total: u64 = usage.iter().sum();
+        let decide = |v: &[WorkerView], pool_usage: u64| {
+            let mut pool = PoolPolicy::new(&settings(), Some(budget));
+            pool.decide(&PoolView {
+                now: s(30),
+                workers: v,
+                in_progress: 0,
+                pool_usage: Some(pool_usage),
+            })
+        };
+        let stops = |d: &Decisions| -> Vec<usize> {
+            d.emergencies
+                .iter()
+                .filter(|e| e.action == EmergencyAction::StopFirst)
+                .map(|e| e.worker)
+                .collect()
+        };
+        let mut v = views(&ws);
+        let near = budget - MIB;
+        assert!(total < near, "the pool's reading, not the sum, decides");
+        let d = decide(&v, near);
+        assert_eq!(stops(&d), vec![2], "the largest: {:?}", d.emergencies);
+        assert!(d.next_tick <= FAST_TICK.max(STOP_MARGIN / 4));
+        // Far from the cap, at the same growth: nothing.
+        assert!(stops(&decide(&v, budget / 2)).is_empty());
+        // A worker whose replacement is starting goes first, even if smaller.
+        v[0].role = Role::Replaced;
+        assert_eq!(stops(&decide(&v, near)), vec![0]);
+        // One already stopping: its exit frees its memory, nobody else is stopped.
+        v[0].role = Role::Draining;
+        assert!(stops(&decide(&v, near)).is_empty());
+        // Without a budget, no pool emergency.
+        v[0].role = Role::Serving;
+        let mut unbounded = PoolPolicy::new(&settings(), None);
+        let d = unbounded.decide(&PoolView {
+            now: s(30),
+            workers: &v,
+            in_progress: 0,
+            pool_usage: Some(near),
+        });
+        assert!(stops(&d).is_empty());
     }
 
     #[test]

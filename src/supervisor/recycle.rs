@@ -192,6 +192,26 @@ impl Supervisor {
                 );
                 self.start_worker(slot, Some(Replacing { pid, reason }));
             }
+            EmergencyAction::StopFirst => {
+                warn!(
+                    slot,
+                    pid,
+                    usage,
+                    budget = self.pool.budget(),
+                    pool_usage = self.pool_usage,
+                    projected_budget_in_s = ttl_s,
+                    replacement_starting = replaced.is_some(),
+                    "pool emergency stop: the pool reaches its budget before a recycle could make room; stopping its largest worker gracefully now (it finishes its requests), its replacement starts once it is gone"
+                );
+                let until = Instant::now() + self.cfg.graceful_timeout;
+                let sig = self.cfg.stop_signal;
+                if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                    drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
+                }
+                if starts {
+                    self.slots[slot].stop_first = Some((pid, reason));
+                }
+            }
             EmergencyAction::Stop => {
                 warn!(
                     slot,
