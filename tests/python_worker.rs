@@ -205,3 +205,55 @@ fn trimrun_worker_detects_the_interface_and_names_a_missing_app() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot import 'no_such_module'"), "{err}");
 }
+
+/// How many connections wait in the accept queue of the listener on `port` (the
+/// `rx_queue` of its LISTEN line in /proc/net/tcp).
+fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
+        let listening = *f.get(3)? == "0A";
+        let rx = f.get(4)?.split(':').nth(1)?;
+        (local_port == port && listening).then(|| u64::from_str_radix(rx, 16).ok())?
+    })
+}
+
+/// `--connection-limit`: a worker holds no more connections than that, and the others
+/// wait in the shared socket (for whichever worker is free, as with gunicorn's sync
+/// workers), instead of queueing behind its busy thread, where a recycle must drain them
+/// and a kill loses them. Here one worker with one thread and a limit of 1, and four slow
+/// requests: three stay in the kernel's accept queue, and all four are answered.
+#[test]
+fn connection_limit_leaves_waiting_connections_in_the_shared_socket() {
+    if !have_python_deps("flask, waitress, trimrun_worker") {
+        return;
+    }
+    let mut cmd = trimrun_worker("flask_app:app");
+    let at = cmd.len() - 1;
+    cmd.splice(
+        at..at,
+        ["--threads", "1", "--connection-limit", "1"].map(String::from),
+    );
+    let pool = worker_pool(1, &cmd);
+    let port = pool.port;
+    let clients: Vec<_> = (0..4)
+        .map(|_| std::thread::spawn(move || get(port, "/slow?ms=1500")))
+        .collect();
+    let queued = wait_for(Duration::from_secs(10), || {
+        accept_queue(port).filter(|&q| q >= 3)
+    });
+    assert!(
+        queued.is_some(),
+        "the worker took the waiting connections itself: accept queue {:?}",
+        accept_queue(port)
+    );
+    for c in clients {
+        c.join().unwrap().expect("every request is answered");
+    }
+    assert!(
+        !pool.log().contains("connection limit"),
+        "waitress's overflow lines are filtered:\n{}",
+        pool.log()
+    );
+}

@@ -35,6 +35,13 @@ def parser():
                    default=float(env("TRIMRUN_WORKER_GRACEFUL_TIMEOUT", "25")),
                    help="seconds to finish requests in flight after the stop signal; keep it "
                    "below trimrun's --graceful-timeout (default 25, trimrun's is 30)")
+    p.add_argument("--connection-limit", type=int,
+                   default=int(env("TRIMRUN_WORKER_CONNECTION_LIMIT", "1000")),
+                   help="WSGI: connections one worker holds at once (default 1000). Set it "
+                   "near --threads to leave waiting connections in the shared socket for the "
+                   "other workers, as a gunicorn sync worker does: a recycled worker then "
+                   "drains only what it is serving, and a killed one loses only that; idle "
+                   "keep-alive connections hold a place until they close")
     p.add_argument("--backlog", type=int, default=4096,
                    help="listen backlog the server sets on the shared sockets (default 4096)")
     p.add_argument("--access-log", action="store_true", help="ASGI: log every request")
@@ -99,5 +106,8 @@ def serve(app, interface, args):
                           log_level=args.log_level, on_ready=on_ready)
     from . import wsgi
 
+    if args.connection_limit < 1:
+        raise SystemExit("trimrun_worker: --connection-limit must be at least 1")
     return wsgi.serve(app, socks, threads=args.threads, graceful_timeout=args.graceful_timeout,
-                      backlog=args.backlog, on_ready=on_ready)
+                      backlog=args.backlog, connection_limit=args.connection_limit,
+                      on_ready=on_ready)

@@ -109,11 +109,26 @@ class _Unix(UnixWSGIServer):
     channel_class = _DrainingChannel
 
 
+class _QuietOverflow(logging.Filter):
+    """With a connection limit near --threads, reaching it is the normal state of a busy
+    worker (the waiting connections stay in the shared socket for the others): waitress's
+    line at every crossing would flood the log."""
+
+    def filter(self, record):
+        msg = record.getMessage()
+        return "the connection limit" not in msg
+
+
 def serve(app, socks, threads=4, graceful_timeout=25.0, backlog=4096, connection_limit=1000,
           ident="trimrun_worker", on_ready=None):
-    """Serve until SIGTERM/SIGINT, then drain. Returns the exit code (0)."""
-    adj = Adjustments(threads=threads, backlog=backlog, connection_limit=connection_limit,
+    """Serve until SIGTERM/SIGINT, then drain. Returns the exit code (0).
+
+    `connection_limit`: client connections held at once. (waitress counts every entry of
+    its socket map against its own limit: each listener and its trigger too.)"""
+    adj = Adjustments(threads=threads, backlog=backlog,
+                      connection_limit=connection_limit + 2 * len(socks),
                       ident=ident, sockets=socks)
+    logging.getLogger("waitress").addFilter(_QuietOverflow())
     smap = {}
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(threads)
