@@ -22,8 +22,10 @@
 //!    budget), whom to slow with `memory.high` ([`memory_high_for`], cgroup v2), which
 //!    workers will reach their ceilings before the gate could replace them
 //!    ([`Emergency`]: their replacement starts past the gate, or they are stopped
-//!    gracefully within [`STOP_MARGIN`] of the ceiling instead of being OOM-killed), and
-//!    when to read memory again. `tests/policy_sim.rs` calls the same function.
+//!    gracefully within [`STOP_MARGIN`] of the ceiling instead of being OOM-killed; under
+//!    a budget, one worker is stopped stop-first when the pool itself would reach its cap
+//!    within [`STOP_MARGIN`]), and when to read memory again. `tests/policy_sim.rs`
+//!    calls the same function.
 //! 5. A worker that died is restarted after [`Backoff::failure`] (crash) or
 //!    [`oom_restart_delay`] (OOM kill).
 //! 6. With `--timeout`, a ready worker is hung once [`is_overdue`] (no `WATCHDOG=1` for a
