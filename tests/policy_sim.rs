@@ -1420,26 +1420,39 @@ fn a_burst_uses_room_the_others_leave_where_a_hard_split_kills_it() {
     assert!(rep.peak_pool_fraction < 1.0);
 }
 
-#[test]
-fn a_replacement_that_does_not_fit_beside_its_worker_stops_it_first() {
-    // 4 workers under a 400 MiB budget, a 70 MiB base: at the pool's threshold (360 MiB)
-    // a replacement does not fit beside the worker it replaces, so those recycles are
-    // stop-first, still one at a time.
-    let budget: u64 = 400 << 20;
-    let mut sc = scenario(
-        "(n) 4 workers, 400 MiB budget, 70 MiB base",
-        Leak::Random(0.5, 1.5),
-        51,
-    );
-    sc.workers = 4;
+/// A few workers (`workers`, budget in MiB, base in MiB) sharing a small budget, each with
+/// the default ceiling, v1 (no throttle), 1 s start-ups, 0.5 s drains, 3 hours.
+fn small_budget_pool(
+    name: &'static str,
+    (workers, budget_mib, base_mib): (usize, u64, f64),
+    leak: Leak,
+    seed: u64,
+) -> Scenario {
+    let budget = budget_mib << 20;
+    let mut sc = scenario(name, leak, seed);
+    sc.workers = workers;
     sc.budget = Some(budget);
-    sc.limit = trimrun::policy::default_ceiling(budget, 4);
-    sc.base = 70.0 * MIB;
+    sc.limit = trimrun::policy::default_ceiling(budget, workers);
+    sc.base = base_mib * MIB;
     sc.throttle = false;
     sc.settings.ready_time = Duration::from_secs(1);
     sc.actual_ready = Duration::from_secs(1);
     sc.drain = Duration::from_millis(500);
     sc.duration = Duration::from_secs(3 * 3600);
+    sc
+}
+
+#[test]
+fn a_replacement_that_does_not_fit_beside_its_worker_stops_it_first() {
+    // 4 workers under a 400 MiB budget, a 70 MiB base: at the pool's threshold (360 MiB)
+    // a replacement does not fit beside the worker it replaces, so those recycles are
+    // stop-first, still one at a time.
+    let sc = small_budget_pool(
+        "(n) 4 workers, 400 MiB budget, 70 MiB base",
+        (4, 400, 70.0),
+        Leak::Random(0.5, 1.5),
+        51,
+    );
     let rep = run(&sc);
     print_report(&sc, &rep);
     assert_invariants_with(&sc, &rep, false);
@@ -1459,22 +1472,13 @@ fn replacements_slower_than_learned_never_push_the_pool_over_its_budget() {
     // first start-ups took 1 s. A replacement admitted replacement-first on the learned
     // ready time outlives its estimate while the pool grows; the pool's own emergency
     // stops a worker before the pool's cap OOM-kills one.
-    let budget: u64 = 120 << 20;
-    let mut sc = scenario(
+    let mut sc = small_budget_pool(
         "(o) 3 workers, 120 MiB budget, replacements 3-13 s to ready",
+        (3, 120, 25.0),
         Leak::Random(0.3, 0.7),
         61,
     );
-    sc.workers = 3;
-    sc.budget = Some(budget);
-    sc.limit = trimrun::policy::default_ceiling(budget, 3);
-    sc.base = 25.0 * MIB;
-    sc.throttle = false;
-    sc.settings.ready_time = Duration::from_secs(1);
-    sc.actual_ready = Duration::from_secs(1);
     sc.later_ready = Some((Duration::from_secs(3), Duration::from_secs(13)));
-    sc.drain = Duration::from_millis(500);
-    sc.duration = Duration::from_secs(3 * 3600);
     let rep = run(&sc);
     print_report(&sc, &rep);
     println!("pool emergency stops: {}", rep.pool_emergency_stops);

@@ -203,11 +203,7 @@ impl Supervisor {
                     replacement_starting = replaced.is_some(),
                     "pool emergency stop: the pool reaches its budget before a recycle could make room; stopping its largest worker gracefully now (it finishes its requests), its replacement starts once it is gone"
                 );
-                let until = Instant::now() + self.cfg.graceful_timeout;
-                let sig = self.cfg.stop_signal;
-                if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
-                    drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
-                }
+                self.stop_replaced(pid, reason);
                 if starts {
                     self.slots[slot].stop_first = Some((pid, reason));
                 }
@@ -222,15 +218,21 @@ impl Supervisor {
                     replacement_starting = replaced.is_some() || !starts,
                     "emergency stop: the worker reaches its limit before a replacement can take over; stopping it gracefully now (it finishes its requests; its slot serves nothing until the replacement is ready) instead of leaving it to the OOM killer"
                 );
-                let until = Instant::now() + self.cfg.graceful_timeout;
-                let sig = self.cfg.stop_signal;
-                if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
-                    drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
-                }
+                self.stop_replaced(pid, reason);
                 if starts {
                     self.start_worker(slot, Some(Replacing { pid, reason }));
                 }
             }
+        }
+    }
+
+    /// Give a worker that is being recycled for `reason` the stop signal now: it stops
+    /// accepting and finishes its requests within `--graceful-timeout`.
+    fn stop_replaced(&mut self, pid: i32, reason: RecycleReason) {
+        let until = Instant::now() + self.cfg.graceful_timeout;
+        let sig = self.cfg.stop_signal;
+        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+            drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
         }
     }
 
@@ -265,12 +267,8 @@ impl Supervisor {
         );
         self.slots[slot].recycle_started = Some(Instant::now());
         if stop_first {
-            let until = Instant::now() + self.cfg.graceful_timeout;
-            let sig = self.cfg.stop_signal;
             self.slots[slot].stop_first = Some((pid, reason));
-            if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
-                drain(w, self.launcher.as_ref(), sig, until, Why::Replaced(reason));
-            }
+            self.stop_replaced(pid, reason);
         } else {
             self.start_worker(slot, Some(Replacing { pid, reason }));
         }
