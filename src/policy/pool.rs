@@ -406,41 +406,10 @@ impl PoolPolicy {
             .filter(|w| w.role != Role::Draining)
             .filter_map(|w| w.policy.growth_rate(now))
             .sum();
-        if let Some(budget) = self.budget.filter(|_| self.emergencies) {
-            let room = budget.saturating_sub(pool_usage);
-            let ttl = if room <= budget / POOL_CAP_MARGIN {
-                Some(Duration::ZERO)
-            } else if pool_rate > 0.0 {
-                Some(Duration::try_from_secs_f64(room as f64 / pool_rate).unwrap_or(Duration::MAX))
-            } else {
-                None
-            };
-            let stopping = view.workers.iter().any(|w| w.role == Role::Draining)
-                || out
-                    .emergencies
-                    .iter()
-                    .any(|e| e.action == EmergencyAction::Stop);
-            if let Some(ttl) = ttl {
-                out.next_tick = out.next_tick.min((ttl / 4).clamp(FAST_TICK, SLOW_TICK));
-            }
-            if let Some(ttl) = ttl.filter(|t| *t < STOP_MARGIN && !stopping) {
-                let pick = view
-                    .workers
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !out.emergencies.iter().any(|e| e.worker == *i))
-                    .filter(|(_, w)| {
-                        w.role == Role::Replaced || (w.role == Role::Serving && w.may_recycle)
-                    })
-                    .max_by_key(|(_, w)| (w.role == Role::Replaced, ws(w)));
-                if let Some((i, _)) = pick {
-                    out.emergencies.push(Emergency {
-                        worker: i,
-                        time_to_limit: ttl,
-                        action: EmergencyAction::StopFirst,
-                    });
-                }
-            }
+        if let Some((e, tick)) = self.pool_emergency(view, pool_usage, pool_rate, &out.emergencies)
+        {
+            out.next_tick = out.next_tick.min(tick);
+            out.emergencies.extend(e);
         }
 
         // Deadlines of the workers that may still need a recycle. Workers of one pool run
@@ -745,6 +714,50 @@ impl PoolPolicy {
             out.next_tick = out.next_tick.min(tick);
         }
         out
+    }
+
+    /// The pool's emergency ([`EmergencyAction::StopFirst`]), given the pool's reading and
+    /// growth and the workers' own emergencies: the tick to read again at, and the worker
+    /// to stop now if any. `None` without a budget (or with emergencies off), or when the
+    /// pool's growth says nothing.
+    fn pool_emergency(
+        &self,
+        view: &PoolView,
+        pool_usage: u64,
+        pool_rate: f64,
+        emergencies: &[Emergency],
+    ) -> Option<(Option<Emergency>, Duration)> {
+        let budget = self.budget.filter(|_| self.emergencies)?;
+        let room = budget.saturating_sub(pool_usage);
+        let ttl = if room <= budget / POOL_CAP_MARGIN {
+            Duration::ZERO
+        } else if pool_rate > 0.0 {
+            Duration::try_from_secs_f64(room as f64 / pool_rate).unwrap_or(Duration::MAX)
+        } else {
+            return None;
+        };
+        let tick = (ttl / 4).clamp(FAST_TICK, SLOW_TICK);
+        let stopping = view.workers.iter().any(|w| w.role == Role::Draining)
+            || emergencies
+                .iter()
+                .any(|e| e.action == EmergencyAction::Stop);
+        if ttl >= STOP_MARGIN || stopping {
+            return Some((None, tick));
+        }
+        let ws = |w: &WorkerView| w.usage.or(w.policy.working_set()).unwrap_or(0);
+        let pick = view
+            .workers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !emergencies.iter().any(|e| e.worker == *i))
+            .filter(|(_, w)| w.role == Role::Replaced || (w.role == Role::Serving && w.may_recycle))
+            .max_by_key(|(_, w)| (w.role == Role::Replaced, ws(w)));
+        let stop = pick.map(|(i, _)| Emergency {
+            worker: i,
+            time_to_limit: ttl,
+            action: EmergencyAction::StopFirst,
+        });
+        Some((stop, tick))
     }
 
     /// Replacement first, unless the replacement would not fit beside the old worker
