@@ -135,6 +135,9 @@ struct Proc {
     /// Stop-first: start the replacement when this one is gone.
     then_start: bool,
     memory_high: Option<u64>,
+    /// Whether its usage after its first seconds of serving went to the policy as a
+    /// start's cost (as the supervisor does).
+    cost_seen: bool,
 }
 
 impl Proc {
@@ -226,6 +229,7 @@ fn spawn(sc: &Scenario, slot: usize, now: Duration, rng: &mut StdRng) -> Proc {
         drain_until: None,
         then_start: false,
         memory_high: None,
+        cost_seen: false,
     }
 }
 
@@ -494,7 +498,12 @@ fn run(sc: &Scenario) -> Report {
         if reload {
             reload_pending = None;
         }
+        let window = pool.overlap_window();
         for p in procs.iter_mut() {
+            if !p.cost_seen && p.role != Role::Starting && now >= p.ready_at + window {
+                p.cost_seen = true;
+                pool.overlap_seen(p.usage() as u64);
+            }
             p.policy.observe(now, p.usage() as u64);
             if reload && p.role == Role::Serving {
                 p.policy.request_recycle(RecycleReason::Reload, now);

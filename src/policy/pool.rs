@@ -190,6 +190,9 @@ pub struct PoolPolicy {
     budget: Option<u64>,
     /// A replacement's working set at its peak while starting (learned, EWMA).
     start_cost: Option<f64>,
+    /// A replacement's peak from its start until its old worker was gone, its first
+    /// requests included (learned, EWMA).
+    overlap_cost: Option<f64>,
     /// How long a recycle holds a recycle slot (learned, EWMA): ready time + drain.
     recycle_time: Duration,
     /// Whether `recycle_time` was measured at least once.
@@ -223,6 +226,7 @@ impl PoolPolicy {
             gate: RecycleGate::new(settings),
             budget,
             start_cost: None,
+            overlap_cost: None,
             recycle_time: settings.ready_time + Duration::from_secs(2),
             recycle_time_seen: false,
             in_flight: std::collections::VecDeque::new(),
@@ -301,6 +305,22 @@ impl PoolPolicy {
         self.ready_time_seen = true;
     }
 
+    /// How long a replacement runs beside its old worker once ready: the old worker's
+    /// drain (what recycles take beyond the ready time, learned), at least 1 s.
+    pub fn overlap_window(&self) -> Duration {
+        self.recycle_time
+            .saturating_sub(self.ready_time())
+            .max(Duration::from_secs(1))
+    }
+
+    /// A worker has served for [`Self::overlap_window`]: `peak` is the most it used
+    /// since its start. A worker keeps growing through its first requests, so this, not
+    /// the peak at ready time, is what a replacement costs beside the worker it replaces.
+    pub fn overlap_seen(&mut self, peak: u64) {
+        let p = peak as f64;
+        self.overlap_cost = Some(self.overlap_cost.map_or(p, |c| 0.7 * c + 0.3 * p));
+    }
+
     /// Whether an OOM kill of a worker that had served for `served` was beyond any
     /// schedule: it reached its ceiling in less than a ready time, so even a replacement
     /// started the moment it became ready could not have been ready in time.
@@ -317,9 +337,14 @@ impl PoolPolicy {
         self.ready_time.max(self.settings.ready_time)
     }
 
-    /// What a replacement is expected to use right after it starts.
+    /// What a replacement is expected to use beside its old worker: the larger of its
+    /// peak until ready and its peak until the old worker was gone (both learned).
     pub fn start_cost(&self) -> u64 {
-        self.start_cost.map_or(0, |c| c as u64)
+        let (a, b) = (
+            self.start_cost.unwrap_or(0.0),
+            self.overlap_cost.unwrap_or(0.0),
+        );
+        a.max(b) as u64
     }
 
     /// How long a recycle is expected to hold its slot: what recycles took (EWMA), or
@@ -968,6 +993,24 @@ mod tests {
             StartMode::ReplacementFirst
         );
         assert_eq!(pool.mode(320 * MIB, 0.0, s(3), 0), StartMode::StopFirst);
+    }
+
+    #[test]
+    fn a_replacement_that_grew_beside_its_worker_costs_what_it_grew_to() {
+        // Start-ups peak at 25 MiB when ready, but replacements reached 40 MiB serving
+        // their first requests before their old workers were gone: admission plans for 40.
+        let budget = 384 * MIB;
+        let mut pool = PoolPolicy::new(&settings(), Some(budget));
+        pool.started(25 * MIB, s(1));
+        assert_eq!(pool.start_cost(), 25 * MIB);
+        let usage = 340 * MIB; // 372 MiB under the brake
+        assert_eq!(pool.mode(usage, 0.0, s(2), 0), StartMode::ReplacementFirst);
+        pool.overlap_seen(40 * MIB);
+        assert_eq!(pool.start_cost(), 40 * MIB);
+        assert_eq!(pool.mode(usage, 0.0, s(2), 0), StartMode::StopFirst);
+        // A later ready peak below it does not lower the cost.
+        pool.started(20 * MIB, s(1));
+        assert_eq!(pool.start_cost(), 40 * MIB);
     }
 
     #[test]

@@ -160,6 +160,7 @@ impl Supervisor {
             memory_high: None,
             stats: inherited,
             usage: None,
+            cost_seen: false,
         });
         true
     }
@@ -310,6 +311,12 @@ impl Supervisor {
             self.kill_orphans();
         }
         let group = w.group;
+        // The pool's reading from the last tick still counts this worker: a decision made
+        // on it before the next tick (an emergency stop after an OOM kill) would act on
+        // memory that is already free.
+        if self.pool.budget().is_some() {
+            self.pool_usage = self.groups.pool_usage();
+        }
         // rmdir may have to wait for the kernel to finish tearing the group down: not on
         // the supervisor's thread.
         tokio::task::spawn_blocking(move || {
@@ -393,6 +400,7 @@ impl Supervisor {
             if let Some(t) = self.slots[slot].recycle_started.take() {
                 self.pool.recycle_finished(t.elapsed());
             }
+
             self.totals.recycles += 1;
             if let Some(m) = &self.metrics {
                 m.recycled(slot, &reason.to_string());

@@ -19,9 +19,16 @@ impl Supervisor {
         let enforce = matches!(self.groups.kind(), cgroup::Kind::None)
             .then_some(self.limit)
             .flatten();
+        let window = self.pool.overlap_window();
         for w in &mut self.workers {
             match w.group.usage(w.pid) {
                 Ok(u) => {
+                    // A start's cost includes its first requests: what a replacement grows
+                    // to while its old worker drains is what must fit beside that worker.
+                    if !w.cost_seen && w.ready_at.is_some_and(|t| t.elapsed() >= window) {
+                        w.cost_seen = true;
+                        self.pool.overlap_seen(u.peak.unwrap_or(u.working_set));
+                    }
                     w.policy.observe(now_d, u.working_set);
                     if let Some(peak) = u.peak {
                         w.policy.observe_peak(now_d, u.current, peak);

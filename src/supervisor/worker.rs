@@ -195,6 +195,9 @@ pub struct Worker {
     pub memory_high: Option<u64>,
     pub stats: Stats,
     pub usage: Option<Usage>,
+    /// Whether its peak after its first seconds of serving was given to the pool policy
+    /// as a start's cost ([`crate::policy::PoolPolicy::overlap_seen`]).
+    pub cost_seen: bool,
 }
 
 impl Worker {

@@ -782,7 +782,51 @@ pub fn working_set_matches_smaps(at: &Place, n: usize, mib: u64) -> Vec<Compare>
             break;
         }
     }
-    let st = st.unwrap_or_else(|| panic!("workers kept being replaced:\n{}", pool.log()));
+    let mut st = st.unwrap_or_else(|| panic!("workers kept being replaced:\n{}", pool.log()));
+    // `working_set` comes from trimrun's last memory tick, the smaps and the group's stat
+    // are read now: compare them only when the working set did not move between this tick
+    // and the next (the worker's allocator or the kernel can move a few MiB at any time).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let out = read_together(hier, &st, mib);
+        let t0 = st["uptime_secs"].as_f64().unwrap();
+        let next = wait_for(secs(10), || {
+            let s = pool.status();
+            (s["uptime_secs"].as_f64()? > t0 + 1.2).then_some(s)
+        })
+        .unwrap();
+        let later: HashMap<i32, u64> = next["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| {
+                (
+                    w["pid"].as_i64().unwrap() as i32,
+                    w["working_set"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        let steady = out.iter().all(|c| {
+            later
+                .get(&c.pid)
+                .is_some_and(|&w| rel(w, c.working_set) < 0.01)
+        });
+        if steady || attempt == 5 {
+            if !steady {
+                println!("the working set kept moving between ticks; comparing the last reading");
+            }
+            for c in &out {
+                check_together(c, mib);
+            }
+            return out;
+        }
+        st = next;
+    }
+}
+
+/// One worker's status working set beside its group's stat and its processes' smaps.
+fn read_together(hier: Hier, st: &serde_json::Value, mib: u64) -> Vec<Compare> {
     let mut out = vec![];
     for w in st["workers"].as_array().unwrap() {
         let pid = w["pid"].as_i64().unwrap() as i32;
@@ -822,22 +866,26 @@ pub fn working_set_matches_smaps(at: &Place, n: usize, mib: u64) -> Vec<Compare>
         };
         println!("{c:?}");
         assert!(c.smaps_anon >= mib * MIB, "{c:?}");
-        assert!(
-            rel(c.group_anon, c.smaps_anon) < 0.05,
-            "group anon vs smaps Anonymous: {c:?}"
-        );
-        let ws_anon = c.working_set.saturating_sub(c.group_active_file);
-        assert!(
-            rel(ws_anon, c.smaps_anon) < 0.05,
-            "status working_set - active file vs smaps Anonymous: {c:?}"
-        );
-        assert!(
-            c.group_file_mapped <= c.smaps_file + MIB,
-            "the group's mapped file pages are mapped by its processes: {c:?}"
-        );
         out.push(c);
     }
     out
+}
+
+fn check_together(c: &Compare, mib: u64) {
+    assert!(c.smaps_anon >= mib * MIB, "{c:?}");
+    assert!(
+        rel(c.group_anon, c.smaps_anon) < 0.05,
+        "group anon vs smaps Anonymous: {c:?}"
+    );
+    let ws_anon = c.working_set.saturating_sub(c.group_active_file);
+    assert!(
+        rel(ws_anon, c.smaps_anon) < 0.05,
+        "status working_set - active file vs smaps Anonymous: {c:?}"
+    );
+    assert!(
+        c.group_file_mapped <= c.smaps_file + MIB,
+        "the group's mapped file pages are mapped by its processes: {c:?}"
+    );
 }
 
 /// trimrun is SIGKILLed (it cannot clean up): its workers die by PDEATHSIG, but a child a
