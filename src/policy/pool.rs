@@ -190,8 +190,8 @@ pub struct PoolPolicy {
     budget: Option<u64>,
     /// A replacement's working set at its peak while starting (learned, EWMA).
     start_cost: Option<f64>,
-    /// A replacement's peak from its start until its old worker was gone, its first
-    /// requests included (learned, EWMA).
+    /// A worker's peak from its start until one [`Self::overlap_window`] after it became
+    /// ready, its first requests included (learned, EWMA).
     overlap_cost: Option<f64>,
     /// How long a recycle holds a recycle slot (learned, EWMA): ready time + drain.
     recycle_time: Duration,
@@ -338,7 +338,7 @@ impl PoolPolicy {
     }
 
     /// What a replacement is expected to use beside its old worker: the larger of its
-    /// peak until ready and its peak until the old worker was gone (both learned).
+    /// peak until ready and its peak one drain's length later (both learned).
     pub fn start_cost(&self) -> u64 {
         let (a, b) = (
             self.start_cost.unwrap_or(0.0),

@@ -400,7 +400,6 @@ impl Supervisor {
             if let Some(t) = self.slots[slot].recycle_started.take() {
                 self.pool.recycle_finished(t.elapsed());
             }
-
             self.totals.recycles += 1;
             if let Some(m) = &self.metrics {
                 m.recycled(slot, &reason.to_string());
