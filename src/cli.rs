@@ -145,11 +145,11 @@ pub struct RunArgs {
         help_heading = "Lifecycle"
     )]
     pub stop_signal: String,
-    /// When a new worker counts as ready: `notify` (sd_notify READY=1 on its own NOTIFY_SOCKET) or `delay:DURATION`
+    /// When a new worker counts as ready: `notify` (sd_notify READY=1 on its own NOTIFY_SOCKET), `delay:DURATION`, or `auto`: notify for `python -m trimrun_worker`, gunicorn and --preload, else delay:1s
     #[arg(
         long,
         env = "TRIMRUN_READY",
-        default_value = "delay:1s",
+        default_value = "auto",
         help_heading = "Lifecycle"
     )]
     pub ready: String,

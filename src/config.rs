@@ -11,6 +11,33 @@ use crate::cli::{LogFormat, OnOff, RunArgs};
 use crate::size::{parse_duration, parse_size};
 use crate::sockets::{BindAddr, parse_bind};
 
+/// The commands known to send `READY=1` once they serve, by the base name of one of
+/// their arguments (`python -m trimrun_worker`, `/venv/bin/gunicorn`).
+const SPEAKS_NOTIFY: [&str; 2] = ["trimrun_worker", "gunicorn"];
+
+/// The name of the known `READY=1` speaker in `cmd`, if there is one.
+pub fn speaks_notify(cmd: &[String]) -> Option<&'static str> {
+    cmd.iter().find_map(|a| {
+        let base = a.rsplit('/').next().unwrap_or(a);
+        SPEAKS_NOTIFY
+            .into_iter()
+            .find(|s| base == *s || base.starts_with(&format!("{s}.")))
+    })
+}
+
+/// `--ready auto`: `notify` for a command known to send `READY=1` and under `--preload`
+/// (whose zygote is `trimrun_worker`), else a delay of 1 s. With a delay, a recycle
+/// stops the old worker once the delay has passed, serving or not, and the policy plans
+/// with the delay as the ready time; a worker that needs longer to import its app then
+/// leaves its slot empty, and its recycles start too late.
+pub fn auto_ready(cmd: &[String], preload: bool) -> Ready {
+    if preload || speaks_notify(cmd).is_some() {
+        Ready::Notify
+    } else {
+        Ready::Delay(Duration::from_secs(1))
+    }
+}
+
 /// When a starting worker counts as ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ready {
@@ -23,7 +50,7 @@ pub enum Ready {
 impl FromStr for Ready {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let expected = "expected `notify` or `delay:DURATION` (e.g. delay:2s)";
+        let expected = "expected `auto`, `notify` or `delay:DURATION` (e.g. delay:2s)";
         match s.trim() {
             "notify" => Ok(Ready::Notify),
             other => match other.strip_prefix("delay:") {
@@ -108,6 +135,8 @@ pub struct Config {
     pub graceful_timeout: Duration,
     pub stop_signal: Signal,
     pub ready: Ready,
+    /// `ready` was chosen by `--ready auto` (the default).
+    pub ready_auto: bool,
     pub ready_timeout: Duration,
     /// `--preload`: workers are forked from a zygote (crate::zygote).
     pub preload: bool,
@@ -211,7 +240,12 @@ impl Config {
             return Err("invalid --graceful-timeout 0: give workers some time, e.g. 5s".into());
         }
         check_binds_unique(&binds)?;
-        let ready: Ready = a.ready.parse()?;
+        let ready_auto = a.ready.trim() == "auto";
+        let ready: Ready = if ready_auto {
+            auto_ready(&a.cmd, a.preload)
+        } else {
+            a.ready.parse()?
+        };
         check_ready_timeout(ready, a.ready_timeout)?;
         if a.max_lifetime.is_some_and(|l| l.is_zero()) {
             return Err(
@@ -229,6 +263,7 @@ impl Config {
             graceful_timeout: a.graceful_timeout,
             stop_signal: parse_signal(&a.stop_signal)?,
             ready,
+            ready_auto,
             ready_timeout: a.ready_timeout,
             preload: a.preload,
             timeout: a
@@ -308,12 +343,46 @@ mod tests {
     }
 
     #[test]
+    fn ready_auto_is_notify_for_commands_that_send_ready_and_under_preload() {
+        let ready = |args: &[&str]| {
+            let c = parse(args).unwrap();
+            (c.ready, c.ready_auto)
+        };
+        let delay = Ready::Delay(Duration::from_secs(1));
+        let w = ["--", "/venv/bin/python3", "-m", "trimrun_worker", "app:app"];
+        assert_eq!(
+            ready(&[&["trimrun"][..], &w].concat()),
+            (Ready::Notify, true)
+        );
+        assert_eq!(
+            ready(&["trimrun", "--", "gunicorn", "-w", "1", "app:app"]),
+            (Ready::Notify, true)
+        );
+        assert_eq!(
+            ready(&["trimrun", "--preload", "--", "./serve"]),
+            (Ready::Notify, true)
+        );
+        assert_eq!(
+            ready(&["trimrun", "--", "python3", "app.py"]),
+            (delay, true)
+        );
+        // An explicit choice is kept, also for a command that speaks notify.
+        let explicit = [&["trimrun", "--ready", "delay:1s"][..], &w].concat();
+        assert_eq!(ready(&explicit), (delay, false));
+        assert_eq!(
+            ready(&["trimrun", "--ready", "auto", "--", "python3", "app.py"]),
+            (delay, true)
+        );
+    }
+
+    #[test]
     fn defaults_are_sensible() {
         let c = parse(&["trimrun", "--", "python3", "app.py"]).unwrap();
         assert!(c.workers >= 1);
         assert_eq!(c.graceful_timeout, Duration::from_secs(30));
         assert_eq!(c.stop_signal, Signal::SIGTERM);
         assert_eq!(c.ready, Ready::Delay(Duration::from_secs(1)));
+        assert!(c.ready_auto);
         assert_eq!(c.cmd, vec!["python3", "app.py"]);
         assert!(c.trim);
         assert_eq!(c.trim_at, 0.75);

@@ -138,16 +138,11 @@ pub fn readiness_hint(cfg: &Config) -> Option<String> {
     let Ready::Delay(d) = cfg.ready else {
         return None;
     };
-    let speaks = ["trimrun_worker", "gunicorn"];
-    let name = cfg.cmd.iter().find_map(|a| {
-        let base = a.rsplit('/').next().unwrap_or(a);
-        speaks
-            .iter()
-            .find(|s| base == **s || base.starts_with(&format!("{s}.")))
-    })?;
+    let name = crate::config::speaks_notify(&cfg.cmd)?;
     Some(format!(
         "{name} sends READY=1 once it serves, but --ready is delay:{d:?}, so a recycle may stop \
-         the old worker before its replacement serves: pass --ready notify"
+         the old worker before its replacement serves: pass --ready notify (or leave --ready \
+         out: auto picks notify for {name})"
     ))
 }
 
@@ -165,11 +160,21 @@ mod tests {
     #[test]
     fn readiness_by_delay_for_a_worker_that_speaks_notify_is_warned_about() {
         let w = ["python3", "-m", "trimrun_worker", "app:app"];
-        let delay = [&["trimrun", "--"][..], &w].concat();
+        let delay = [&["trimrun", "--ready", "delay:1s", "--"][..], &w].concat();
         assert!(hint(&delay).unwrap().contains("--ready notify"));
+        // The default (auto) picks notify for it: nothing to warn about.
+        assert_eq!(hint(&[&["trimrun", "--"][..], &w].concat()), None);
         let notify = [&["trimrun", "--ready", "notify", "--"][..], &w].concat();
         assert_eq!(hint(&notify), None);
-        assert!(hint(&["trimrun", "--", "/venv/bin/gunicorn", "-w", "1", "app:app"]).is_some());
+        let g = [
+            "trimrun",
+            "--ready",
+            "delay:2s",
+            "--",
+            "/venv/bin/gunicorn",
+            "app:app",
+        ];
+        assert!(hint(&g).is_some());
         assert_eq!(hint(&["trimrun", "--", "python3", "app.py"]), None);
     }
 }

@@ -72,6 +72,19 @@ impl Supervisor {
         if let Some(hint) = crate::startup::readiness_hint(&self.cfg) {
             warn!("{hint}");
         }
+        if self.cfg.ready_auto {
+            match self.cfg.ready {
+                crate::config::Ready::Notify => info!(
+                    "--ready auto: notify (the worker counts as ready when it sends READY=1: {} does)",
+                    crate::config::speaks_notify(&self.cfg.cmd)
+                        .unwrap_or("the --preload zygote's worker")
+                ),
+                crate::config::Ready::Delay(d) => info!(
+                    delay_ms = d.as_millis() as u64,
+                    "--ready auto: a delay (the command is not one known to send READY=1; pass --ready notify if it does)"
+                ),
+            }
+        }
         // Every slot is due now; the timers start them a batch at a time (see START_BATCH).
         let now = Instant::now();
         for slot in 0..self.target {
