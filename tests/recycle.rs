@@ -648,6 +648,51 @@ fn one_workers_burst_uses_room_the_others_leave_under_a_budget() {
 }
 
 #[test]
+fn an_oom_kill_at_the_pools_budget_is_logged_as_the_pools() {
+    if !common::is_root() {
+        common::cannot_run("root (per-worker memory cgroups)");
+        return;
+    }
+    // 3 workers whose ceilings are the whole 128 MiB budget: one request asks for 130 MiB
+    // at once, too fast for any reading. The kernel kills at the pool's cap while the
+    // worker's own group is ~20 MiB (the two others) below its ceiling; the log must say
+    // it was the pool that ran out, not the worker's limit (which reads as nonsense next
+    // to its peak), and not call it a growth no schedule could have met.
+    let app = example("app.py");
+    let mut pool = Pool::start_env(
+        &["-n", "3", "--pool-limit", "128M", "--limit", "128M"],
+        &["python3", &app],
+        &[("TRIMRUN_CGROUP", "auto")],
+    );
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return;
+    }
+    let r = get(pool.port, "/burst?mb=130&s=1");
+    pool.wait_log("worker was OOM-killed", Duration::from_secs(30));
+    pool.signal(libc::SIGTERM);
+    assert_eq!(pool.wait_exit(Duration::from_secs(30)), Some(0));
+    let log = pool.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("worker was OOM-killed"))
+        .unwrap();
+    assert!(
+        r.is_err(),
+        "130 MiB fitted in a 128 MiB budget: {r:?}\n{log}"
+    );
+    assert!(
+        line.contains("at the pool's budget (--pool-limit), below its own limit"),
+        "{line}\n{log}"
+    );
+    assert!(
+        !log.contains("no recycle schedule could have prevented"),
+        "{log}"
+    );
+}
+
+#[test]
 fn a_replacement_that_does_not_fit_beside_its_worker_is_started_after_it_stops() {
     if !common::is_root() {
         common::cannot_run("root (per-worker memory cgroups)");

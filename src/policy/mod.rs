@@ -53,8 +53,9 @@ pub use gate::{
     Candidate, RecycleGate, URGENT_HORIZON, behind_schedule, feasible_cadence, urgency_order,
 };
 pub use pool::{
-    Decisions, Emergency, EmergencyAction, FAST_TICK, PoolPolicy, PoolView, RecycleOrder, Role,
-    SLOW_TICK, STOP_MARGIN, StartMode, TrimOrder, WorkerView, default_ceiling, pool_memory_high,
+    Decisions, Emergency, EmergencyAction, FAST_TICK, OomSite, PoolPolicy, PoolView, RecycleOrder,
+    Role, SLOW_TICK, STOP_MARGIN, StartMode, TrimOrder, WorkerView, default_ceiling,
+    pool_memory_high,
 };
 pub use settings::{MIN_DERIVED_SPACING, READY_SAMPLES, Settings, SettingsError, ready_time};
 pub use throttle::{WAIT_MARGIN, memory_high_for};

@@ -837,6 +837,53 @@ pub fn default_ceiling(budget: u64, workers: usize) -> u64 {
         .min(budget)
 }
 
+/// Which limit an OOM kill of a worker was at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OomSite {
+    /// Its own group's `memory.max`/`memory.limit_in_bytes` (or no reading says otherwise).
+    OwnLimit,
+    /// The pool's `--pool-limit`: the worker's group never came near its own limit.
+    PoolBudget,
+    /// A limit above trimrun (its own cgroup's, the container's, or the host's memory).
+    Above,
+}
+
+impl OomSite {
+    /// From the worker group's high-water mark (`peak`) and its own limit: a group whose
+    /// peak stayed a margin below its limit was not where the kernel ran out (the margin:
+    /// 1/32 of the limit, at least 2 MiB, for the charge the kernel tried and failed).
+    pub fn of(peak: Option<u64>, limit: Option<u64>, budget: Option<u64>) -> OomSite {
+        let (Some(peak), Some(limit)) = (peak, limit) else {
+            return if budget.is_some() && limit.is_none() {
+                OomSite::PoolBudget
+            } else {
+                OomSite::OwnLimit
+            };
+        };
+        let margin = (limit / 32).max(2 << 20);
+        if peak.saturating_add(margin) >= limit {
+            OomSite::OwnLimit
+        } else if budget.is_some() {
+            OomSite::PoolBudget
+        } else {
+            OomSite::Above
+        }
+    }
+
+    /// What the log says of it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            OomSite::OwnLimit => "at its own limit",
+            OomSite::PoolBudget => {
+                "at the pool's budget (--pool-limit), below its own limit: the pool as a whole ran out"
+            }
+            OomSite::Above => {
+                "below its own limit: a limit above trimrun ran out (trimrun's cgroup, the container's, or the host's memory)"
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1327,5 +1374,27 @@ mod tests {
             .count();
         assert_eq!(starts, 1, "{:?}", d.emergencies);
         assert!(d.recycles.is_empty(), "{:?}", d.recycles);
+    }
+
+    #[test]
+    fn an_oom_kill_far_below_the_workers_own_limit_was_the_pools_or_above() {
+        let (limit, budget) = (Some(200 * MIB), Some(400 * MIB));
+        assert_eq!(
+            OomSite::of(Some(200 * MIB), limit, budget),
+            OomSite::OwnLimit
+        );
+        assert_eq!(
+            OomSite::of(Some(196 * MIB), limit, budget),
+            OomSite::OwnLimit
+        );
+        assert_eq!(
+            OomSite::of(Some(97 * MIB), limit, budget),
+            OomSite::PoolBudget
+        );
+        assert_eq!(OomSite::of(Some(97 * MIB), limit, None), OomSite::Above);
+        // No reading: the worker's own limit, unless it has none under a budget.
+        assert_eq!(OomSite::of(None, limit, budget), OomSite::OwnLimit);
+        assert_eq!(OomSite::of(Some(MIB), None, budget), OomSite::PoolBudget);
+        assert_eq!(OomSite::of(None, None, None), OomSite::OwnLimit);
     }
 }

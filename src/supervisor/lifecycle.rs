@@ -332,8 +332,12 @@ impl Supervisor {
             if let Some(s) = self.slots.get_mut(slot) {
                 s.oom_kills += 1;
             }
+            let site = crate::policy::OomSite::of(peak, self.limit, self.pool.budget());
             let served = w.ready_at.map_or(Duration::ZERO, |t| t.elapsed());
-            if w.ready_at.is_some() && self.pool.oom_unavoidable(served) {
+            if site == crate::policy::OomSite::OwnLimit
+                && w.ready_at.is_some()
+                && self.pool.oom_unavoidable(served)
+            {
                 warn!(
                     slot,
                     pid,
@@ -349,7 +353,9 @@ impl Supervisor {
                 usage,
                 peak,
                 limit = self.limit,
-                "worker was OOM-killed by the kernel (memory.events/oom_control counted it)"
+                budget = self.pool.budget(),
+                "worker was OOM-killed by the kernel {} (memory.events/oom_control counted it)",
+                site.describe()
             );
         } else if w.state.why() == Some(Why::Hung) {
             warn!(slot, pid, generation = w.generation, exit = %exit, lived_s = lived.as_secs_f64(), "hung worker ended");

@@ -605,7 +605,7 @@ pub fn oom_kill_reported_replaced_neighbours_untouched(at: &Place, n: usize, lim
     .unwrap_or_else(|| panic!("no worker died\n{}", pool.log()));
     let line = pool.wait_line(
         &[
-            "worker was OOM-killed by the kernel",
+            "worker was OOM-killed by the kernel at its own limit",
             &format!(" pid={victim} "),
         ],
         secs(10),
