@@ -146,6 +146,24 @@ pub fn readiness_hint(cfg: &Config) -> Option<String> {
     ))
 }
 
+/// A warning for `--preload` with a command not known to speak the zygote protocol
+/// (`docs/preload.md`): such a command (a server run on its own) never says ready, and
+/// until `--ready-timeout` kills it, it serves the shared sockets itself, outside every
+/// worker's cgroup. A wrapper script that execs `trimrun_worker` is fine, hence a warning.
+pub fn preload_hint(cfg: &Config) -> Option<String> {
+    if !cfg.preload || crate::config::speaks_notify(&cfg.cmd) == Some("trimrun_worker") {
+        return None;
+    }
+    Some(format!(
+        "--preload runs the command as a zygote that must speak the protocol of docs/preload.md, \
+         as `python -m trimrun_worker APP` does; {:?} is not known to: if it does not, no worker \
+         starts, and until --ready-timeout ({:?}) it serves the sockets itself, outside the \
+         workers' cgroups",
+        cfg.cmd.join(" "),
+        cfg.ready_timeout
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +173,19 @@ mod tests {
     fn hint(args: &[&str]) -> Option<String> {
         let cli = Cli::try_parse_from(args).expect("test flags parse");
         readiness_hint(&Config::from_args(&cli.run).expect("valid"))
+    }
+
+    #[test]
+    fn preload_of_a_command_that_is_not_trimrun_worker_is_warned_about() {
+        let preload = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).expect("test flags parse");
+            preload_hint(&Config::from_args(&cli.run).expect("valid"))
+        };
+        let h = preload(&["trimrun", "--preload", "--", "python3", "app.py"]).unwrap();
+        assert!(h.contains("python -m trimrun_worker"), "{h}");
+        let w = ["--", "/venv/bin/python3", "-m", "trimrun_worker", "app:app"];
+        assert_eq!(preload(&[&["trimrun", "--preload"][..], &w].concat()), None);
+        assert_eq!(preload(&["trimrun", "--", "python3", "app.py"]), None);
     }
 
     #[test]

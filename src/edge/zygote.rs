@@ -154,7 +154,7 @@ impl Zygotes {
                 self.failed();
                 Err(ZygoteError::Timeout {
                     pid,
-                    what: "say ready",
+                    what: "say ready (a command that does not speak the zygote protocol of docs/preload.md, such as a server started on its own, never does, and serves meanwhile outside the workers' cgroups: --preload needs `python -m trimrun_worker APP`)",
                     after: timeout,
                 })
             }
@@ -178,7 +178,7 @@ impl Zygotes {
                     "the zygote is not ready yet (importing the app)".to_string()
                 } else {
                     format!(
-                        "the last zygote failed before it was ready (its output says why); the next starts in {} ms",
+                        "the last zygote failed before it was ready (the error logged then, or its output, says why); the next starts in {} ms",
                         self.retry_in().as_millis()
                     )
                 }),

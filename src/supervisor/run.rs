@@ -72,6 +72,9 @@ impl Supervisor {
         if let Some(hint) = crate::startup::readiness_hint(&self.cfg) {
             warn!("{hint}");
         }
+        if let Some(hint) = crate::startup::preload_hint(&self.cfg) {
+            warn!("{hint}");
+        }
         if self.cfg.ready_auto {
             match self.cfg.ready {
                 crate::config::Ready::Notify => info!(
