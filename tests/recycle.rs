@@ -645,6 +645,21 @@ fn one_workers_burst_uses_room_the_others_leave_under_a_budget() {
     );
     assert!(!log.contains("OOM-killed"), "{log}");
     assert_eq!(status["oom_kills"], 0);
+    // status --json shows the budget and the pool group's memory against it (the peak
+    // saw the burst).
+    let p = &status["pool"];
+    assert_eq!(p["budget"].as_u64(), Some(320 << 20), "{status}");
+    assert!(p["working_set"].as_u64().is_some_and(|w| w > 0), "{status}");
+    assert!(
+        p["peak"].as_u64().is_some_and(|w| w > 110 << 20),
+        "{status}"
+    );
+    assert!(
+        p["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.ends_with(&format!("/trimrun-{}", pool.pid()))),
+        "{status}"
+    );
 }
 
 #[test]

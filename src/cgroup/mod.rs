@@ -370,6 +370,15 @@ impl Manager {
         }
     }
 
+    /// The pool's group (`trimrun-<pid>`), if the backend has one.
+    pub fn pool_dir(&self) -> Option<&Path> {
+        match &self.state {
+            State::V2 { setup, .. } => Some(&setup.base),
+            State::V1 { base, .. } => Some(base),
+            State::None => None,
+        }
+    }
+
     /// The pool group's own reading (all workers, and on v2 trimrun's own leaf).
     pub fn pool_usage(&self) -> Option<Usage> {
         match &self.state {

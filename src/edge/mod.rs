@@ -53,10 +53,20 @@ pub trait Groups: Send {
         let _ = budget;
         Ok(())
     }
-    /// The pool group's working set, if the backend has a pool group.
-    fn pool_usage(&self) -> Option<u64> {
+    /// The pool group's reading, if the backend has a pool group.
+    fn pool_reading(&self) -> Option<PoolReading> {
         None
     }
+}
+
+/// The pool group's memory, as the budget is measured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolReading {
+    pub working_set: u64,
+    /// The group's high-water mark (v2 `memory.peak`, v1 `memory.max_usage_in_bytes`).
+    pub peak: Option<u64>,
+    /// The group's directory.
+    pub path: std::path::PathBuf,
 }
 
 /// The memory group of one worker generation. `root_pid` is the worker's pid: the none

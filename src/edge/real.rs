@@ -41,8 +41,13 @@ impl Groups for cgroup::Manager {
         cgroup::Manager::set_pool_limit(self, budget)
     }
 
-    fn pool_usage(&self) -> Option<u64> {
-        cgroup::Manager::pool_usage(self).map(|u| u.working_set)
+    fn pool_reading(&self) -> Option<super::PoolReading> {
+        let u = cgroup::Manager::pool_usage(self)?;
+        Some(super::PoolReading {
+            working_set: u.working_set,
+            peak: u.peak,
+            path: self.pool_dir()?.to_path_buf(),
+        })
     }
 }
 

@@ -97,6 +97,28 @@ pub struct Snapshot {
     /// The zygote workers are forked from (`--preload`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub zygote: Option<ZygoteSnapshot>,
+    /// The pool budget (`--pool-limit`), and the pool group's memory against it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolSnapshot>,
+}
+
+/// The pool budget of `--pool-limit`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(default)]
+pub struct PoolSnapshot {
+    /// `--pool-limit` in bytes: the pool group's hard cap.
+    pub budget: u64,
+    /// The pool group's working set at the last memory tick, as the budget is measured
+    /// (all workers; on v2 trimrun's own leaf too). None without a pool group (backend
+    /// `none`: then the workers' sum, as `trimrun status` shows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub working_set: Option<u64>,
+    /// The pool group's high-water mark since it was created.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak: Option<u64>,
+    /// The pool group's directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
 }
 
 /// One slot of the pool across its generations.
@@ -180,12 +202,24 @@ pub struct WorkerSnapshot {
 
 impl Snapshot {
     /// Sum of the workers' working sets.
+    /// The pool's memory: the pool group's reading under a budget, else the workers' sum.
+    pub fn pool_memory(&self) -> u64 {
+        self.pool
+            .as_ref()
+            .and_then(|p| p.working_set)
+            .unwrap_or_else(|| self.total_working_set())
+    }
+
     pub fn total_working_set(&self) -> u64 {
         self.workers.iter().map(|w| w.working_set).sum()
     }
 
-    /// Sum of the workers' limits, or None when any worker has none.
+    /// What the pool's memory is held to: the budget, else the sum of the workers' limits
+    /// (None when any worker has none).
     pub fn total_limit(&self) -> Option<u64> {
+        if let Some(p) = &self.pool {
+            return Some(p.budget);
+        }
         if self.workers.is_empty() {
             return None;
         }

@@ -321,10 +321,11 @@ fn pool_summary(s: &Snapshot, bytes: fn(u64) -> String) -> (&str, &str, String) 
     } else {
         &s.backend
     };
-    let total = bytes(s.total_working_set());
-    let memory = match s.total_limit() {
-        Some(limit) => format!("{total} of {}", bytes(limit)),
-        None => total,
+    let total = bytes(s.pool_memory());
+    let memory = match (s.total_limit(), &s.pool) {
+        (Some(budget), Some(_)) => format!("{total} of {} budget", bytes(budget)),
+        (Some(limit), None) => format!("{total} of {}", bytes(limit)),
+        (None, _) => total,
     };
     (state, backend, memory)
 }
@@ -434,6 +435,7 @@ mod tests {
             log_lines_dropped: 0,
             ready_time_secs: 2.0,
             zygote: None,
+            pool: None,
             workers: vec![
                 WorkerSnapshot {
                     slot: 1,
@@ -662,6 +664,31 @@ mod tests {
             t.lines().next().unwrap().contains("memory 912 MiB  "),
             "{t}"
         );
+    }
+
+    #[test]
+    fn under_a_budget_the_pool_line_shows_the_pool_groups_memory_against_the_budget() {
+        let mut s = pool();
+        s.pool = Some(crate::status::PoolSnapshot {
+            budget: 600 * MIB,
+            working_set: Some(397 * MIB),
+            peak: Some(550 * MIB),
+            cgroup: Some("/sys/fs/cgroup/x/trimrun-1".into()),
+        });
+        let t = render_table(&s);
+        assert!(
+            t.lines()
+                .next()
+                .unwrap()
+                .contains("memory 397 MiB of 600 MiB budget"),
+            "{t}"
+        );
+        let c = render_compact(&s);
+        assert!(c.contains("memory 397M of 600M budget"), "{c}");
+        assert!(c.lines().all(|l| l.len() <= 80), "{c}");
+        // Without a budget: the workers' sum against the sum of their limits, as before.
+        s.pool = None;
+        assert!(!render_table(&s).contains("budget"));
     }
 
     #[test]

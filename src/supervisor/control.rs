@@ -248,6 +248,15 @@ impl Supervisor {
             log_lines_dropped: crate::logging::dropped_lines(),
             ready_time_secs: self.pool.ready_time().as_secs_f64(),
             zygote: self.launcher.zygote(),
+            pool: self.pool.budget().map(|budget| status::PoolSnapshot {
+                budget,
+                working_set: self.pool_usage,
+                peak: self.pool_reading.as_ref().and_then(|r| r.peak),
+                cgroup: self
+                    .pool_reading
+                    .as_ref()
+                    .map(|r| r.path.display().to_string()),
+            }),
             state: match self.phase {
                 Phase::Starting => "starting",
                 Phase::Running if self.reloading => "reloading",

@@ -315,7 +315,7 @@ impl Supervisor {
         // on it before the next tick (an emergency stop after an OOM kill) would act on
         // memory that is already free.
         if self.pool.budget().is_some() {
-            self.pool_usage = self.groups.pool_usage();
+            self.read_pool();
         }
         // rmdir may have to wait for the kernel to finish tearing the group down: not on
         // the supervisor's thread.

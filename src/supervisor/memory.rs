@@ -58,9 +58,16 @@ impl Supervisor {
             m.update(&self.snapshot());
         }
         if self.pool.budget().is_some() {
-            self.pool_usage = self.groups.pool_usage();
+            self.read_pool();
         }
         // Whom to trim is the pool policy's decision (supervisor/recycle.rs), right after.
+    }
+
+    /// Read the pool group (under a budget): its working set for the policy, the whole
+    /// reading for status.
+    pub(super) fn read_pool(&mut self) {
+        self.pool_reading = self.groups.pool_reading();
+        self.pool_usage = self.pool_reading.as_ref().map(|r| r.working_set);
     }
 
     pub(super) fn trim_worker(&mut self, pid: i32, pids: Vec<i32>) {

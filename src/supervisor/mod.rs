@@ -197,6 +197,8 @@ pub struct Supervisor {
     tick: Duration,
     /// The pool group's working set at the last tick (with a budget).
     pool_usage: Option<u64>,
+    /// The pool group's last reading (with a budget), for status.
+    pool_reading: Option<crate::edge::PoolReading>,
     /// Workers already reported as growing too fast for any schedule.
     too_fast_logged: std::collections::HashSet<i32>,
     target: usize,
@@ -239,6 +241,7 @@ impl Supervisor {
             pool,
             tick: TICK,
             pool_usage: None,
+            pool_reading: None,
             too_fast_logged: Default::default(),
             target,
             slots: (0..target).map(|_| Slot::new()).collect(),
