@@ -604,6 +604,13 @@ fn a_pool_whose_ceilings_exceed_its_budget_stays_under_it() {
         log.contains("for_budget=true"),
         "no recycle for the budget:\n{log}"
     );
+    // Named for the budget in the log (and so in status and /metrics), not for a
+    // threshold its worker never reached.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("recycling worker") && l.contains("reason=pool budget")),
+        "{log}"
+    );
     assert!(
         failures.is_empty(),
         "{:?}",

@@ -597,7 +597,7 @@ impl PoolPolicy {
         {
             candidates.push(Candidate {
                 slot: i,
-                reason: RecycleReason::Memory,
+                reason: RecycleReason::Budget,
                 time_to_limit: d,
                 waiting_since: self.pool_over_since.unwrap_or(now),
             });
@@ -691,12 +691,17 @@ impl PoolPolicy {
                     continue;
                 };
                 in_progress += 1;
+                let budget = for_budget == Some(i) || pool_carrier == Some(i);
                 out.recycles.push(RecycleOrder {
                     worker: i,
-                    reason: c.reason,
+                    // A memory recycle the pool's deadline brought forward is the budget's.
+                    reason: match c.reason {
+                        RecycleReason::Memory if budget => RecycleReason::Budget,
+                        r => r,
+                    },
                     waited: now.saturating_sub(c.waiting_since),
                     ahead: ahead.filter(|a| a.0 == i).map(|a| a.1),
-                    for_budget: for_budget == Some(i) || pool_carrier == Some(i),
+                    for_budget: budget,
                     mode: self.mode(pool_usage, pool_rate, recycle_time, transient),
                 });
             }
@@ -1027,6 +1032,7 @@ mod tests {
         let r = recycles[0];
         assert_eq!(r.worker, 3, "the largest goes first");
         assert!(r.for_budget);
+        assert_eq!(r.reason, RecycleReason::Budget, "named for the budget");
         assert_eq!(r.mode, StartMode::StopFirst);
         // With room beside them, the same recycle starts its replacement first.
         let mut roomy = PoolPolicy::new(&st, Some(2 * budget));

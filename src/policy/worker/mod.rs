@@ -37,6 +37,9 @@ pub enum RecycleReason {
     /// Its working set stays at or above its recycle threshold even after a trim (or,
     /// with trimming off or unavailable, the plain reading is at or above it).
     Memory,
+    /// The pool nears its budget (`--pool-limit`) and this worker's replacement frees the
+    /// most, whatever its own threshold.
+    Budget,
     /// It lived past its drawn lifetime.
     Lifetime,
     /// An operator asked for it (control socket).
@@ -51,7 +54,7 @@ impl RecycleReason {
     /// Order among waiting workers with the same urgency: lower goes first.
     pub(crate) fn rank(self) -> u8 {
         match self {
-            RecycleReason::Memory | RecycleReason::Timeout => 0,
+            RecycleReason::Memory | RecycleReason::Budget | RecycleReason::Timeout => 0,
             RecycleReason::Manual => 1,
             RecycleReason::Reload => 2,
             RecycleReason::Lifetime => 3,
@@ -63,6 +66,7 @@ impl fmt::Display for RecycleReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             RecycleReason::Memory => "memory after trim",
+            RecycleReason::Budget => "pool budget",
             RecycleReason::Lifetime => "lifetime",
             RecycleReason::Manual => "manual",
             RecycleReason::Reload => "reload",
