@@ -99,6 +99,9 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             ),
             Err(e) => warn!(error = %e, "the pool budget is not enforced by the kernel"),
         }
+        if let Some(hint) = startup::budget_hint(budget, limit, cfg.workers) {
+            warn!("{hint}");
+        }
     }
     // A current-thread runtime: the supervisor, and so every fork, stays on the main
     // thread, which lives as long as trimrun (PR_SET_PDEATHSIG follows the forking thread).

@@ -53,14 +53,14 @@ pub fn resolve_limit(
             Ok(Some(b))
         }
         Limit::Auto => {
-            let available = cgroups.available_memory().map_err(|e| e.to_string())?;
+            let (available, source) = cgroups.available_memory_from().map_err(|e| e.to_string())?;
             let reserve = cgroup::default_reserve(available);
             let per = cgroup::auto_limit(available, workers, reserve).map_err(|e| e.to_string())?;
             info!(
                 available = available,
                 workers,
                 per_worker = per,
-                "--limit auto: {} per worker ({} available, {} kept for trimrun)",
+                "--limit auto: {} per worker ({} allowed by {source}, {} kept for trimrun)",
                 human_bytes(per),
                 human_bytes(available),
                 human_bytes(reserve)
@@ -93,14 +93,14 @@ pub fn resolve_pool_limit(
             b
         }
         Limit::Auto => {
-            let available = cgroups.available_memory().map_err(|e| e.to_string())?;
+            let (available, source) = cgroups.available_memory_from().map_err(|e| e.to_string())?;
             let reserve = cgroup::default_reserve(available);
             let b = available.saturating_sub(reserve);
             info!(
                 available,
                 reserve,
                 budget = b,
-                "--pool-limit auto: {} for the pool ({} available, {} kept for trimrun)",
+                "--pool-limit auto: {} for the pool ({} allowed by {source}, {} kept for trimrun)",
                 human_bytes(b),
                 human_bytes(available),
                 human_bytes(reserve)
@@ -117,6 +117,24 @@ pub fn resolve_pool_limit(
         ));
     }
     Ok(Some(budget))
+}
+
+/// A warning for a budget the workers' ceilings can never reach together: then the
+/// ceilings are a hard split and the budget does nothing.
+pub fn budget_hint(budget: Option<u64>, ceiling: Option<u64>, workers: usize) -> Option<String> {
+    let (b, c) = (budget?, ceiling?);
+    let sum = c.saturating_mul(workers as u64);
+    (sum <= b).then(|| {
+        format!(
+            "the workers' ceilings add up to {} ({workers} x --limit {}), no more than the pool \
+             budget {}: the budget never binds, and each worker is held to its own ceiling as \
+             with --limit alone; raise --limit (or leave it out: ceilings of twice the fair \
+             share) to let one worker's burst use room the others leave",
+            human_bytes(sum),
+            human_bytes(c),
+            human_bytes(b)
+        )
+    })
 }
 
 /// Each worker's ceiling under a budget: `--limit` if given (at most the budget), else
@@ -173,6 +191,19 @@ mod tests {
     fn hint(args: &[&str]) -> Option<String> {
         let cli = Cli::try_parse_from(args).expect("test flags parse");
         readiness_hint(&Config::from_args(&cli.run).expect("valid"))
+    }
+
+    #[test]
+    fn a_budget_the_ceilings_never_reach_together_is_warned_about() {
+        const M: u64 = 1 << 20;
+        let h = budget_hint(Some(600 * M), Some(100 * M), 4).unwrap();
+        assert!(h.contains("400 MiB") && h.contains("never binds"), "{h}");
+        assert!(budget_hint(Some(400 * M), Some(100 * M), 4).is_some());
+        assert_eq!(budget_hint(Some(600 * M), Some(300 * M), 4), None);
+        assert_eq!(budget_hint(None, Some(100 * M), 4), None);
+        // The default ceilings (twice the fair share) always overcommit.
+        let c = worker_ceiling(None, Some(600 * M), 4);
+        assert_eq!(budget_hint(Some(600 * M), c, 4), None);
     }
 
     #[test]
