@@ -130,12 +130,10 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
                 status::metrics::serve_metrics(addr, m.clone())
                     .await
                     .map_err(bad_input)?;
-                info!(addr = %addr, "serving Prometheus metrics on /metrics");
                 Some(m)
             }
             None => None,
         };
-        info!(path = %control.path().display(), "control socket (trimrun status, trimrun ctl)");
         let failure = |what: &str, e: std::io::Error| Fatal {
             code: exit::FAILURE,
             message: format!("cannot {what}: {e}"),

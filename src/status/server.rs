@@ -167,7 +167,7 @@ pub async fn serve(
         path: path.clone(),
         source: e,
     })?;
-    info!(path = %path.display(), "control socket listening");
+    info!(path = %path.display(), "control socket listening (trimrun status, trimrun ctl)");
     let (closing, closing_rx) = watch::channel(false);
     let task = tokio::spawn(accept_loop(listener, tx, closing_rx));
     Ok(ControlServer {
