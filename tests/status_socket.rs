@@ -543,7 +543,16 @@ async fn metrics_output_passes_promtool_check_metrics() {
         return;
     }
     let (addr, m) = metrics_server().await;
-    m.update(&snapshot());
+    // With a budget, so that the pool's gauges are checked too.
+    m.update(&Snapshot {
+        pool: Some(trimrun::status::PoolSnapshot {
+            budget: 600 << 20,
+            working_set: Some(397 << 20),
+            peak: Some(550 << 20),
+            cgroup: Some("/sys/fs/cgroup/trimrun-1".into()),
+        }),
+        ..snapshot()
+    });
     for slot in 0..2 {
         m.trimmed(slot, 1 << 20, Duration::from_micros(500));
         m.recycled(slot, "memory");

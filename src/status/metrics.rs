@@ -37,6 +37,9 @@
 //! | `trimrun_log_lines_dropped_total` | counter | |
 //! | `trimrun_ready_time_seconds` | gauge (the start-up time the policy plans with: measured with `--ready notify`) | |
 //! | `trimrun_worker_timeouts_total` | counter (workers that missed their `--timeout` watchdog) | `slot` |
+//! | `trimrun_pool_budget_bytes` | gauge (absent without `--pool-limit`) | |
+//! | `trimrun_pool_working_set_bytes` | gauge (the pool group's, as the budget is measured; absent without a budget or a pool group) | |
+//! | `trimrun_pool_peak_bytes` | gauge (the pool group's high-water mark; absent likewise) | |
 //!
 //! The per-worker gauges of a slot that no longer exists (after `scale -1`) are removed at
 //! the next update; its counters stay, as counters must.
@@ -75,6 +78,10 @@ const PAUSE_BUCKETS: [f64; 14] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
     2.5,
 ];
+
+/// No labels: a family of one series, for a gauge that may be absent.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NoLabels {}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SlotLabels {
@@ -145,6 +152,11 @@ pub struct Metrics {
     slot_last_exit: Family<ExitLabels, GaugeU64>,
     log_dropped: Counter,
     ready_time: GaugeF64,
+    /// The pool budget's gauges: families without labels, so that they are absent (no
+    /// sample) without a budget rather than a misleading 0.
+    pool_budget: Family<NoLabels, GaugeU64>,
+    pool_working_set: Family<NoLabels, GaugeU64>,
+    pool_peak: Family<NoLabels, GaugeU64>,
     timeouts: Family<SlotLabels, Counter>,
     /// Slots with per-worker gauges, to drop those of slots that are gone.
     slots: Mutex<BTreeSet<usize>>,
@@ -187,6 +199,9 @@ impl Metrics {
             slot_last_exit: Default::default(),
             log_dropped: Default::default(),
             ready_time: Default::default(),
+            pool_budget: Default::default(),
+            pool_working_set: Default::default(),
+            pool_peak: Default::default(),
             timeouts: Default::default(),
             slots: Mutex::new(BTreeSet::new()),
             registry: Registry::default(),
@@ -338,6 +353,25 @@ impl Metrics {
             "Workers that missed their watchdog (--timeout) and were replaced",
             m.timeouts.clone(),
         );
+        for (name, help, g) in [
+            (
+                "pool_budget",
+                "The pool's memory budget (--pool-limit)",
+                &m.pool_budget,
+            ),
+            (
+                "pool_working_set",
+                "Working set of the pool's cgroup, as the budget is measured",
+                &m.pool_working_set,
+            ),
+            (
+                "pool_peak",
+                "High-water mark of the pool's cgroup",
+                &m.pool_peak,
+            ),
+        ] {
+            r.register_with_unit(name, help, Unit::Bytes, g.clone());
+        }
         Arc::new(Metrics { registry: r, ..m })
     }
 
@@ -403,6 +437,19 @@ impl Metrics {
         catch_up(&self.oom_kills, s.oom_kills);
         catch_up(&self.log_dropped, s.log_lines_dropped);
         self.ready_time.set(s.ready_time_secs);
+        let pool = s.pool.as_ref();
+        for (g, v) in [
+            (&self.pool_budget, pool.map(|p| p.budget)),
+            (&self.pool_working_set, pool.and_then(|p| p.working_set)),
+            (&self.pool_peak, pool.and_then(|p| p.peak)),
+        ] {
+            match v {
+                Some(v) => {
+                    g.get_or_create(&NoLabels::default()).set(v);
+                }
+                None => g.clear(),
+            }
+        }
         self.worker_state.clear();
         for w in &s.workers {
             self.worker_state
@@ -976,6 +1023,20 @@ mod tests {
         );
         assert_eq!(v["trimrun_log_lines_dropped_total"], 7.0);
         assert_eq!(v["trimrun_ready_time_seconds"], 2.75);
+        // No budget: no pool series (not a 0 that reads as an empty pool).
+        assert!(!v.keys().any(|k| k.starts_with("trimrun_pool_")), "{text}");
+        s.pool = Some(crate::status::PoolSnapshot {
+            budget: 600 << 20,
+            working_set: Some(397 << 20),
+            peak: Some(550 << 20),
+            cgroup: None,
+        });
+        m.update(&s);
+        let v = samples(&m.encode());
+        assert_eq!(v["trimrun_pool_budget_bytes"], (600u64 << 20) as f64);
+        assert_eq!(v["trimrun_pool_working_set_bytes"], (397u64 << 20) as f64);
+        assert_eq!(v["trimrun_pool_peak_bytes"], (550u64 << 20) as f64);
+        s.pool = None;
         // A state that is over disappears; counters never go back.
         s.workers[1].state = "ready".into();
         s.slots[0].oom_kills = 0;
