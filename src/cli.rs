@@ -145,7 +145,7 @@ pub struct RunArgs {
         help_heading = "Lifecycle"
     )]
     pub stop_signal: String,
-    /// When a new worker counts as ready: `notify` (sd_notify READY=1 on its own NOTIFY_SOCKET), `delay:DURATION`, or `auto`: notify for `python -m trimrun_worker`, gunicorn and --preload, else delay:1s
+    /// When a new worker counts as ready: `notify` (sd_notify READY=1 on its own NOTIFY_SOCKET), `delay:DURATION`, or `auto`: notify for `python -m trimrun_worker` and --preload, else delay:1s
     #[arg(
         long,
         env = "TRIMRUN_READY",

@@ -12,8 +12,10 @@ use crate::size::{parse_duration, parse_size};
 use crate::sockets::{BindAddr, parse_bind};
 
 /// The commands known to send `READY=1` once they serve, by the base name of one of
-/// their arguments (`python -m trimrun_worker`, `/venv/bin/gunicorn`).
-const SPEAKS_NOTIFY: [&str; 2] = ["trimrun_worker", "gunicorn"];
+/// their arguments (`python -m trimrun_worker`, `/venv/bin/trimrun_worker`). Not gunicorn:
+/// its master sends `READY=1` once it has booted, before its worker has imported the app,
+/// so for it notify is no better than a delay.
+const SPEAKS_NOTIFY: [&str; 1] = ["trimrun_worker"];
 
 /// The name of the known `READY=1` speaker in `cmd`, if there is one.
 pub fn speaks_notify(cmd: &[String]) -> Option<&'static str> {
@@ -25,7 +27,8 @@ pub fn speaks_notify(cmd: &[String]) -> Option<&'static str> {
     })
 }
 
-/// `--ready auto`: `notify` for a command known to send `READY=1` and under `--preload`
+/// `--ready auto`: `notify` for a command known to send `READY=1` once it serves
+/// (trimrun_worker) and under `--preload`
 /// (whose zygote is `trimrun_worker`), else a delay of 1 s. With a delay, a recycle
 /// stops the old worker once the delay has passed, serving or not, and the policy plans
 /// with the delay as the ready time; a worker that needs longer to import its app then
@@ -354,9 +357,10 @@ mod tests {
             ready(&[&["trimrun"][..], &w].concat()),
             (Ready::Notify, true)
         );
+        // gunicorn's READY=1 comes before its worker has imported the app.
         assert_eq!(
             ready(&["trimrun", "--", "gunicorn", "-w", "1", "app:app"]),
-            (Ready::Notify, true)
+            (delay, true)
         );
         assert_eq!(
             ready(&["trimrun", "--preload", "--", "./serve"]),

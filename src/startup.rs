@@ -147,7 +147,7 @@ pub fn worker_ceiling(limit: Option<u64>, budget: Option<u64>, workers: usize) -
     }
 }
 
-/// A warning for a command known to send `READY=1` (`trimrun_worker`, gunicorn) run with
+/// A warning for a command known to send `READY=1` once it serves (`trimrun_worker`) run with
 /// readiness by delay: a recycle then stops the old worker once the delay has passed,
 /// whether or not its replacement has imported the app and is serving, which a slow
 /// import turns into refused or reset connections (and with `--timeout`, into a worker
@@ -228,6 +228,7 @@ mod tests {
         assert_eq!(hint(&[&["trimrun", "--"][..], &w].concat()), None);
         let notify = [&["trimrun", "--ready", "notify", "--"][..], &w].concat();
         assert_eq!(hint(&notify), None);
+        // gunicorn's READY=1 means its master booted, not that it serves: no hint.
         let g = [
             "trimrun",
             "--ready",
@@ -236,7 +237,7 @@ mod tests {
             "/venv/bin/gunicorn",
             "app:app",
         ];
-        assert!(hint(&g).is_some());
+        assert_eq!(hint(&g), None);
         assert_eq!(hint(&["trimrun", "--", "python3", "app.py"]), None);
     }
 }
