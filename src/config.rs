@@ -12,10 +12,13 @@ use crate::size::{parse_duration, parse_size};
 use crate::sockets::{BindAddr, parse_bind};
 
 /// The commands known to send `READY=1` once they serve, by the base name of one of
-/// their arguments (`python -m trimrun_worker`, `/venv/bin/trimrun_worker`). Not gunicorn:
-/// its master sends `READY=1` once it has booted, before its worker has imported the app,
-/// so for it notify is no better than a delay.
-const SPEAKS_NOTIFY: [&str; 1] = ["trimrun_worker"];
+/// their arguments (`python -m trimrun_worker`, or its script `/venv/bin/trimrun-worker`),
+/// and the name to say. Not gunicorn: its master sends `READY=1` once it has booted,
+/// before its worker has imported the app, so for it notify is no better than a delay.
+const SPEAKS_NOTIFY: [(&str, &str); 2] = [
+    ("trimrun_worker", "trimrun_worker"),
+    ("trimrun-worker", "trimrun_worker"),
+];
 
 /// The name of the known `READY=1` speaker in `cmd`, if there is one.
 pub fn speaks_notify(cmd: &[String]) -> Option<&'static str> {
@@ -23,7 +26,8 @@ pub fn speaks_notify(cmd: &[String]) -> Option<&'static str> {
         let base = a.rsplit('/').next().unwrap_or(a);
         SPEAKS_NOTIFY
             .into_iter()
-            .find(|s| base == *s || base.starts_with(&format!("{s}.")))
+            .find(|(s, _)| base == *s || base.starts_with(&format!("{s}.")))
+            .map(|(_, name)| name)
     })
 }
 
@@ -355,6 +359,10 @@ mod tests {
         let w = ["--", "/venv/bin/python3", "-m", "trimrun_worker", "app:app"];
         assert_eq!(
             ready(&[&["trimrun"][..], &w].concat()),
+            (Ready::Notify, true)
+        );
+        assert_eq!(
+            ready(&["trimrun", "--", "/venv/bin/trimrun-worker", "app:app"]),
             (Ready::Notify, true)
         );
         // gunicorn's READY=1 comes before its worker has imported the app.
