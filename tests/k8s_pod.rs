@@ -197,7 +197,7 @@ fn the_kubernetes_example_runs_as_shipped_in_a_read_only_unprivileged_pod() {
             trimrun::cgroup::auto_limit(POD_LIMIT, 4, trimrun::cgroup::default_reserve(POD_LIMIT))
                 .unwrap();
         assert_eq!(per, expect, "{text}");
-        assert!(text.contains("1 GiB available"), "{text}");
+        assert!(text.contains("1 GiB allowed by "), "{text}");
         // It runs as the pod's user and serves on the manifest's port.
         let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid)).unwrap();
         assert!(
