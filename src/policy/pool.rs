@@ -692,15 +692,20 @@ impl PoolPolicy {
                 };
                 in_progress += 1;
                 let budget = for_budget == Some(i) || pool_carrier == Some(i);
+                let ahead = ahead.filter(|a| a.0 == i).map(|a| a.1);
                 out.recycles.push(RecycleOrder {
                     worker: i,
-                    // A memory recycle the pool's deadline brought forward is the budget's.
+                    // Started ahead of its own threshold for the pool's deadline: the
+                    // budget's. (One past its own threshold is a memory recycle, whatever
+                    // the pool's deadline.)
                     reason: match c.reason {
-                        RecycleReason::Memory if budget => RecycleReason::Budget,
+                        RecycleReason::Memory if pool_carrier == Some(i) && ahead.is_some() => {
+                            RecycleReason::Budget
+                        }
                         r => r,
                     },
                     waited: now.saturating_sub(c.waiting_since),
-                    ahead: ahead.filter(|a| a.0 == i).map(|a| a.1),
+                    ahead,
                     for_budget: budget,
                     mode: self.mode(pool_usage, pool_rate, recycle_time, transient),
                 });
