@@ -154,7 +154,8 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             .with_credentials(cfg.credentials.clone())
             .with_output_wrapping(cfg.wrap_worker_output);
         let launcher: Box<dyn edge::Launcher> = if preload {
-            Box::new(edge::Zygotes::new(fork_exec, ready_timeout))
+            let known = config::speaks_notify(&cfg.cmd) == Some("trimrun_worker");
+            Box::new(edge::Zygotes::new(fork_exec, ready_timeout, known))
         } else {
             Box::new(fork_exec)
         };
@@ -186,6 +187,10 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
     match outcome {
         Ok(supervisor::Outcome::Stopped) => Ok(exit::OK),
         Ok(supervisor::Outcome::Escalated) => Ok(exit::ESCALATED),
+        Ok(supervisor::Outcome::Failed(message)) => Err(Fatal {
+            code: exit::BAD_INPUT,
+            message,
+        }),
         Err(f) => Err(f),
     }
 }

@@ -174,9 +174,9 @@ pub fn preload_hint(cfg: &Config) -> Option<String> {
     }
     Some(format!(
         "--preload runs the command as a zygote that must speak the protocol of docs/preload.md, \
-         as `python -m trimrun_worker APP` does; {:?} is not known to: if it does not, no worker \
-         starts, and until --ready-timeout ({:?}) it serves the sockets itself, outside the \
-         workers' cgroups",
+         as `python -m trimrun_worker APP` does; {:?} is not that: unless it speaks the \
+         protocol, no worker starts, the command serves the sockets itself (outside the \
+         workers' cgroups) until --ready-timeout ({:?}), and then trimrun stops with exit 2",
         cfg.cmd.join(" "),
         cfg.ready_timeout
     ))

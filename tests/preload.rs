@@ -207,3 +207,34 @@ fn preload_loses_no_request_to_hup_recycle_or_a_dying_zygote() {
         pool.log()
     );
 }
+
+/// `--preload` with a command that does not speak the zygote protocol (a plain server
+/// that serves the shared socket itself): warned about at start, and once it has not said
+/// ready within `--ready-timeout`, the pool stops and trimrun exits 2 saying why, instead
+/// of starting such "zygotes" for ever, each serving outside every worker's cgroup.
+#[test]
+fn a_preload_command_that_is_not_a_zygote_stops_the_pool_with_exit_2() {
+    let app = common::example("app.py");
+    let mut pool = Pool::start(
+        &["-n", "2", "--preload", "--ready-timeout", "2s"],
+        &["python3", &app],
+    );
+    let code = pool.wait_exit(Duration::from_secs(60));
+    let log = pool.log();
+    assert_eq!(code, Some(2), "{log}");
+    assert!(
+        log.contains("--preload runs the command as a zygote"),
+        "no warning at start:\n{log}"
+    );
+    assert!(
+        log.contains("does not speak the zygote protocol of docs/preload.md"),
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("its command is not python -m trimrun_worker")
+            .count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert_eq!(log.matches("zygote started").count(), 1, "{log}");
+}

@@ -128,6 +128,12 @@ pub trait Launcher: Send {
     fn not_before(&mut self) -> Option<std::time::Duration> {
         None
     }
+    /// Why the pool cannot go on with this launcher, if it cannot (a `--preload` command
+    /// that does not speak the zygote protocol): the supervisor stops the pool and trimrun
+    /// exits 2 with this message.
+    fn fatal(&self) -> Option<String> {
+        None
+    }
     /// A rolling restart begins (HUP, `ctl reload`): workers launched from now on must run
     /// the new code. (The zygote launcher starts a new zygote.)
     fn reload(&mut self) {}

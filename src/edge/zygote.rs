@@ -45,6 +45,10 @@ pub struct Zygotes {
     /// After a zygote failed before it was ready: no new one before then.
     next_start: Option<Instant>,
     backoff: Duration,
+    /// The command is one known to speak the zygote protocol (`trimrun_worker`).
+    known_zygote: bool,
+    /// Why the pool cannot go on (see [`Launcher::fatal`]).
+    fatal: Option<String>,
 }
 
 fn spawn_error(slot: usize, op: &'static str, e: ZygoteError) -> SpawnError {
@@ -59,9 +63,13 @@ fn spawn_error(slot: usize, op: &'static str, e: ZygoteError) -> SpawnError {
 }
 
 impl Zygotes {
-    /// `inner` provides the command, the sockets and the reaping.
-    pub fn new(inner: ForkExec, ready_timeout: Duration) -> Zygotes {
+    /// `inner` provides the command, the sockets and the reaping. `known_zygote`: the
+    /// command is known to speak the protocol (`python -m trimrun_worker`); one that is not
+    /// and never says ready is taken for a command that does not speak it at all.
+    pub fn new(inner: ForkExec, ready_timeout: Duration, known_zygote: bool) -> Zygotes {
         Zygotes {
+            known_zygote,
+            fatal: None,
             inner,
             current: None,
             retired: vec![],
@@ -152,6 +160,21 @@ impl Zygotes {
                 let pid = z.pid;
                 self.discard();
                 self.failed();
+                // A command not known to speak the protocol that stayed alive and silent
+                // for a whole --ready-timeout: most likely a server that serves the
+                // sockets itself, outside every worker's cgroup. Another would do the same.
+                if !self.known_zygote {
+                    self.fatal = Some(format!(
+                        "--preload: the zygote (pid {pid}) did not say ready within \
+                         --ready-timeout ({timeout:?}) and its command is not python -m \
+                         trimrun_worker: it does not speak the zygote protocol of \
+                         docs/preload.md, so no worker could start, and it would serve the \
+                         sockets itself, outside every worker's cgroup. Run the app with \
+                         `python -m trimrun_worker APP` under --preload, or drop --preload \
+                         (if it is a wrapper that does exec trimrun_worker and only imports \
+                         slowly, raise --ready-timeout)"
+                    ));
+                }
                 Err(ZygoteError::Timeout {
                     pid,
                     what: "say ready (a command that does not speak the zygote protocol of docs/preload.md, such as a server started on its own, never does, and serves meanwhile outside the workers' cgroups: --preload needs `python -m trimrun_worker APP`)",
@@ -274,6 +297,10 @@ impl Launcher for Zygotes {
     /// `status` and readiness meanwhile. Not while the next zygote backs off after one
     /// failed (an app that does not import): then launches fail as they did, and the
     /// serving workers' trims and recycles go on.
+    fn fatal(&self) -> Option<String> {
+        self.fatal.clone()
+    }
+
     fn not_before(&mut self) -> Option<Duration> {
         match self.poll() {
             Ok(Some(wait)) if self.current.is_some() => Some(wait),

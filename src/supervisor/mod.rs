@@ -81,12 +81,15 @@ pub struct Setup {
 }
 
 /// Why the pool ended: maps to the exit code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Graceful or fast shutdown as asked.
     Stopped,
     /// A second TERM/INT cut the graceful shutdown short.
     Escalated,
+    /// The pool could not go on (the launcher's [`crate::edge::Launcher::fatal`]): it was
+    /// stopped, and trimrun exits 2 with this message.
+    Failed(String),
 }
 
 enum Event {
@@ -199,6 +202,8 @@ pub struct Supervisor {
     pool_usage: Option<u64>,
     /// The pool group's last reading (with a budget), for status.
     pool_reading: Option<crate::edge::PoolReading>,
+    /// Why the pool is stopping, if it cannot go on ([`Outcome::Failed`]).
+    fatal: Option<String>,
     /// Workers already reported as growing too fast for any schedule.
     too_fast_logged: std::collections::HashSet<i32>,
     target: usize,
@@ -243,6 +248,7 @@ impl Supervisor {
             pool_usage: None,
             pool_reading: None,
             too_fast_logged: Default::default(),
+            fatal: None,
             target,
             slots: (0..target).map(|_| Slot::new()).collect(),
             workers: Vec::new(),

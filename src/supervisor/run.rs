@@ -138,8 +138,18 @@ impl Supervisor {
             self.on_timers(now);
             // The policy may have asked for a shorter tick (a worker near its limit).
             next_tick = next_tick.min(now + self.tick);
+            if self.fatal.is_none()
+                && !self.phase.stopping()
+                && let Some(why) = self.launcher.fatal()
+            {
+                // Said once, by trimrun's exit (exit code 2).
+                warn!("the pool cannot go on: stopping it");
+                self.fatal = Some(why);
+                self.begin_shutdown();
+            }
             if self.phase.stopping() && self.workers.is_empty() {
-                return self.finish(Outcome::Stopped).await;
+                let outcome = self.fatal.take().map_or(Outcome::Stopped, Outcome::Failed);
+                return self.finish(outcome).await;
             }
             if self.next_deadline().is_some_and(|d| d <= now) {
                 // More is due at once (a batch of starts): let the control server and the
