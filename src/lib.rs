@@ -87,6 +87,15 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             cgroups.teardown();
             bad_input(e)
         })?;
+    if let (Some(l), Some(b)) = (limit, budget)
+        && l > b
+    {
+        warn!(
+            "--limit {} is more than the pool budget {}: each worker's ceiling is the budget",
+            size::human_bytes(l),
+            size::human_bytes(b)
+        );
+    }
     let limit = startup::worker_ceiling(limit, budget, cfg.workers);
     if let Some(b) = budget {
         match cgroups.set_pool_limit(b) {
