@@ -181,6 +181,8 @@ struct LauncherState {
     /// Workers that ignore the stop signal (exit only on SIGKILL).
     stubborn: Vec<i32>,
     fail_next: u32,
+    /// What [`Launcher::fatal`] says.
+    fatal: Option<String>,
 }
 
 /// Fake [`Launcher`]: hands out pids, records signals; a worker "exits" when the test says
@@ -238,6 +240,11 @@ impl FakeLauncher {
     pub fn fail_next(&self, n: u32) {
         lock(&self.state).fail_next = n;
     }
+
+    /// From now on the launcher cannot go on (as a `--preload` command that is no zygote).
+    pub fn fail_fatally(&self, why: &str) {
+        lock(&self.state).fatal = Some(why.into());
+    }
 }
 
 impl Launcher for FakeLauncher {
@@ -276,6 +283,10 @@ impl Launcher for FakeLauncher {
 
     fn reap(&mut self) -> Vec<(i32, Exit)> {
         lock(&self.state).exits.drain(..).collect()
+    }
+
+    fn fatal(&self) -> Option<String> {
+        lock(&self.state).fatal.clone()
     }
 }
 

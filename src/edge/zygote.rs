@@ -292,15 +292,16 @@ impl Launcher for Zygotes {
         self.inner.signal(pid, sig)
     }
 
+    /// Set when a command not known to speak the protocol never said ready.
+    fn fatal(&self) -> Option<String> {
+        self.fatal.clone()
+    }
+
     /// While the zygote imports the app (at start, after a HUP or a restart), no worker
     /// can be forked: say so instead of waiting, so the pool keeps answering signals,
     /// `status` and readiness meanwhile. Not while the next zygote backs off after one
     /// failed (an app that does not import): then launches fail as they did, and the
     /// serving workers' trims and recycles go on.
-    fn fatal(&self) -> Option<String> {
-        self.fatal.clone()
-    }
-
     fn not_before(&mut self) -> Option<Duration> {
         match self.poll() {
             Ok(Some(wait)) if self.current.is_some() => Some(wait),

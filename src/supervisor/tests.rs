@@ -482,6 +482,23 @@ async fn a_second_stop_signal_kills_at_once() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_launcher_that_cannot_go_on_stops_the_pool_gracefully_with_its_reason() {
+    let mut p = pool(&["-n", "2", "--ready", "delay:100ms"], None);
+    p.until(Duration::from_secs(2), "ready", all_ready(2)).await;
+    let pids: Vec<i32> = p.launcher.alive();
+    p.launcher.fail_fatally("no zygote");
+    let outcome = tokio::time::timeout(Duration::from_secs(60), &mut p.task)
+        .await
+        .expect("the pool went on")
+        .unwrap();
+    assert_eq!(outcome, Outcome::Failed("no zygote".into()));
+    // Each worker got the stop signal (graceful), none was killed.
+    for pid in pids {
+        assert_eq!(p.signals_to(pid), vec![Signal::SIGTERM], "{pid}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn scaling_down_drains_the_highest_slots_and_up_starts_new_ones() {
     let p = pool(&["-n", "3", "--ready", "delay:100ms"], None);
     p.until(Duration::from_secs(2), "ready", all_ready(3)).await;
