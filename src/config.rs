@@ -21,14 +21,24 @@ const SPEAKS_NOTIFY: [(&str, &str); 2] = [
 ];
 
 /// The name of the known `READY=1` speaker in `cmd`, if there is one.
+/// An argument names it when its base name is the program (`/venv/bin/trimrun-worker`,
+/// also behind `env` or `uv run`), or it follows `-m` (`-m trimrun_worker`, or a module in
+/// it); not a mere mention (`--log-file /var/log/trimrun_worker.log`).
 pub fn speaks_notify(cmd: &[String]) -> Option<&'static str> {
-    cmd.iter().find_map(|a| {
+    cmd.iter().enumerate().find_map(|(i, a)| {
         let base = a.rsplit('/').next().unwrap_or(a);
+        let after_m = i > 0 && cmd[i - 1] == "-m";
         SPEAKS_NOTIFY
             .into_iter()
-            .find(|(s, _)| base == *s || base.starts_with(&format!("{s}.")))
+            .find(|(s, _)| base == *s || (after_m && a.starts_with(&format!("{s}."))))
             .map(|(_, name)| name)
     })
+}
+
+/// The command is `trimrun_worker`, the one known to speak the zygote protocol of
+/// `--preload` (docs/preload.md).
+pub fn is_known_zygote(cmd: &[String]) -> bool {
+    speaks_notify(cmd) == Some("trimrun_worker")
 }
 
 /// `--ready auto`: `notify` for a command known to send `READY=1` once it serves
@@ -365,6 +375,26 @@ mod tests {
             ready(&["trimrun", "--", "/venv/bin/trimrun-worker", "app:app"]),
             (Ready::Notify, true)
         );
+        assert_eq!(
+            ready(&[
+                "trimrun",
+                "--",
+                "python3",
+                "-m",
+                "trimrun_worker.cli",
+                "app:app"
+            ]),
+            (Ready::Notify, true)
+        );
+        // A mention is not the program.
+        let mention = [
+            "trimrun",
+            "--",
+            "app",
+            "--log",
+            "/var/log/trimrun_worker.log",
+        ];
+        assert_eq!(ready(&mention), (delay, true));
         // gunicorn's READY=1 comes before its worker has imported the app.
         assert_eq!(
             ready(&["trimrun", "--", "gunicorn", "-w", "1", "app:app"]),

@@ -87,14 +87,8 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             cgroups.teardown();
             bad_input(e)
         })?;
-    if let (Some(l), Some(b)) = (limit, budget)
-        && l > b
-    {
-        warn!(
-            "--limit {} is more than the pool budget {}: each worker's ceiling is the budget",
-            size::human_bytes(l),
-            size::human_bytes(b)
-        );
+    for hint in startup::budget_hints(limit, budget, cfg.workers) {
+        warn!("{hint}");
     }
     let limit = startup::worker_ceiling(limit, budget, cfg.workers);
     if let Some(b) = budget {
@@ -107,9 +101,6 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
                 limit.map_or("none".into(), size::human_bytes)
             ),
             Err(e) => warn!(error = %e, "the pool budget is not enforced by the kernel"),
-        }
-        if let Some(hint) = startup::budget_hint(budget, limit, cfg.workers) {
-            warn!("{hint}");
         }
     }
     // A current-thread runtime: the supervisor, and so every fork, stays on the main
@@ -163,7 +154,7 @@ pub fn run_pool(args: &cli::RunArgs) -> Result<i32, Fatal> {
             .with_credentials(cfg.credentials.clone())
             .with_output_wrapping(cfg.wrap_worker_output);
         let launcher: Box<dyn edge::Launcher> = if preload {
-            let known = config::speaks_notify(&cfg.cmd) == Some("trimrun_worker");
+            let known = config::is_known_zygote(&cfg.cmd);
             Box::new(edge::Zygotes::new(fork_exec, ready_timeout, known))
         } else {
             Box::new(fork_exec)

@@ -119,22 +119,33 @@ pub fn resolve_pool_limit(
     Ok(Some(budget))
 }
 
-/// A warning for a budget the workers' ceilings can never reach together: then the
-/// ceilings are a hard split and the budget does nothing.
-pub fn budget_hint(budget: Option<u64>, ceiling: Option<u64>, workers: usize) -> Option<String> {
-    let (b, c) = (budget?, ceiling?);
-    let sum = c.saturating_mul(workers as u64);
-    (sum <= b).then(|| {
-        format!(
+/// Warnings for `--limit` beside `--pool-limit` (`limit`: `--limit` as resolved, None if
+/// not given): one above the budget (each ceiling is then the budget), or ceilings that add
+/// up to no more than the budget (it never binds: a hard split, as `--limit` alone).
+pub fn budget_hints(limit: Option<u64>, budget: Option<u64>, workers: usize) -> Vec<String> {
+    let (Some(l), Some(b)) = (limit, budget) else {
+        return vec![];
+    };
+    if l > b {
+        return vec![format!(
+            "--limit {} is more than the pool budget {}: each worker's ceiling is the budget",
+            human_bytes(l),
+            human_bytes(b)
+        )];
+    }
+    let sum = l.saturating_mul(workers as u64);
+    if l < b && sum <= b {
+        return vec![format!(
             "the workers' ceilings add up to {} ({workers} x --limit {}), no more than the pool \
              budget {}: the budget never binds, and each worker is held to its own ceiling as \
-             with --limit alone; raise --limit (or leave it out: ceilings of twice the fair \
-             share) to let one worker's burst use room the others leave",
+             with --limit alone; raise --limit, or leave it out (ceilings of twice the fair \
+             share), to let one worker's burst use room the others leave",
             human_bytes(sum),
-            human_bytes(c),
+            human_bytes(l),
             human_bytes(b)
-        )
-    })
+        )];
+    }
+    vec![]
 }
 
 /// Each worker's ceiling under a budget: `--limit` if given (at most the budget), else
@@ -169,7 +180,7 @@ pub fn readiness_hint(cfg: &Config) -> Option<String> {
 /// until `--ready-timeout` kills it, it serves the shared sockets itself, outside every
 /// worker's cgroup. A wrapper script that execs `trimrun_worker` is fine, hence a warning.
 pub fn preload_hint(cfg: &Config) -> Option<String> {
-    if !cfg.preload || crate::config::speaks_notify(&cfg.cmd) == Some("trimrun_worker") {
+    if !cfg.preload || crate::config::is_known_zygote(&cfg.cmd) {
         return None;
     }
     Some(format!(
@@ -196,14 +207,24 @@ mod tests {
     #[test]
     fn a_budget_the_ceilings_never_reach_together_is_warned_about() {
         const M: u64 = 1 << 20;
-        let h = budget_hint(Some(600 * M), Some(100 * M), 4).unwrap();
-        assert!(h.contains("400 MiB") && h.contains("never binds"), "{h}");
-        assert!(budget_hint(Some(400 * M), Some(100 * M), 4).is_some());
-        assert_eq!(budget_hint(Some(600 * M), Some(300 * M), 4), None);
-        assert_eq!(budget_hint(None, Some(100 * M), 4), None);
-        // The default ceilings (twice the fair share) always overcommit.
-        let c = worker_ceiling(None, Some(600 * M), 4);
-        assert_eq!(budget_hint(Some(600 * M), c, 4), None);
+        let h = budget_hints(Some(100 * M), Some(600 * M), 4);
+        assert!(
+            h[0].contains("400 MiB") && h[0].contains("never binds"),
+            "{h:?}"
+        );
+        assert_eq!(budget_hints(Some(100 * M), Some(400 * M), 4).len(), 1);
+        assert!(budget_hints(Some(300 * M), Some(600 * M), 4).is_empty());
+        assert!(budget_hints(Some(100 * M), None, 4).is_empty());
+        // Not given: the default ceilings (twice the fair share, the budget for one
+        // worker) always overcommit or are the budget itself.
+        assert!(budget_hints(None, Some(600 * M), 4).is_empty());
+        assert!(budget_hints(Some(600 * M), Some(600 * M), 1).is_empty());
+        // Above the budget: capped, and said so.
+        let h = budget_hints(Some(200 * M), Some(100 * M), 2);
+        assert!(
+            h[0].contains("each worker's ceiling is the budget"),
+            "{h:?}"
+        );
     }
 
     #[test]

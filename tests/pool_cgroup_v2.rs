@@ -326,7 +326,7 @@ fn inner_v2_pool_whose_ceilings_exceed_its_budget_stays_under_it() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let group = format!("/trimrun-{}", pool.pid());
+    let group = format!("/trimrun-{}/", pool.pid());
     let kills: Vec<&str> = kernel
         .lines()
         .filter(|l| l.contains("oom-kill:") && l.contains(&group))

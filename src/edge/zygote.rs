@@ -5,7 +5,9 @@
 //! - The zygote is started before the first worker. Nothing here waits for its `ready`:
 //!   while it imports the app, [`Launcher::not_before`] says so and the supervisor starts
 //!   no worker and decides no recycle, and keeps answering signals and `status`; a
-//!   zygote not ready within `--ready-timeout` is killed and another started.
+//!   zygote not ready within `--ready-timeout` is killed and another started, unless its
+//!   command is not `trimrun_worker` and no zygote of the pool was ever ready: then
+//!   [`Launcher::fatal`] stops the pool ([`never_a_zygote`]).
 //! - HUP ([`Launcher::reload`]): the zygote is stopped and a new one started (new code);
 //!   the rolling restart then forks every replacement from it, once it is ready.
 //! - A zygote that dies is reaped here, not reported as a worker; one that had been ready is
@@ -49,6 +51,16 @@ pub struct Zygotes {
     known_zygote: bool,
     /// Why the pool cannot go on (see [`Launcher::fatal`]).
     fatal: Option<String>,
+    /// Some zygote of this pool said ready once: the command speaks the protocol.
+    ever_ready: bool,
+}
+
+/// Whether a zygote that did not say ready within `--ready-timeout` means the pool cannot go
+/// on: only for a command not known to speak the protocol whose zygotes never did (a plain
+/// server that serves the sockets itself). A known one may just import slowly, and one that
+/// was ready before (a HUP's new code importing slowly) speaks it: both are retried.
+pub fn never_a_zygote(known_zygote: bool, ever_ready: bool) -> bool {
+    !known_zygote && !ever_ready
 }
 
 fn spawn_error(slot: usize, op: &'static str, e: ZygoteError) -> SpawnError {
@@ -70,6 +82,7 @@ impl Zygotes {
         Zygotes {
             known_zygote,
             fatal: None,
+            ever_ready: false,
             inner,
             current: None,
             retired: vec![],
@@ -153,6 +166,7 @@ impl Zygotes {
                     "zygote ready"
                 );
                 self.backoff = ZYGOTE_BACKOFF_MIN;
+                self.ever_ready = true;
                 Ok(None)
             }
             Ok(false) if z.started.elapsed() < timeout => Ok(Some(READY_POLL)),
@@ -163,7 +177,8 @@ impl Zygotes {
                 // A command not known to speak the protocol that stayed alive and silent
                 // for a whole --ready-timeout: most likely a server that serves the
                 // sockets itself, outside every worker's cgroup. Another would do the same.
-                if !self.known_zygote {
+                let never = never_a_zygote(self.known_zygote, self.ever_ready);
+                if never {
                     self.fatal = Some(format!(
                         "--preload: the zygote (pid {pid}) did not say ready within \
                          --ready-timeout ({timeout:?}) and its command is not python -m \
@@ -177,7 +192,11 @@ impl Zygotes {
                 }
                 Err(ZygoteError::Timeout {
                     pid,
-                    what: "say ready (a command that does not speak the zygote protocol of docs/preload.md, such as a server started on its own, never does, and serves meanwhile outside the workers' cgroups: --preload needs `python -m trimrun_worker APP`)",
+                    what: if never {
+                        "say ready (a command that does not speak the zygote protocol of docs/preload.md, such as a server started on its own, never does, and serves meanwhile outside the workers' cgroups: --preload needs `python -m trimrun_worker APP`)"
+                    } else {
+                        "say ready (its app imports slowly, or hangs in its import: raise --ready-timeout if it is only slow)"
+                    },
                     after: timeout,
                 })
             }
@@ -407,5 +426,20 @@ impl Drop for Zygotes {
         if let Some(z) = &self.current {
             z.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::never_a_zygote;
+
+    #[test]
+    fn only_an_unknown_command_that_was_never_ready_stops_the_pool() {
+        assert!(never_a_zygote(false, false));
+        // A wrapper that was ready once speaks the protocol: a slow HUP import is retried.
+        assert!(!never_a_zygote(false, true));
+        // trimrun_worker may just import slowly.
+        assert!(!never_a_zygote(true, false));
+        assert!(!never_a_zygote(true, true));
     }
 }

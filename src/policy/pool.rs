@@ -856,6 +856,9 @@ pub enum OomSite {
     PoolBudget,
     /// A limit above trimrun (its own cgroup's, the container's, or the host's memory).
     Above,
+    /// Its own limit or the pool's budget: no high-water mark tells which (v2 before
+    /// Linux 5.19 has no `memory.peak`).
+    OwnOrBudget,
 }
 
 impl OomSite {
@@ -863,9 +866,17 @@ impl OomSite {
     /// peak stayed a margin below its limit was not where the kernel ran out (the margin:
     /// 1/32 of the limit, at least 2 MiB, for the charge the kernel tried and failed).
     pub fn of(peak: Option<u64>, limit: Option<u64>, budget: Option<u64>) -> OomSite {
-        let (Some(peak), Some(limit)) = (peak, limit) else {
-            return if budget.is_some() && limit.is_none() {
+        let Some(limit) = limit else {
+            // No limit of its own: the pool's, or one above trimrun.
+            return if budget.is_some() {
                 OomSite::PoolBudget
+            } else {
+                OomSite::Above
+            };
+        };
+        let Some(peak) = peak else {
+            return if budget.is_some() {
+                OomSite::OwnOrBudget
             } else {
                 OomSite::OwnLimit
             };
@@ -888,7 +899,10 @@ impl OomSite {
                 "at the pool's budget (--pool-limit), below its own limit: the pool as a whole ran out"
             }
             OomSite::Above => {
-                "below its own limit: a limit above trimrun ran out (trimrun's cgroup, the container's, or the host's memory)"
+                "below its own limit (or with none): a limit above trimrun ran out (trimrun's cgroup, the container's, or the host's memory)"
+            }
+            OomSite::OwnOrBudget => {
+                "at its own limit or the pool's budget (no high-water mark to tell which)"
             }
         }
     }
@@ -1403,9 +1417,11 @@ mod tests {
             OomSite::PoolBudget
         );
         assert_eq!(OomSite::of(Some(97 * MIB), limit, None), OomSite::Above);
-        // No reading: the worker's own limit, unless it has none under a budget.
-        assert_eq!(OomSite::of(None, limit, budget), OomSite::OwnLimit);
+        // No high-water mark: its own limit, or, under a budget, either.
+        assert_eq!(OomSite::of(None, limit, None), OomSite::OwnLimit);
+        assert_eq!(OomSite::of(None, limit, budget), OomSite::OwnOrBudget);
+        // No limit of its own: the pool's, or one above trimrun (a host or container OOM).
         assert_eq!(OomSite::of(Some(MIB), None, budget), OomSite::PoolBudget);
-        assert_eq!(OomSite::of(None, None, None), OomSite::OwnLimit);
+        assert_eq!(OomSite::of(None, None, None), OomSite::Above);
     }
 }

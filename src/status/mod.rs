@@ -201,7 +201,6 @@ pub struct WorkerSnapshot {
 }
 
 impl Snapshot {
-    /// Sum of the workers' working sets.
     /// The pool's memory: the pool group's reading under a budget, else the workers' sum.
     pub fn pool_memory(&self) -> u64 {
         self.pool
@@ -210,6 +209,7 @@ impl Snapshot {
             .unwrap_or_else(|| self.total_working_set())
     }
 
+    /// Sum of the workers' working sets.
     pub fn total_working_set(&self) -> u64 {
         self.workers.iter().map(|w| w.working_set).sum()
     }

@@ -54,11 +54,11 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(m) = &self.metrics {
-            m.update(&self.snapshot());
-        }
         if self.pool.budget().is_some() {
             self.read_pool();
+        }
+        if let Some(m) = &self.metrics {
+            m.update(&self.snapshot());
         }
         // Whom to trim is the pool policy's decision (supervisor/recycle.rs), right after.
     }

@@ -162,7 +162,11 @@ impl Supervisor {
         let in_progress = self.in_progress();
         let ttl_s = e.time_to_limit.as_secs_f64();
         let ready_time_s = self.pool.ready_time().as_secs_f64();
-        let reason = replaced.unwrap_or(RecycleReason::Memory);
+        // The pool's emergency stop is the budget's; the others are the worker's memory.
+        let reason = replaced.unwrap_or(match e.action {
+            EmergencyAction::StopFirst => RecycleReason::Budget,
+            _ => RecycleReason::Memory,
+        });
         let starts = replaced.is_none()
             && slot < self.target
             && !self

@@ -142,14 +142,13 @@ impl Supervisor {
                 && !self.phase.stopping()
                 && let Some(why) = self.launcher.fatal()
             {
-                // Said once, by trimrun's exit (exit code 2).
-                warn!("the pool cannot go on: stopping it");
+                // The reason is said once, by trimrun's exit (code 2), whatever ends the stop.
+                warn!("the pool cannot go on: stopping it (trimrun exits 2 and says why)");
                 self.fatal = Some(why);
                 self.begin_shutdown();
             }
             if self.phase.stopping() && self.workers.is_empty() {
-                let outcome = self.fatal.take().map_or(Outcome::Stopped, Outcome::Failed);
-                return self.finish(outcome).await;
+                return self.finish(Outcome::Stopped).await;
             }
             if self.next_deadline().is_some_and(|d| d <= now) {
                 // More is due at once (a batch of starts): let the control server and the
@@ -208,6 +207,8 @@ impl Supervisor {
 
     /// Wait (briefly) for every killed worker to be reaped, remove groups, report.
     async fn finish(mut self, outcome: Outcome) -> Outcome {
+        // A pool that could not go on says why, even if a signal ended its stop.
+        let outcome = self.fatal.take().map_or(outcome, Outcome::Failed);
         if !self.phase.stopping() {
             self.phase = Phase::Killing;
         }

@@ -499,6 +499,33 @@ async fn a_launcher_that_cannot_go_on_stops_the_pool_gracefully_with_its_reason(
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_stop_signal_during_a_fatal_stop_keeps_its_reason() {
+    let mut p = pool(
+        &[
+            "-n",
+            "1",
+            "--ready",
+            "delay:100ms",
+            "--graceful-timeout",
+            "30s",
+        ],
+        None,
+    );
+    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
+    p.launcher.make_stubborn(p.launched(0)[0].pid);
+    p.launcher.fail_fatally("no zygote");
+    p.run_for(Duration::from_millis(1500)).await;
+    assert_eq!(p.status().await.state, "stopping");
+    // The operator's TERM (systemctl stop) now escalates; the exit still says why.
+    p.signals.send(PoolSignal::Term).unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), &mut p.task)
+        .await
+        .expect("the pool went on")
+        .unwrap();
+    assert_eq!(outcome, Outcome::Failed("no zygote".into()));
+}
+
+#[tokio::test(start_paused = true)]
 async fn scaling_down_drains_the_highest_slots_and_up_starts_new_ones() {
     let p = pool(&["-n", "3", "--ready", "delay:100ms"], None);
     p.until(Duration::from_secs(2), "ready", all_ready(3)).await;
