@@ -112,12 +112,11 @@ fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
         common::cannot_run("root (per-worker memory cgroups)");
         return;
     }
-    let app = example("app.py");
     // Default thresholds (trim at 75%, recycle at 90% ± 5 of 96 MiB) and identical leaks of
     // ~1.2 MiB/s per worker: left to their thresholds, several workers would need the gate
     // within seconds of each other and the last would meet the OOM killer. The gate's
     // lookahead (policy::behind_schedule) starts them early, one spacing apart.
-    let mut pool = Pool::start_env(
+    let Some(mut pool) = cgroup_pool(
         &[
             "-n",
             "6",
@@ -128,14 +127,10 @@ fn six_leaking_workers_recycle_one_at_a_time_without_oom_or_failed_requests() {
             "--graceful-timeout",
             "10s",
         ],
-        &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "48")],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(30));
-    if pool.log().contains("cgroup=none") {
-        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        &[("APP_LEAK_KB", "48")],
+    ) else {
         return;
-    }
+    };
     let t0 = Instant::now();
     let load = Load::start(pool.port, 4, Duration::from_millis(25));
     // Until six recycles have completed, or 150 s (about 2 minutes of load).
@@ -211,12 +206,11 @@ fn spacing_yields_when_waiting_workers_would_reach_their_limits_first() {
         common::cannot_run("root (per-worker memory cgroups)");
         return;
     }
-    let app = example("app.py");
     // Four workers leaking ~2 MiB/s each under 96 MiB reach their limits within a minute
     // of each other, while --recycle-spacing 60s allows one start a minute: kept strictly,
     // the spacing would leave three of them to the OOM killer. The gate shortens the
     // spacing in force as far as the projections need, still one recycle at a time.
-    let mut pool = Pool::start_env(
+    let Some(mut pool) = cgroup_pool(
         &[
             "-n",
             "4",
@@ -229,14 +223,10 @@ fn spacing_yields_when_waiting_workers_would_reach_their_limits_first() {
             "--graceful-timeout",
             "10s",
         ],
-        &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "48")],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(30));
-    if pool.log().contains("cgroup=none") {
-        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        &[("APP_LEAK_KB", "48")],
+    ) else {
         return;
-    }
+    };
     let load = Load::start(pool.port, 4, Duration::from_millis(20));
     wait_for(Duration::from_secs(120), || {
         (pool.count_log("recycle complete") >= 4).then_some(())
@@ -408,6 +398,22 @@ fn pool_group(pid: i32) -> Option<std::path::PathBuf> {
     dir.exists().then_some(dir)
 }
 
+/// A pool of `examples/app.py` with `args` and `env`, each worker in its own memory
+/// cgroup, all ready; None (said visibly, a failure under CI=true) without a writable
+/// memory cgroup.
+fn cgroup_pool(args: &[&str], env: &[(&str, &str)]) -> Option<Pool> {
+    let app = example("app.py");
+    let mut env = env.to_vec();
+    env.insert(0, ("TRIMRUN_CGROUP", "auto"));
+    let pool = Pool::start_env(args, &["python3", &app], &env);
+    pool.wait_log("all workers ready", Duration::from_secs(30));
+    if pool.log().contains("cgroup=none") {
+        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        return None;
+    }
+    Some(pool)
+}
+
 /// A pool of leaking workers with the default settings, under load for `run_for` or
 /// until `done` says so; returns (requests, failures, log, status).
 fn leaking_pool(
@@ -418,17 +424,7 @@ fn leaking_pool(
     run_for: Duration,
     done: impl Fn(&Pool) -> bool,
 ) -> Option<(usize, Vec<String>, String, serde_json::Value)> {
-    let app = example("app.py");
-    let mut pool = Pool::start_env(
-        extra,
-        &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", leak_kb)],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(30));
-    if pool.log().contains("cgroup=none") {
-        common::cannot_run("a writable memory cgroup (v1 or v2)");
-        return None;
-    }
+    let mut pool = cgroup_pool(extra, &[("APP_LEAK_KB", leak_kb)])?;
     let load = Load::start(pool.port, clients, pause);
     let t0 = Instant::now();
     while t0.elapsed() < run_for && !done(&pool) {
@@ -558,17 +554,12 @@ fn a_pool_whose_ceilings_exceed_its_budget_stays_under_it() {
     // 4 workers under a 240 MiB budget: each worker's ceiling is 120 MiB (twice its fair
     // share), 480 MiB in all. The workers leak ~4 MiB/s each; the pool's own threshold
     // (90% of the budget) recycles the largest, one at a time, before the kernel's cap.
-    let app = example("app.py");
-    let mut pool = Pool::start_env(
+    let Some(mut pool) = cgroup_pool(
         &["-n", "4", "--pool-limit", "240M"],
-        &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto"), ("APP_LEAK_KB", "256")],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(30));
-    if pool.log().contains("cgroup=none") {
-        common::cannot_run("a writable memory cgroup (v1 or v2)");
+        &[("APP_LEAK_KB", "256")],
+    ) else {
         return;
-    }
+    };
     let group = pool_group(pool.pid());
     if let Some(g) = &group {
         let cap: u64 = std::fs::read_to_string(g.join("memory.limit_in_bytes"))
@@ -630,17 +621,9 @@ fn one_workers_burst_uses_room_the_others_leave_under_a_budget() {
     // 4 workers, 320 MiB budget: fair share 80 MiB, ceilings 160 MiB. One request holds
     // 110 MiB for 2 s: more than a hard 80 MiB split allows, well within the ceiling and
     // the room the idle others leave.
-    let app = example("app.py");
-    let mut pool = Pool::start_env(
-        &["-n", "4", "--pool-limit", "320M"],
-        &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto")],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(30));
-    if pool.log().contains("cgroup=none") {
-        common::cannot_run("a writable memory cgroup (v1 or v2)");
+    let Some(mut pool) = cgroup_pool(&["-n", "4", "--pool-limit", "320M"], &[]) else {
         return;
-    }
+    };
     let r = get(pool.port, "/burst?mb=110&s=2");
     let status = pool.status();
     pool.signal(libc::SIGTERM);
@@ -680,17 +663,10 @@ fn an_oom_kill_at_the_pools_budget_is_logged_as_the_pools() {
     // worker's own group is ~20 MiB (the two others) below its ceiling; the log must say
     // it was the pool that ran out, not the worker's limit (which reads as nonsense next
     // to its peak), and not call it a growth no schedule could have met.
-    let app = example("app.py");
-    let mut pool = Pool::start_env(
-        &["-n", "3", "--pool-limit", "128M", "--limit", "128M"],
-        &["python3", &app],
-        &[("TRIMRUN_CGROUP", "auto")],
-    );
-    pool.wait_log("all workers ready", Duration::from_secs(30));
-    if pool.log().contains("cgroup=none") {
-        common::cannot_run("a writable memory cgroup (v1 or v2)");
+    let Some(mut pool) = cgroup_pool(&["-n", "3", "--pool-limit", "128M", "--limit", "128M"], &[])
+    else {
         return;
-    }
+    };
     let r = get(pool.port, "/burst?mb=130&s=1");
     pool.wait_log("worker was OOM-killed", Duration::from_secs(30));
     pool.signal(libc::SIGTERM);

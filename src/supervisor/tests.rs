@@ -455,9 +455,10 @@ async fn shutdown_drains_and_kills_what_outlives_the_graceful_timeout() {
     assert!(p.launcher.alive().is_empty());
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_second_stop_signal_kills_at_once() {
-    let mut p = pool(
+/// One ready worker that ignores its stop signal (only SIGKILL ends it), with a graceful
+/// timeout of 30 s; and its pid.
+async fn one_stubborn_worker() -> (Pool, i32) {
+    let p = pool(
         &[
             "-n",
             "1",
@@ -471,6 +472,12 @@ async fn a_second_stop_signal_kills_at_once() {
     p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
     let pid = p.launched(0)[0].pid;
     p.launcher.make_stubborn(pid);
+    (p, pid)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_stop_signal_kills_at_once() {
+    let (mut p, pid) = one_stubborn_worker().await;
     p.signals.send(PoolSignal::Term).unwrap();
     p.run_for(Duration::from_millis(100)).await;
     assert_eq!(p.status().await.state, "stopping");
@@ -500,19 +507,7 @@ async fn a_launcher_that_cannot_go_on_stops_the_pool_gracefully_with_its_reason(
 
 #[tokio::test(start_paused = true)]
 async fn a_stop_signal_during_a_fatal_stop_keeps_its_reason() {
-    let mut p = pool(
-        &[
-            "-n",
-            "1",
-            "--ready",
-            "delay:100ms",
-            "--graceful-timeout",
-            "30s",
-        ],
-        None,
-    );
-    p.until(Duration::from_secs(2), "ready", all_ready(1)).await;
-    p.launcher.make_stubborn(p.launched(0)[0].pid);
+    let (mut p, _) = one_stubborn_worker().await;
     p.launcher.fail_fatally("no zygote");
     p.run_for(Duration::from_millis(1500)).await;
     assert_eq!(p.status().await.state, "stopping");
